@@ -1,0 +1,1 @@
+"""Model presets: diffusers configs of the synthetic models (seeded random weights)."""

@@ -1,0 +1,138 @@
+"""The `sdopt` command line: export, inspect, generate, bench, build.
+
+Heavy libraries are imported inside the commands that need them, so `sdopt --help` and
+`sdopt generate` stay fast and torch-free. Every SdoptError becomes one `error:` line and
+exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sdopt.errors import SdoptError
+
+app = typer.Typer(
+    help="Stable Diffusion from PyTorch/diffusers to verified ONNX and TensorRT, and a lean runtime to run it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def friendly_errors(fn: Callable) -> Callable:
+    """Turn SdoptError (and Ctrl-C) into one line on stderr and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SdoptError as e:
+            err_console.print(f"[bold red]error:[/] {e.problem}" + (f"\n[dim]fix:[/] {e.fix}" if e.fix else ""),
+                              highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("[red]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _split(value: Optional[str]) -> Optional[list[str]]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@app.command()
+@friendly_errors
+def export(
+    model: str = typer.Argument("synthetic:tiny", help="synthetic:PRESET, a diffusers folder, a .safetensors file, or a hub id."),
+    out: Path = typer.Option(Path("artifacts/tiny"), "--out", "-o", help="Artifact folder to write (atomically)."),
+    precision: str = typer.Option("fp32", help="fp32, or fp16 (fp32 islands where fp16 overflows: VAE, norms)."),
+    components: Optional[str] = typer.Option(None, help="Comma-separated subset, e.g. text_encoder,unet. Default: all."),
+    min_size: Optional[int] = typer.Option(None, help="Smallest image side the graphs accept (pixels)."),
+    max_size: Optional[int] = typer.Option(None, help="Largest image side the graphs accept (pixels)."),
+    max_batch: int = typer.Option(4, help="Most images per call (the U-Net sees twice this for guidance)."),
+    opset: int = typer.Option(18, help="ONNX opset."),
+    exporter: str = typer.Option("torchscript", help="torchscript (fast, fusable) or dynamo (torch.export)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    allow_verify_failure: bool = typer.Option(False, help="Keep the export even if ONNX differs from PyTorch beyond tolerance."),
+    seed: int = typer.Option(0, help="Seed of synthetic weights and of verification inputs."),
+) -> None:
+    """Export a Stable Diffusion model to verified ONNX in one artifact folder."""
+    from sdopt.export.artifact import ExportOptions, check_options
+
+    opts = ExportOptions(precision=precision, components=_split(components), min_size=min_size, max_size=max_size,
+                         max_batch=max_batch, opset=opset, exporter=exporter, force=force,
+                         allow_verify_failure=allow_verify_failure, seed=seed)
+    check_options(out.expanduser().resolve(), opts)  # fail before the slow imports
+    from sdopt.export.artifact import export_artifact
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    stages = {"export": "tracing to ONNX", "clean": "folding / shape inference", "verify": "verifying vs PyTorch"}
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=False) as bar:
+        tasks: dict[str, int] = {}
+        load = bar.add_task(f"loading {model}", total=None)
+
+        def progress(component: str, stage: str, detail: str) -> None:
+            if load in bar.task_ids and not bar.tasks[load].finished:
+                bar.update(load, description=f"loaded {model}", total=1, completed=1)
+            if component not in tasks:
+                tasks[component] = bar.add_task(component, total=None)
+            if stage == "done":
+                bar.update(tasks[component], description=f"{component}: verified ({detail})", total=1, completed=1)
+            else:
+                bar.update(tasks[component], description=f"{component}: {stages[stage]}")
+
+        result = export_artifact(model, out, opts, progress)
+    _print_components(result.manifest)
+    console.print(f"wrote [bold]{result.out}[/] in {result.seconds:.1f} s (model load {result.load_seconds:.1f} s)")
+
+
+@app.command()
+@friendly_errors
+def inspect(artifact: Path = typer.Argument(..., help="Artifact folder written by `sdopt export`."),
+            verify: bool = typer.Option(False, "--verify", help="Also check every file's sha256.")) -> None:
+    """Print an artifact's manifest readably."""
+    from sdopt.manifest import load_manifest, verify_files
+
+    m = load_manifest(artifact)
+    console.print(f"[bold]{artifact}[/]: {m.family} ({m.prediction_type}) from {m.source.get('kind')} "
+                  f"{m.source.get('id')}, {m.precision}, opset {m.opset}, {m.exporter} exporter, created {m.created}")
+    console.print(f"images {m.image.min_size}..{m.image.max_size} px (multiple of {m.image.multiple}, default "
+                  f"{m.image.default_height}x{m.image.default_width}), batch <= {m.image.max_batch}; VAE scaling "
+                  f"{m.vae.scaling_factor}, text length {m.text_max_length}")
+    io = Table("component", "inputs", "outputs", "dims")
+    for c in m.components.values():
+        fmt = lambda specs: "\n".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in specs)  # noqa: E731
+        io.add_row(c.name, fmt(c.inputs), fmt(c.outputs),
+                   "\n".join(f"{k} {d.min}..{d.max} (opt {d.opt})" for k, d in c.dims.items()))
+    console.print(io)
+    _print_components(m)
+    console.print("versions: " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
+    for e in m.engines:
+        console.print(f"engine: {e}")
+    if verify:
+        verify_files(artifact, m)
+        console.print("[green]all file hashes match[/]")
+
+
+def _print_components(m) -> None:
+    table = Table("component", "precision", "export s", "max abs err", "max rel err", "tolerance", "verified")
+    for c in m.components.values():
+        v = c.verification
+        table.add_row(c.name, c.precision, f"{c.export_seconds:.1f}", f"{v.max_abs_err:.2e}", f"{v.max_rel_err:.2e}",
+                      f"{v.tolerance:.0e}", "[green]ok[/]" if v.passed else "[red]FAILED[/]")
+    console.print(table)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    sys.exit(app())

@@ -1,0 +1,234 @@
+"""Write one self-describing artifact folder, atomically.
+
+Everything is written into a hidden sibling folder `.NAME.partial-PID`; only when every
+component is exported and verified is the manifest written and the folder renamed into
+place. An interrupted or failed export leaves no folder that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from sdopt import __version__
+from sdopt.errors import SdoptError
+from sdopt.export import onnx_graph
+from sdopt.export.components import ComponentPlan, plan_components, vae_scale
+from sdopt.export.sources import LoadedModel, load_model
+from sdopt.export.verify import TOLERANCE, verify_component
+from sdopt.manifest import MANIFEST_NAME, Component, ImageSpec, Manifest, TensorSpec, VaeSpec, sha256_file
+
+ALL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+
+
+@dataclass
+class ExportOptions:
+    precision: str = "fp32"  # fp32 | fp16
+    components: list[str] | None = None  # None: every component the family has
+    min_size: int | None = None  # None: the family's default range
+    max_size: int | None = None
+    max_batch: int = 4
+    opset: int = 18
+    exporter: str = "torchscript"
+    force: bool = False
+    allow_verify_failure: bool = False
+    seed: int = 0
+    tolerance: float | None = None  # None: TOLERANCE[precision]
+
+
+# Stage callback: (component, stage, detail) with stage in {"start", "export", "clean", "verify", "done"}.
+Progress = Callable[[str, str, str], None]
+
+
+@dataclass
+class ExportResult:
+    manifest: Manifest
+    out: Path
+    seconds: float
+    load_seconds: float
+    failures: list[str] = field(default_factory=list)
+
+
+def check_options(out: Path, opts: ExportOptions) -> None:
+    """Everything checkable before loading a model (which can take minutes)."""
+    if opts.precision not in TOLERANCE:
+        raise SdoptError(f"unknown precision {opts.precision!r}", "use fp32 or fp16")
+    if opts.exporter not in ("torchscript", "dynamo"):
+        raise SdoptError(f"unknown exporter {opts.exporter!r}", "use torchscript or dynamo")
+    for name in opts.components or []:
+        if name not in ALL_COMPONENTS:
+            raise SdoptError(f"unknown component {name!r}", f"choose from {', '.join(ALL_COMPONENTS)}")
+    for label, size in (("--min-size", opts.min_size), ("--max-size", opts.max_size)):
+        if size is not None and (size <= 0 or size % 8):
+            raise SdoptError(f"{label} {size} is not a positive multiple of 8", f"use e.g. {max(8, size // 8 * 8)}")
+    if opts.min_size and opts.max_size and opts.min_size > opts.max_size:
+        raise SdoptError(f"--min-size {opts.min_size} is larger than --max-size {opts.max_size}", "swap them")
+    if opts.max_batch < 1:
+        raise SdoptError(f"--max-batch {opts.max_batch} must be at least 1", "use --max-batch 1 or more")
+    if out.exists() and not opts.force:
+        raise SdoptError(f"output folder {out} already exists", "pass --force to replace it, or choose another --out")
+
+
+def image_spec(model: LoadedModel, opts: ExportOptions) -> ImageSpec:
+    scale = vae_scale(model.pipe)
+    multiple = scale * 2 ** (len(model.pipe.unet.config.block_out_channels) - 1)
+    lo, hi, default = model.size_range
+    lo, hi = opts.min_size or lo, opts.max_size or hi
+    for label, size in (("--min-size", lo), ("--max-size", hi)):
+        if size % multiple:
+            raise SdoptError(f"{label} {size} is not a multiple of {multiple}, which this U-Net needs "
+                             f"(VAE x{scale}, U-Net x{multiple // scale})", f"use {max(multiple, size // multiple * multiple)}")
+    if lo > hi:
+        raise SdoptError(f"min size {lo} is larger than max size {hi}", "pass both --min-size and --max-size")
+    default = min(max(default, lo), hi) // multiple * multiple
+    return ImageSpec(lo, hi, multiple, default, default, opts.max_batch)
+
+
+def export_artifact(model_id: str, out: Path, opts: ExportOptions, progress: Progress | None = None) -> ExportResult:
+    out = Path(out).expanduser().resolve()
+    check_options(out, opts)
+    progress = progress or (lambda *_: None)
+    t0 = time.perf_counter()
+    model = load_model(model_id, seed=opts.seed)
+    load_seconds = time.perf_counter() - t0
+    image = image_spec(model, opts)
+    available = [c for c in ALL_COMPONENTS if c != "text_encoder_2" or model.family == "sdxl"]
+    names = opts.components or available
+    missing = [c for c in names if c not in available]
+    if missing:
+        raise SdoptError(f"a {model.family} model has no {', '.join(missing)}", f"choose from {', '.join(available)}")
+    tolerance = opts.tolerance if opts.tolerance is not None else TOLERANCE[opts.precision]
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        components: dict[str, Component] = {}
+        failures: list[str] = []
+        for plan in plan_components(model.pipe, model.family, image, names):
+            comp = _export_component(plan, tmp, image, vae_scale(model.pipe), opts, tolerance, progress)
+            components[plan.name] = comp
+            if not comp.verification.passed:
+                failures.append(f"{plan.name}: max relative error {comp.verification.max_rel_err:.2e} > {tolerance:.0e}")
+        if failures and not opts.allow_verify_failure:
+            raise SdoptError("verification failed: " + "; ".join(failures),
+                             "inspect the model, or pass --allow-verify-failure to keep the export anyway")
+        manifest = _manifest(model, image, opts, components)
+        _write_support_files(model, tmp, names)
+        manifest.write(tmp)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(manifest, out, time.perf_counter() - t0, load_seconds, failures)
+
+
+def _export_component(plan: ComponentPlan, root: Path, image: ImageSpec, scale: int, opts: ExportOptions,
+                      tolerance: float, progress: Progress) -> Component:
+    t0 = time.perf_counter()
+    folder = root / plan.name
+    raw_dir = folder / "_raw"
+    raw_dir.mkdir(parents=True)
+    small = {"batch": 2, "height": image.min_size, "width": image.min_size,
+             "latent_height": image.min_size // scale, "latent_width": image.min_size // scale}
+    opt = {"batch": 1, "height": image.default_height, "width": image.default_width,
+           "latent_height": image.default_height // scale, "latent_width": image.default_width // scale}
+    progress(plan.name, "export", "")
+    onnx_graph.export_raw(plan, raw_dir / "model.onnx", plan.example_inputs(small, opts.seed), opts.opset, opts.exporter)
+    progress(plan.name, "clean", "")
+    fp16_ops = None if opts.precision == "fp32" or plan.keep_fp32 else plan.fp32_ops
+    path = folder / "model.onnx"
+    onnx_graph.finalize(raw_dir / "model.onnx", path, fp16_ops)
+    onnx_graph.remove(raw_dir)
+    progress(plan.name, "verify", "")
+    verification = verify_component(plan, path, [small, opt], tolerance if fp16_ops is not None else min(
+        tolerance, TOLERANCE["fp32"]), seed=opts.seed + 1)
+    io_types = onnx_graph.graph_io(path)
+    retype = lambda specs: [TensorSpec(s.name, io_types[s.name], s.shape) for s in specs]  # noqa: E731
+    files = {str(p.relative_to(root)): sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    comp = Component(
+        name=plan.name, path=f"{plan.name}/model.onnx",
+        precision="fp16" if fp16_ops is not None else "fp32",
+        inputs=retype(plan.inputs), outputs=retype(plan.outputs), dims=plan.dims, files=files,
+        verification=verification, fp32_ops=list(fp16_ops or []), export_seconds=round(time.perf_counter() - t0, 2),
+    )
+    progress(plan.name, "done", f"{verification.max_abs_err:.2e} abs / {verification.max_rel_err:.2e} rel")
+    return comp
+
+
+def _manifest(model: LoadedModel, image: ImageSpec, opts: ExportOptions, components: dict[str, Component]) -> Manifest:
+    import diffusers
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    pipe = model.pipe
+    vae_cfg = pipe.vae.config
+    return Manifest(
+        family=model.family, source=model.source,
+        prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
+        precision=opts.precision, opset=opts.opset, exporter=opts.exporter, image=image,
+        vae=VaeSpec(scaling_factor=float(vae_cfg.scaling_factor),
+                    shift_factor=None if vae_cfg.get("shift_factor") is None else float(vae_cfg.shift_factor),
+                    scale=vae_scale(pipe), latent_channels=vae_cfg.latent_channels,
+                    force_upcast=bool(vae_cfg.get("force_upcast", False))),
+        components=components,
+        text_max_length=pipe.tokenizer.model_max_length,
+        unet_in_channels=pipe.unet.config.in_channels,
+        force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", False)),
+        requires_aesthetics_score=bool(pipe.config.get("requires_aesthetics_score", False)),
+        tokenizers=["tokenizer", "tokenizer_2"] if model.family == "sdxl" else ["tokenizer"],
+        versions={"sdopt": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                  "transformers": transformers.__version__, "onnx": onnx.__version__,
+                  "onnxruntime": onnxruntime.__version__, "python": platform.python_version()},
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def _write_support_files(model: LoadedModel, root: Path, names: list[str]) -> None:
+    """Tokenizers, scheduler config, model configs and an Optimum-style model_index.json."""
+    pipe = model.pipe
+    for tok in ("tokenizer", "tokenizer_2"):
+        if getattr(pipe, tok, None) is not None:
+            pipe.__getattribute__(tok).save_pretrained(root / tok)
+    pipe.scheduler.save_config(root / "scheduler")
+    configs = {"unet": pipe.unet, "vae_decoder": pipe.vae, "vae_encoder": pipe.vae}
+    for name in names:
+        if name in configs:
+            configs[name].save_config(root / name)
+        else:
+            getattr(pipe, name).config.to_json_file(root / name / "config.json")
+    cls = "ORTStableDiffusionXLPipeline" if model.family == "sdxl" else "ORTStableDiffusionPipeline"
+    index = {"_class_name": cls, "_diffusers_version": pipe.config.get("_diffusers_version", ""),
+             "scheduler": ["diffusers", type(pipe.scheduler).__name__]}
+    for tok in ("tokenizer", "tokenizer_2"):
+        if (root / tok).is_dir():
+            index[tok] = ["transformers", "CLIPTokenizer"]
+    for name in names:
+        index[name] = ["onnxruntime", "InferenceSession"]
+    if model.family == "sdxl":
+        index["force_zeros_for_empty_prompt"] = bool(pipe.config.get("force_zeros_for_empty_prompt", True))
+    (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Replace `out` by `tmp` so that at no moment does a half-written `out` exist."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = ["ExportOptions", "ExportResult", "export_artifact", "check_options", "MANIFEST_NAME"]

@@ -1,0 +1,178 @@
+"""What each exported graph is: the torch module wrapped for export, its named inputs/outputs,
+and the ranges of its dynamic dimensions.
+
+Wrappers return plain tensors (no diffusers output classes) and keep every model constant
+out of the graph that the runtime must know: the VAE scaling factor is recorded in the
+manifest and applied by the runtime, never baked into a graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdopt.manifest import DimRange, ImageSpec, TensorSpec
+
+
+class TextEncoderGraph(torch.nn.Module):
+    """CLIP text encoder -> (last hidden state, penultimate hidden state, pooled embedding).
+
+    SD 1.x/2.x condition on the last hidden state, SDXL on the penultimate one, and SDXL's
+    second encoder adds its projected pooled embedding; one graph shape serves all three.
+    """
+
+    def __init__(self, text_encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor):
+        out = self.text_encoder(input_ids, output_hidden_states=True)
+        pooled = out.text_embeds if hasattr(out, "text_embeds") and out.text_embeds is not None else out.pooler_output
+        return out.last_hidden_state, out.hidden_states[-2], pooled
+
+
+class UNetGraph(torch.nn.Module):
+    """U-Net noise prediction; SDXL's added conditions (pooled text embeds, time ids) as inputs."""
+
+    def __init__(self, unet: torch.nn.Module, sdxl: bool) -> None:
+        super().__init__()
+        self.unet = unet
+        self.sdxl = sdxl
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.sdxl else None
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+
+
+class VaeDecoderGraph(torch.nn.Module):
+    """Unscaled latents -> image in [-1, 1] (the runtime divides by the scaling factor)."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+class VaeEncoderGraph(torch.nn.Module):
+    """Image in [-1, 1] -> mean and std of the latent distribution (the runtime draws the sample)."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample):
+        dist = self.vae.encode(sample).latent_dist
+        return dist.mean, dist.std
+
+
+@dataclass
+class ComponentPlan:
+    name: str
+    module: torch.nn.Module
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    dims: dict[str, DimRange]
+    keep_fp32: bool = False  # the whole graph stays fp32 in --precision fp16 (VAE overflows in fp16)
+    fp32_ops: list[str] = field(default_factory=list)  # op types kept fp32 in fp16 mode
+    vocab_size: int = 0  # text encoders: range of seeded input ids
+    size_multiple: int = 1  # latent/pixel dims must be multiples (U-Net downsampling)
+
+    def example_inputs(self, values: dict[str, int], seed: int) -> dict[str, np.ndarray]:
+        """Seeded inputs of the given dim values; realistic ranges where values matter."""
+        rng = np.random.default_rng(seed)
+        out: dict[str, np.ndarray] = {}
+        for spec in self.inputs:
+            shape = tuple(d if isinstance(d, int) else values[d] for d in spec.shape)
+            if spec.name == "input_ids":
+                out[spec.name] = rng.integers(0, self.vocab_size, size=shape, dtype=np.int64)
+            elif spec.name == "timestep":
+                out[spec.name] = rng.uniform(1, 999, size=shape).round().astype(np.float32)
+            elif spec.name == "time_ids":
+                h, w = values["latent_height"] * 8, values["latent_width"] * 8
+                out[spec.name] = np.tile(np.array([h, w, 0, 0, h, w], np.float32), (shape[0], 1))
+            elif spec.name == "sample" and self.name == "vae_encoder":
+                out[spec.name] = rng.uniform(-1, 1, size=shape).astype(np.float32)
+            else:
+                out[spec.name] = rng.standard_normal(shape).astype(np.float32)
+        return out
+
+
+def _dims(image: ImageSpec, vae_scale: int, batch_factor: int, pixels: bool) -> dict[str, DimRange]:
+    s = 1 if pixels else vae_scale
+    h, w = ("height", "width") if pixels else ("latent_height", "latent_width")
+    return {
+        "batch": DimRange(1, batch_factor, image.max_batch * batch_factor),
+        h: DimRange(image.min_size // s, image.default_height // s, image.max_size // s),
+        w: DimRange(image.min_size // s, image.default_width // s, image.max_size // s),
+    }
+
+
+def vae_scale(pipe: Any) -> int:
+    """Pixels per latent: the VAE halves the size once per block after the first."""
+    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+def plan_components(pipe: Any, family: str, image: ImageSpec, names: list[str]) -> list[ComponentPlan]:
+    """The export plan of the requested components of a loaded diffusers pipeline."""
+    scale = vae_scale(pipe)
+    latent_c = pipe.vae.config.latent_channels
+    unet_cfg = pipe.unet.config
+    unet_multiple = 2 ** (len(unet_cfg.block_out_channels) - 1)
+    f32 = "float32"
+    plans: list[ComponentPlan] = []
+    for name in names:
+        if name in ("text_encoder", "text_encoder_2"):
+            te = getattr(pipe, name)
+            hidden = te.config.hidden_size
+            pooled = te.config.projection_dim if hasattr(te, "text_projection") else hidden
+            L = pipe.tokenizer.model_max_length
+            plans.append(ComponentPlan(
+                name, TextEncoderGraph(te),
+                inputs=[TensorSpec("input_ids", "int64", ["batch", L])],
+                outputs=[TensorSpec("last_hidden_state", f32, ["batch", L, hidden]),
+                         TensorSpec("penultimate_hidden_state", f32, ["batch", L, hidden]),
+                         TensorSpec("pooled", f32, ["batch", pooled])],
+                dims={"batch": DimRange(1, 2, 2 * image.max_batch)},
+                fp32_ops=["LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Softmax"],
+                vocab_size=min(te.config.vocab_size, len(pipe.tokenizer)),
+            ))
+        elif name == "unet":
+            L = pipe.tokenizer.model_max_length
+            inputs = [TensorSpec("sample", f32, ["batch", unet_cfg.in_channels, "latent_height", "latent_width"]),
+                      TensorSpec("timestep", f32, ["batch"]),
+                      TensorSpec("encoder_hidden_states", f32, ["batch", L, unet_cfg.cross_attention_dim])]
+            if family == "sdxl":
+                inputs += [TensorSpec("text_embeds", f32, ["batch", pipe.text_encoder_2.config.projection_dim]),
+                           TensorSpec("time_ids", f32, ["batch", 6])]
+            plans.append(ComponentPlan(
+                name, UNetGraph(pipe.unet, family == "sdxl"), inputs=inputs,
+                outputs=[TensorSpec("out_sample", f32, ["batch", unet_cfg.out_channels, "latent_height", "latent_width"])],
+                dims=_dims(image, scale, 2, pixels=False), size_multiple=unet_multiple,
+            ))
+        elif name == "vae_decoder":
+            plans.append(ComponentPlan(
+                name, VaeDecoderGraph(pipe.vae),
+                inputs=[TensorSpec("latent_sample", f32, ["batch", latent_c, "latent_height", "latent_width"])],
+                outputs=[TensorSpec("sample", f32, ["batch", 3, "height", "width"])],
+                dims={**_dims(image, scale, 1, pixels=False),
+                      **{k: v for k, v in _dims(image, scale, 1, pixels=True).items() if k != "batch"}},
+                keep_fp32=True,
+            ))
+        elif name == "vae_encoder":
+            plans.append(ComponentPlan(
+                name, VaeEncoderGraph(pipe.vae),
+                inputs=[TensorSpec("sample", f32, ["batch", 3, "height", "width"])],
+                outputs=[TensorSpec("latent_mean", f32, ["batch", latent_c, "latent_height", "latent_width"]),
+                         TensorSpec("latent_std", f32, ["batch", latent_c, "latent_height", "latent_width"])],
+                dims={**_dims(image, scale, 1, pixels=True),
+                      **{k: v for k, v in _dims(image, scale, 1, pixels=False).items() if k != "batch"}},
+                keep_fp32=True,
+            ))
+        else:
+            raise ValueError(name)
+    return plans

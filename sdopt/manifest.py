@@ -1,0 +1,196 @@
+"""The artifact manifest (`sdopt.json`): the one contract between export and runtime.
+
+The exporter writes it last, after every component is exported and verified; the runtime
+trusts nothing in an artifact folder that it does not describe. Pure python (json +
+dataclasses) so that both sides can import it. Bump `MANIFEST_VERSION` on any change a
+reader of the previous version would misread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdopt.errors import SdoptError
+
+MANIFEST_NAME = "sdopt.json"
+MANIFEST_FORMAT = "sdopt-artifact"
+MANIFEST_VERSION = 1
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+
+
+@dataclass
+class TensorSpec:
+    """One graph input or output. `shape` entries are ints or names of `Component.dims`."""
+
+    name: str
+    dtype: str  # numpy dtype name: float32, float16, int64
+    shape: list[int | str]
+
+
+@dataclass
+class DimRange:
+    """A dynamic dimension's range; `opt` is what TensorRT profiles tune for."""
+
+    min: int
+    opt: int
+    max: int
+
+    def contains(self, value: int) -> bool:
+        return self.min <= value <= self.max
+
+
+@dataclass
+class Verification:
+    """ONNX Runtime (CPU) vs the PyTorch module on the same seeded inputs."""
+
+    max_abs_err: float
+    max_rel_err: float
+    tolerance: float
+    passed: bool
+    per_output: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass
+class Component:
+    name: str
+    path: str  # relative to the artifact root, e.g. "unet/model.onnx"
+    precision: str  # fp32 | fp16 (fp16 may keep fp32 islands, listed in fp32_ops)
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    dims: dict[str, DimRange]
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    verification: Verification | None = None
+    fp32_ops: list[str] = field(default_factory=list)
+    export_seconds: float = 0.0
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+    def concrete_shape(self, spec: TensorSpec, values: dict[str, int]) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else values[d] for d in spec.shape)
+
+
+@dataclass
+class ImageSpec:
+    """Image sizes and batch the exported graphs accept (pixels; latents are /vae scale)."""
+
+    min_size: int
+    max_size: int
+    multiple: int  # height and width must be multiples (VAE scale x U-Net downsampling)
+    default_height: int
+    default_width: int
+    max_batch: int  # images per call; the U-Net and text encoders see 2x for CFG
+
+
+@dataclass
+class VaeSpec:
+    scaling_factor: float
+    shift_factor: float | None
+    scale: int  # pixels per latent
+    latent_channels: int
+    force_upcast: bool = False
+
+
+@dataclass
+class Manifest:
+    family: str
+    source: dict[str, str]
+    prediction_type: str
+    precision: str
+    opset: int
+    exporter: str
+    image: ImageSpec
+    vae: VaeSpec
+    components: dict[str, Component]
+    text_max_length: int = 77
+    unet_in_channels: int = 4
+    # SDXL pipeline settings that change the numbers (diffusers' StableDiffusionXLPipeline).
+    force_zeros_for_empty_prompt: bool = False
+    requires_aesthetics_score: bool = False
+    tokenizers: list[str] = field(default_factory=lambda: ["tokenizer"])
+    scheduler_config: str = "scheduler/scheduler_config.json"
+    versions: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    engines: list[dict[str, Any]] = field(default_factory=list)  # TensorRT builds
+    format: str = MANIFEST_FORMAT
+    version: int = MANIFEST_VERSION
+
+    # -- serialisation -------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"
+
+    def write(self, root: Path) -> None:
+        (Path(root) / MANIFEST_NAME).write_text(self.to_json())
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        d = dict(d)
+        d["image"] = ImageSpec(**d["image"])
+        d["vae"] = VaeSpec(**d["vae"])
+        d["components"] = {k: _component(v) for k, v in d["components"].items()}
+        return cls(**d)
+
+
+def _component(d: dict[str, Any]) -> Component:
+    d = dict(d)
+    d["inputs"] = [TensorSpec(**t) for t in d["inputs"]]
+    d["outputs"] = [TensorSpec(**t) for t in d["outputs"]]
+    d["dims"] = {k: DimRange(**v) for k, v in d["dims"].items()}
+    if d.get("verification"):
+        d["verification"] = Verification(**d["verification"])
+    return Component(**d)
+
+
+def load_manifest(root: str | Path) -> Manifest:
+    """Read and check an artifact's manifest; every failure names the fix."""
+    root = Path(root)
+    rebuild = f"re-export it: sdopt export MODEL --out {root} --force"
+    if not root.is_dir():
+        raise SdoptError(f"artifact folder {root} does not exist", "run `sdopt export` first, or pass the folder it wrote")
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise SdoptError(f"{root} is not an sdopt artifact (no {MANIFEST_NAME})", "pass a folder written by `sdopt export`")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SdoptError(f"{path} is unreadable ({e})", rebuild) from None
+    if raw.get("format") != MANIFEST_FORMAT:
+        raise SdoptError(f"{path} is not an sdopt manifest", "pass a folder written by `sdopt export`")
+    if raw.get("version") != MANIFEST_VERSION:
+        raise SdoptError(
+            f"{path} has manifest version {raw.get('version')}, this sdopt reads version {MANIFEST_VERSION}", rebuild
+        )
+    try:
+        return Manifest.from_dict(raw)
+    except (KeyError, TypeError) as e:
+        raise SdoptError(f"{path} is malformed ({e})", rebuild) from None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_files(root: str | Path, manifest: Manifest, names: list[str] | None = None) -> None:
+    """Check that every file of the named components exists and has its recorded hash."""
+    root = Path(root)
+    for name in names or list(manifest.components):
+        for rel, digest in manifest.components[name].files.items():
+            p = root / rel
+            if not p.is_file():
+                raise SdoptError(f"{p} is missing from the artifact", f"re-export: sdopt export MODEL --out {root} --force")
+            if sha256_file(p) != digest:
+                raise SdoptError(
+                    f"{p} does not match the hash in {MANIFEST_NAME} (modified or corrupt)",
+                    f"re-export: sdopt export MODEL --out {root} --force",
+                )
