@@ -59,13 +59,15 @@ def finalize(raw: Path, out: Path, fp16_ops: list[str] | None) -> None:
     get fp16. Graph cleanup and constant folding run only where the model fits in one 2 GB
     protobuf; the exporters already fold the constants of larger ones.
     """
+    # Sized on disk: ModelProto.ByteSize() itself fails past protobuf's 2 GB limit.
+    large = sum(p.stat().st_size for p in raw.parent.iterdir()) >= TWO_GB
     model = onnx.load(str(raw))
-    if model.ByteSize() < TWO_GB:
+    if not large:
         model = _fold(model)
     if fp16_ops is not None:
-        model = to_fp16(model, fp16_ops)
+        model = to_fp16(model, fp16_ops, shape_inference=not large)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if model.ByteSize() < TWO_GB:
+    if sum(t.ByteSize() for t in model.graph.initializer) < TWO_GB - (256 << 20):  # room for the graph
         model = onnx.shape_inference.infer_shapes(model)
         onnx.save_model(model, str(out))
     else:
@@ -89,12 +91,12 @@ def _fold(model: onnx.ModelProto) -> onnx.ModelProto:
     return gs.export_onnx(graph)
 
 
-def to_fp16(model: onnx.ModelProto, fp32_ops: list[str]) -> onnx.ModelProto:
+def to_fp16(model: onnx.ModelProto, fp32_ops: list[str], shape_inference: bool = True) -> onnx.ModelProto:
     """fp16 weights and activations, `fp32_ops` op types kept fp32 behind Cast nodes."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     return convert_float_to_float16(model, keep_io_types=False, op_block_list=fp32_ops,
-                                    disable_shape_infer=model.ByteSize() >= TWO_GB)
+                                    disable_shape_infer=not shape_inference)
 
 
 def graph_io(path: Path) -> dict[str, str]:

@@ -1,0 +1,169 @@
+"""DPM-Solver++ multistep (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of
+Diffusion Probabilistic Models", Algorithm 2: the 2M solver in data-prediction form)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .base import SigmaScheduler, as_work, predict_x0, threshold_sample, work_dtype
+from .betas import (
+    F32,
+    exp32,
+    interp_sigmas,
+    karras_sigmas,
+    log_snr,
+    make_alphas_cumprod,
+    make_betas,
+    multistep_timesteps,
+    sigma_to_t,
+    train_sigmas,
+)
+
+
+class DPMSolverMultistepScheduler(SigmaScheduler):
+    """Port of ``diffusers.DPMSolverMultistepScheduler`` for algorithm_type="dpmsolver++",
+    solver_order 1 or 2 (midpoint or heun second-order update)."""
+
+    DEFAULTS = dict(
+        num_train_timesteps=1000,
+        beta_start=0.0001,
+        beta_end=0.02,
+        beta_schedule="linear",
+        trained_betas=None,
+        solver_order=2,
+        prediction_type="epsilon",
+        thresholding=False,
+        dynamic_thresholding_ratio=0.995,
+        sample_max_value=1.0,
+        algorithm_type="dpmsolver++",
+        solver_type="midpoint",
+        lower_order_final=True,
+        euler_at_final=False,
+        use_karras_sigmas=False,
+        use_exponential_sigmas=False,
+        use_beta_sigmas=False,
+        use_lu_lambdas=False,
+        use_flow_sigmas=False,
+        flow_shift=1.0,
+        final_sigmas_type="zero",
+        lambda_min_clipped=-math.inf,
+        variance_type=None,
+        timestep_spacing="linspace",
+        steps_offset=0,
+        rescale_betas_zero_snr=False,
+        use_dynamic_shifting=False,
+        time_shift_type="exponential",
+    )
+    _missing_timestep_is_last = True
+
+    def __init__(self, config=None, **overrides) -> None:
+        super().__init__(config, **overrides)
+        cfg = self.config
+        # diffusers' silent remaps of options borrowed from sibling schedulers' configs
+        if cfg["algorithm_type"] == "deis":
+            cfg["algorithm_type"] = "dpmsolver++"
+        if cfg["solver_type"] in ("logrho", "bh1", "bh2"):
+            cfg["solver_type"] = "midpoint"
+        self._require("algorithm_type", "dpmsolver++")
+        self._require("solver_order", 1, 2)
+        self._require("solver_type", "midpoint", "heun")
+        self._require_prediction("epsilon", "sample", "v_prediction")
+        for key in ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting"):
+            self._require(key, False, None)
+        self._require("final_sigmas_type", "zero", "sigma_min")
+
+        self.alphas_cumprod = make_alphas_cumprod(make_betas(cfg))
+        if cfg["rescale_betas_zero_snr"]:
+            self.alphas_cumprod[-1] = F32(2**-24)
+        self.sigmas = train_sigmas(self.alphas_cumprod)
+        self.model_outputs: list[np.ndarray | None] = [None] * cfg["solver_order"]
+        self.lower_order_nums = 0
+
+    def _last_timestep(self) -> int:
+        """num_train_timesteps minus the steps whose log-SNR lambda is below lambda_min_clipped."""
+        ac = self.alphas_cumprod
+        alpha, sigma = np.sqrt(ac).astype(np.float64), np.sqrt(F32(1) - ac).astype(np.float64)
+        with np.errstate(divide="ignore"):
+            lambdas = np.log(alpha).astype(F32) - np.log(sigma).astype(F32)
+        clipped = int(np.searchsorted(lambdas[::-1], self.config["lambda_min_clipped"], side="left"))
+        return self.config["num_train_timesteps"] - clipped
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        cfg = self.config
+        timesteps = multistep_timesteps(
+            cfg["timestep_spacing"], cfg["num_train_timesteps"], num_inference_steps, cfg["steps_offset"], self._last_timestep()
+        )
+        sigmas = train_sigmas(self.alphas_cumprod)
+        if cfg["use_karras_sigmas"]:
+            sig = karras_sigmas(sigmas[::-1], num_inference_steps)
+            timesteps = sigma_to_t(sig, np.log(sigmas))
+            if cfg["beta_schedule"] != "squaredcos_cap_v2":
+                timesteps = timesteps.round()
+        else:
+            sig = interp_sigmas(timesteps, sigmas)
+        if cfg["final_sigmas_type"] == "sigma_min":
+            a0 = self.alphas_cumprod[0]
+            sigma_last = np.sqrt((F32(1) - a0) / a0)
+        else:
+            sigma_last = 0.0
+        self.sigmas = np.concatenate([sig, [sigma_last]]).astype(F32)
+        self.timesteps = timesteps.astype(np.int64).astype(F32)
+        self.num_inference_steps = len(timesteps)
+        self.model_outputs = [None] * cfg["solver_order"]
+        self.lower_order_nums = 0
+        self._reset_indices()
+
+    def _convert_model_output(self, model_output, sample):
+        """Data prediction x0_theta(x_t, t) that DPM-Solver++ integrates."""
+        if self.config["prediction_type"] == "epsilon" and self.config["variance_type"] in ("learned", "learned_range"):
+            model_output = model_output[:, :3]
+        alpha_t, sigma_t, _ = log_snr(self.sigmas[self._step_index])
+        x0 = predict_x0(self.config["prediction_type"], model_output, sample, alpha_t, sigma_t)
+        if self.config["thresholding"]:
+            x0 = threshold_sample(x0, self.config["dynamic_thresholding_ratio"], self.config["sample_max_value"])
+        return x0
+
+    def _first_order_update(self, x0, sample):
+        """DPM-Solver++(1) = DDIM: x_t = sigma_t / sigma_s x_s - alpha_t (e^{-h} - 1) x0 (DPM-Solver++ eq. 9)."""
+        alpha_t, sigma_t, lambda_t = log_snr(self.sigmas[self._step_index + 1])
+        _, sigma_s, lambda_s = log_snr(self.sigmas[self._step_index])
+        h = lambda_t - lambda_s
+        return sigma_t / sigma_s * sample - alpha_t * (exp32(-h) - F32(1.0)) * x0
+
+    def _second_order_update(self, sample):
+        """Multistep DPM-Solver++(2M) (Algorithm 2): first difference D1 of the last two x0 estimates."""
+        i = self._step_index
+        alpha_t, sigma_t, lambda_t = log_snr(self.sigmas[i + 1])
+        _, sigma_s0, lambda_s0 = log_snr(self.sigmas[i])
+        _, _, lambda_s1 = log_snr(self.sigmas[i - 1])
+        m0, m1 = self.model_outputs[-1], self.model_outputs[-2]
+        h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
+        r0 = h_0 / h
+        d0, d1 = m0, (F32(1.0) / r0) * (m0 - m1)
+        phi = exp32(-h) - F32(1.0)
+        if self.config["solver_type"] == "midpoint":
+            return sigma_t / sigma_s0 * sample - alpha_t * phi * d0 - F32(0.5) * (alpha_t * phi) * d1
+        return sigma_t / sigma_s0 * sample - alpha_t * phi * d0 + alpha_t * (phi / h + F32(1.0)) * d1
+
+    def step(self, model_output, timestep, sample, noise=None):
+        self._check_ready()
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        cfg, n, i = self.config, len(self.timesteps), self._step_index
+        lower_order_final = i == n - 1 and (
+            cfg["euler_at_final"] or (cfg["lower_order_final"] and n < 15) or cfg["final_sigmas_type"] == "zero"
+        )
+        dtype = work_dtype(model_output, sample)
+        x = as_work(sample, dtype)
+        x0 = self._convert_model_output(as_work(model_output, dtype), x)
+        self.model_outputs = self.model_outputs[1:] + [x0]
+
+        if cfg["solver_order"] == 1 or self.lower_order_nums < 1 or lower_order_final:
+            prev = self._first_order_update(x0, x)
+        else:
+            prev = self._second_order_update(x)
+        self.lower_order_nums = min(self.lower_order_nums + 1, cfg["solver_order"])
+        self._step_index += 1
+        return prev.astype(np.result_type(model_output), copy=False)
