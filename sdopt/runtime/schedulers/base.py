@@ -108,6 +108,7 @@ class Scheduler:
     Loop::
 
         sched.set_timesteps(steps)
+        sched.set_begin_index(0)  # optional (SDXL pipeline does it); img2img: t_start * order
         latents = noise * sched.init_noise_sigma
         for t in sched.timesteps:
             model_in = sched.scale_model_input(latents, t)

@@ -140,7 +140,8 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         _, _, lambda_s1 = log_snr(self.sigmas[i - 1])
         m0, m1 = self.model_outputs[-1], self.model_outputs[-2]
         h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
-        r0 = h_0 / h
+        with np.errstate(divide="ignore"):  # h = 0 (repeated final sigma): r0 = inf, D1 = 0, as in torch
+            r0 = h_0 / h
         d0, d1 = m0, (F32(1.0) / r0) * (m0 - m1)
         phi = exp32(-h) - F32(1.0)
         if self.config["solver_type"] == "midpoint":

@@ -1,0 +1,173 @@
+"""Export spine: every family's tiny preset exports, verifies and describes itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from sdopt.errors import SdoptError
+from sdopt.export.artifact import ExportOptions, export_artifact
+from sdopt.manifest import MANIFEST_VERSION, load_manifest, sha256_file, verify_files
+
+from conftest import FAMILY_PRESETS
+
+EXPECTED = {
+    "sd1": ["text_encoder", "unet", "vae_decoder", "vae_encoder"],
+    "sd2": ["text_encoder", "unet", "vae_decoder", "vae_encoder"],
+    "sdxl": ["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"],
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_PRESETS))
+def test_each_family_exports_verified(family, tiny_artifact):
+    root = tiny_artifact(FAMILY_PRESETS[family])
+    m = load_manifest(root)
+    assert m.version == MANIFEST_VERSION and m.family == family
+    assert sorted(m.components) == sorted(EXPECTED[family])
+    assert m.prediction_type == ("v_prediction" if family == "sd2" else "epsilon")
+    for c in m.components.values():
+        v = c.verification
+        assert v.passed and v.max_rel_err <= v.tolerance == 1e-3, (c.name, v)
+        assert v.max_abs_err < 1e-4, (c.name, v.max_abs_err)
+        assert (root / c.path).is_file()
+    verify_files(root, m)  # every recorded hash matches
+    for folder in ["scheduler", *m.tokenizers]:
+        assert (root / folder).is_dir()
+    index = json.loads((root / "model_index.json").read_text())
+    assert set(EXPECTED[family]) <= set(index)
+    assert m.vae.scaling_factor == (0.13025 if family == "sdxl" else 0.18215)
+    assert m.versions["torch"] and m.versions["onnx"]
+
+
+def test_unet_graph_io_and_dynamic_axes(tiny_artifact):
+    root = tiny_artifact("tiny-sdxl")
+    m = load_manifest(root)
+    unet = m.components["unet"]
+    assert [t.name for t in unet.inputs] == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+    assert unet.dims["batch"].max == 2 * m.image.max_batch  # classifier-free guidance doubles the batch
+    graph = onnx.load(str(root / unet.path), load_external_data=False).graph
+    sample = graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in sample] == ["batch", 4, "latent_height", "latent_width"]
+    # The scaling factor is recorded, not baked: the decoder graph has no Mul by 1/0.13025 at its input.
+    dec = onnx.load(str(root / m.components["vae_decoder"].path)).graph
+    assert dec.node[0].input[0] == "latent_sample" and dec.node[0].op_type == "Conv"
+
+
+def test_fp16_export_keeps_fp32_islands(tiny_artifact):
+    root = tiny_artifact("tiny", "fp16")
+    m = load_manifest(root)
+    assert m.precision == "fp16"
+    assert m.components["unet"].precision == "fp16" and m.components["unet"].input("sample").dtype == "float16"
+    assert m.components["vae_decoder"].precision == "fp32"  # the VAE overflows in fp16
+    assert "LayerNormalization" in m.components["text_encoder"].fp32_ops
+    for c in m.components.values():
+        assert c.verification.passed, (c.name, c.verification)
+
+
+def test_failed_verification_leaves_nothing(tmp_path):
+    out = tmp_path / "art"
+    with pytest.raises(SdoptError, match="verification failed"):
+        export_artifact("synthetic:tiny", out, ExportOptions(components=["text_encoder"], tolerance=1e-12))
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no half-written folder left behind either
+    kept = export_artifact("synthetic:tiny", out, ExportOptions(components=["text_encoder"], tolerance=1e-12,
+                                                                allow_verify_failure=True))
+    assert not kept.manifest.components["text_encoder"].verification.passed
+
+
+def test_interrupted_export_leaves_nothing_and_force_replaces(tmp_path):
+    out = tmp_path / "art"
+
+    def interrupt(component, stage, detail):
+        if component == "unet" and stage == "verify":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        export_artifact("synthetic:tiny", out, ExportOptions(components=["text_encoder", "unet"]), interrupt)
+    assert list(tmp_path.iterdir()) == []
+    export_artifact("synthetic:tiny", out, ExportOptions(components=["text_encoder"]))
+    with pytest.raises(SdoptError, match="already exists"):
+        export_artifact("synthetic:tiny", out, ExportOptions(components=["vae_decoder"]))
+    export_artifact("synthetic:tiny", out, ExportOptions(components=["vae_decoder"], force=True))
+    assert sorted(load_manifest(out).components) == ["vae_decoder"]
+    assert not (out / "text_encoder").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]
+
+
+def test_dynamo_exporter_matches_pytorch(tmp_path):
+    res = export_artifact("synthetic:tiny", tmp_path / "d", ExportOptions(components=["unet"], exporter="dynamo"))
+    v = res.manifest.components["unet"].verification
+    assert v.passed and v.max_abs_err < 1e-4
+
+
+def test_local_diffusers_folder_and_corrupt_weights(tmp_path, reference_pipeline):
+    folder = tmp_path / "model"
+    reference_pipeline("tiny").save_pretrained(folder)
+    res = export_artifact(str(folder), tmp_path / "a", ExportOptions(components=["text_encoder", "vae_decoder"]))
+    assert res.manifest.source["kind"] == "folder" and res.manifest.family == "sd1"
+    weights = next((folder / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(SdoptError, match="could not load model"):
+        export_artifact(str(folder), tmp_path / "b", ExportOptions(components=["text_encoder"]))
+    assert not (tmp_path / "b").exists()
+
+
+def test_tampered_artifact_is_refused(tiny_artifact, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_artifact("tiny"), copy)
+    path = copy / "unet" / "model.onnx"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(SdoptError, match="does not match the hash"):
+        verify_files(copy, load_manifest(copy))
+    assert sha256_file(path) != load_manifest(copy).components["unet"].files["unet/model.onnx"]
+
+
+def _sdopt(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sdopt", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "COLUMNS": "200"}, timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["synthetic:nope"], "unknown synthetic preset"),
+    (["/does/not/exist"], "does not exist"),
+    (["EMPTY"], "no model_index.json"),
+    (["--min-size", "100"], "not a positive multiple of 8"),
+    (["--min-size", "512", "--max-size", "256"], "larger than --max-size"),
+    (["--min-size", "72"], "not a multiple of 16"),
+    (["--precision", "int4"], "unknown precision"),
+    (["--components", "unet,foo"], "unknown component"),
+    (["--out", "EXISTS"], "already exists"),
+])
+def test_cli_bad_input_is_one_clear_line(args, message, tmp_path):
+    (tmp_path / "EMPTY").mkdir()
+    (tmp_path / "EXISTS").mkdir()
+    if "--out" not in args:
+        args = [*args, "--out", str(tmp_path / "out")]
+    args = [str(tmp_path / a) if a in ("EMPTY", "EXISTS") else a for a in args]
+    r = _sdopt("export", *args, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr + r.stdout
+    assert "fix:" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_export_and_inspect(tmp_path, tiny_artifact):
+    r = _sdopt("inspect", str(tiny_artifact("tiny-sdxl")), "--verify", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    for word in ("sdxl", "text_encoder_2", "time_ids", "all file hashes match"):
+        assert word in r.stdout
+    r = _sdopt("export", "--out", str(tmp_path / "cli"), "--components", "text_encoder", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "text_encoder" in r.stdout and "ok" in r.stdout
+    assert np.isfinite(load_manifest(tmp_path / "cli").components["text_encoder"].verification.max_abs_err)
