@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sdopt.errors import SdoptError
@@ -36,7 +37,7 @@ def friendly_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except SdoptError as e:
-            err_console.print(f"[bold red]error:[/] {e.problem}" + (f"\n[dim]fix:[/] {e.fix}" if e.fix else ""),
+            err_console.print(f"[bold red]error:[/] {escape(e.problem)}" + (f"\n[dim]fix:[/] {escape(e.fix)}" if e.fix else ""),
                               highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
@@ -65,6 +66,7 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     allow_verify_failure: bool = typer.Option(False, help="Keep the export even if ONNX differs from PyTorch beyond tolerance."),
     seed: int = typer.Option(0, help="Seed of synthetic weights and of verification inputs."),
+    backend: str = typer.Option("onnx", help="onnx, or tensorrt to also build engines (default dynamic profiles; see `sdopt build`)."),
 ) -> None:
     """Export a Stable Diffusion model to verified ONNX in one artifact folder."""
     from sdopt.export.artifact import ExportOptions, check_options
@@ -73,6 +75,12 @@ def export(
                          max_batch=max_batch, opset=opset, exporter=exporter, force=force,
                          allow_verify_failure=allow_verify_failure, seed=seed)
     check_options(out.expanduser().resolve(), opts)  # fail before the slow imports
+    if backend not in ("onnx", "tensorrt"):
+        raise SdoptError(f"unknown backend {backend!r}", "use onnx or tensorrt")
+    if backend == "tensorrt":  # fail in seconds, not after the export
+        from sdopt.export.tensorrt_build import BuildOptions, preflight
+
+        preflight()
     from sdopt.export.artifact import export_artifact
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -95,6 +103,46 @@ def export(
         result = export_artifact(model, out, opts, progress)
     _print_components(result.manifest)
     console.print(f"wrote [bold]{result.out}[/] in {result.seconds:.1f} s (model load {result.load_seconds:.1f} s)")
+    if backend == "tensorrt":
+        _build(result.out, BuildOptions())
+
+
+@app.command()
+@friendly_errors
+def build(
+    artifact: Path = typer.Argument(..., help="Artifact folder written by `sdopt export` (fp16 export for fp16 engines)."),
+    static: bool = typer.Option(False, "--static", help="One fixed batch and size (fastest); default: the exported ranges."),
+    batch: Optional[int] = typer.Option(None, help="Images per call (static), or the profile's opt batch (dynamic)."),
+    height: Optional[int] = typer.Option(None, help="Image height (static), or the profile's opt height."),
+    width: Optional[int] = typer.Option(None, help="Image width (static), or the profile's opt width."),
+    opt_level: int = typer.Option(3, help="TensorRT builder optimization level 0..5."),
+    workspace_gb: Optional[float] = typer.Option(None, help="Workspace memory pool limit in GiB."),
+    timing_cache: Optional[Path] = typer.Option(None, help="Timing cache file (default ARTIFACT/engines/timing.cache)."),
+    refittable: bool = typer.Option(False, "--refittable", help="Engines whose weights can be refitted (LoRA)."),
+    version_compatible: bool = typer.Option(False, "--version-compatible", help="Engines for later TensorRT versions (embed host code)."),
+    exclude_lean_runtime: bool = typer.Option(False, "--exclude-lean-runtime", help="With --version-compatible: smaller plans."),
+    components: Optional[str] = typer.Option(None, help="Comma-separated subset. Default: all."),
+    force: bool = typer.Option(False, "--force", help="Rebuild engines that exist for this GPU and TensorRT version."),
+) -> None:
+    """Build TensorRT engines from an artifact's ONNX (strongly typed; needs tensorrt and a GPU)."""
+    from sdopt.export.tensorrt_build import BuildOptions
+
+    _build(artifact, BuildOptions(static=static, batch=batch, height=height, width=width, opt_level=opt_level,
+                                  workspace_gb=workspace_gb, timing_cache=timing_cache, refittable=refittable,
+                                  version_compatible=version_compatible, exclude_lean_runtime=exclude_lean_runtime,
+                                  components=_split(components), force=force))
+
+
+def _build(artifact: Path, options) -> None:
+    from sdopt.export.tensorrt_build import build_engines, check_build_options
+
+    check_build_options(options)
+    with console.status("building TensorRT engines") as status:
+        entries = build_engines(artifact, options, lambda c, stage, d: status.update(f"{c}: {stage} {d}"))
+    table = Table("component", "engine", "TensorRT", "GPU", "build s")
+    for e in entries:
+        table.add_row(e["component"], e["path"], e["tensorrt"], e["gpu"], f"{e.get('build_seconds', 0):.1f}")
+    console.print(table)
 
 
 @app.command()
@@ -143,6 +191,8 @@ def generate(
     strength: Optional[float] = typer.Option(None, help="img2img/inpaint strength in (0, 1]."),
     mask: Optional[Path] = typer.Option(None, help="Inpainting mask: white = repaint."),
     provider: str = typer.Option("cpu", help="cpu, cuda (onnxruntime-gpu) or tensorrt."),
+    cuda_graph: bool = typer.Option(False, "--cuda-graph", help="TensorRT: replay the U-Net as a CUDA graph (static shapes)."),
+    allow_host_code: bool = typer.Option(False, "--allow-host-code", help="TensorRT: trust version-compatible engines' embedded code."),
 ) -> None:
     """Generate images from an artifact with the lean runtime (no torch)."""
     import time
@@ -153,7 +203,8 @@ def generate(
     t0 = time.perf_counter()
     from sdopt.runtime import Pipeline
 
-    pipe = Pipeline.load(artifact, provider=provider)
+    trt_options = {"use_cuda_graph": cuda_graph, "allow_host_code": allow_host_code} if provider == "tensorrt" else {}
+    pipe = Pipeline.load(artifact, provider=provider, **trt_options)
     load_s = time.perf_counter() - t0
     with Progress("denoising", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar, \
             warnings.catch_warnings(record=True) as caught:
@@ -164,7 +215,7 @@ def generate(
                       image=image, mask_image=mask, strength=strength,
                       callback=lambda done, total: bar.update(task, completed=done, total=total))
     for w in caught:
-        err_console.print(f"[yellow]warning:[/] {w.message}", highlight=False)
+        err_console.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False)
     paths = [out] if len(result.images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(result.images))]
     for im, path in zip(result.images, paths):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -336,7 +336,8 @@ class TensorRTSession:
             self._cuda(cudart.cudaSetDevice(self.backend.device), "cudaSetDevice")
             b = self._bind(tuple((n, arrays[n].shape) for n in self.input_names))
             for n, a in arrays.items():
-                self._cuda(cudart.cudaMemcpyAsync(b.pointers[n], a.ctypes.data, a.nbytes, h2d, self.stream), "copy to GPU")
+                self._cuda(cudart.cudaMemcpyAsync(b.pointers[n], a.ctypes.data, a.nbytes, h2d, self.stream),
+                           "copy to GPU")
             self._enqueue(b)
             outputs = {n: np.empty(b.output_shapes[n], self.dtypes[n]) for n in self.output_names}
             for n, out in outputs.items():
@@ -360,12 +361,17 @@ class TensorRTSession:
             if any(d < 0 for d in shapes[name]):
                 raise SdoptError(f"{self.component} output {name} has no static shape {shapes[name]}",
                                  rebuild_fix(self.backend.root))
-        b = self._binding = _Binding(signature, {}, {n: shapes[n] for n in self.output_names})  # _release frees partial
-        for name, shape in shapes.items():
-            nbytes = max(1, int(np.prod(shape, dtype=np.int64)) * self.dtypes[name].itemsize)
-            b.pointers[name] = self._cuda(self.cudart.cudaMalloc(nbytes), "cudaMalloc")
-            if not ctx.set_tensor_address(name, b.pointers[name]):
-                raise SdoptError(f"TensorRT rejected the {self.component} buffer of {name}", rebuild_fix(self.backend.root))
+        b = self._binding = _Binding(signature, {}, {n: shapes[n] for n in self.output_names})
+        try:
+            for name, shape in shapes.items():
+                nbytes = max(1, int(np.prod(shape, dtype=np.int64)) * self.dtypes[name].itemsize)
+                b.pointers[name] = self._cuda(self.cudart.cudaMalloc(nbytes), "cudaMalloc")
+                if not ctx.set_tensor_address(name, b.pointers[name]):
+                    raise SdoptError(f"TensorRT rejected the {self.component} buffer of {name}",
+                                     rebuild_fix(self.backend.root))
+        except BaseException:
+            self._release()  # never keep a half-bound signature
+            raise
         return b
 
     def _enqueue(self, b: _Binding) -> None:
@@ -386,7 +392,8 @@ class TensorRTSession:
         if not enqueued or err != cudart.cudaError_t.cudaSuccess:
             if err == cudart.cudaError_t.cudaSuccess:
                 cudart.cudaGraphDestroy(graph)
-            raise SdoptError(f"the {self.component} engine cannot be captured in a CUDA graph ({err})",
+            raise SdoptError(f"the {self.component} engine cannot be captured in a CUDA graph "
+                             f"({getattr(err, 'name', err)})",
                              "load the pipeline with use_cuda_graph=False")
         b.graph = (graph, self._cuda(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate"))
 
