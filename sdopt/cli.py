@@ -67,13 +67,14 @@ def export(
     allow_verify_failure: bool = typer.Option(False, help="Keep the export even if ONNX differs from PyTorch beyond tolerance."),
     seed: int = typer.Option(0, help="Seed of synthetic weights and of verification inputs."),
     backend: str = typer.Option("onnx", help="onnx, or tensorrt to also build engines (default dynamic profiles; see `sdopt build`)."),
+    ort_optimize: bool = typer.Option(True, help="Also save ONNX Runtime's optimised CPU graph (sessions start in seconds)."),
 ) -> None:
     """Export a Stable Diffusion model to verified ONNX in one artifact folder."""
     from sdopt.export.artifact import ExportOptions, check_options
 
     opts = ExportOptions(precision=precision, components=_split(components), min_size=min_size, max_size=max_size,
                          max_batch=max_batch, opset=opset, exporter=exporter, force=force,
-                         allow_verify_failure=allow_verify_failure, seed=seed)
+                         allow_verify_failure=allow_verify_failure, seed=seed, ort_optimize=ort_optimize)
     check_options(out.expanduser().resolve(), opts)  # fail before the slow imports
     if backend not in ("onnx", "tensorrt"):
         raise SdoptError(f"unknown backend {backend!r}", "use onnx or tensorrt")
@@ -84,7 +85,8 @@ def export(
     from sdopt.export.artifact import export_artifact
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    stages = {"export": "tracing to ONNX", "clean": "folding / shape inference", "verify": "verifying vs PyTorch"}
+    stages = {"export": "tracing to ONNX", "clean": "folding / shape inference", "verify": "verifying vs PyTorch",
+              "optimize": "saving ONNX Runtime's optimised CPU graph"}
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=False) as bar:
         tasks: dict[str, int] = {}

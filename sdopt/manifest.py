@@ -22,7 +22,7 @@ MANIFEST_FORMAT = "sdopt-artifact"
 MANIFEST_VERSION = 1
 
 FAMILIES = ("sd1", "sd2", "sdxl")
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "unet_shallow", "vae_decoder", "vae_encoder")
 
 
 @dataclass
@@ -69,6 +69,10 @@ class Component:
     verification: Verification | None = None
     fp32_ops: list[str] = field(default_factory=list)
     export_seconds: float = 0.0
+    # ONNX Runtime's fully optimised CPU graph, saved at export so sessions load in seconds.
+    # It holds layouts for one CPU instruction set: used only where `ort_cpu_target` matches.
+    ort_cpu_path: str | None = None
+    ort_cpu_target: str | None = None
 
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)

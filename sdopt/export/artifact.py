@@ -23,9 +23,8 @@ from sdopt.export import onnx_graph
 from sdopt.export.components import ComponentPlan, plan_components, vae_scale
 from sdopt.export.sources import LoadedModel, load_model
 from sdopt.export.verify import TOLERANCE, verify_component
-from sdopt.manifest import MANIFEST_NAME, Component, ImageSpec, Manifest, TensorSpec, VaeSpec, sha256_file
+from sdopt.manifest import COMPONENTS, MANIFEST_NAME, Component, ImageSpec, Manifest, TensorSpec, VaeSpec, sha256_file
 
-ALL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 
 
 @dataclass
@@ -41,9 +40,10 @@ class ExportOptions:
     allow_verify_failure: bool = False
     seed: int = 0
     tolerance: float | None = None  # None: TOLERANCE[precision]
+    ort_optimize: bool = True  # also save ONNX Runtime's optimised CPU graph (fast session start)
 
 
-# Stage callback: (component, stage, detail) with stage in {"start", "export", "clean", "verify", "done"}.
+# Stage callback: (component, stage, detail), stage in {"export", "clean", "verify", "optimize", "done"}.
 Progress = Callable[[str, str, str], None]
 
 
@@ -63,8 +63,8 @@ def check_options(out: Path, opts: ExportOptions) -> None:
     if opts.exporter not in ("torchscript", "dynamo"):
         raise SdoptError(f"unknown exporter {opts.exporter!r}", "use torchscript or dynamo")
     for name in opts.components or []:
-        if name not in ALL_COMPONENTS:
-            raise SdoptError(f"unknown component {name!r}", f"choose from {', '.join(ALL_COMPONENTS)}")
+        if name not in COMPONENTS:
+            raise SdoptError(f"unknown component {name!r}", f"choose from {', '.join(COMPONENTS)}")
     for label, size in (("--min-size", opts.min_size), ("--max-size", opts.max_size)):
         if size is not None and (size <= 0 or size % 8):
             raise SdoptError(f"{label} {size} is not a positive multiple of 8", f"use e.g. {max(8, size // 8 * 8)}")
@@ -99,7 +99,7 @@ def export_artifact(model_id: str, out: Path, opts: ExportOptions, progress: Pro
     model = load_model(model_id, seed=opts.seed)
     load_seconds = time.perf_counter() - t0
     image = image_spec(model, opts)
-    available = [c for c in ALL_COMPONENTS if c != "text_encoder_2" or model.family == "sdxl"]
+    available = [c for c in COMPONENTS if c != "text_encoder_2" or model.family == "sdxl"]
     names = opts.components or available
     missing = [c for c in names if c not in available]
     if missing:
@@ -151,6 +151,13 @@ def _export_component(plan: ComponentPlan, root: Path, image: ImageSpec, scale: 
     progress(plan.name, "verify", "")
     verification = verify_component(plan, path, [small, opt], tolerance if fp16_ops is not None else min(
         tolerance, TOLERANCE["fp32"]), seed=opts.seed + 1)
+    ort_cpu_path = ort_cpu_target = None
+    if opts.ort_optimize:
+        progress(plan.name, "optimize", "")
+        from sdopt.runtime.backends.onnxruntime import cpu_target, save_optimized
+
+        save_optimized(path, folder / "model.ort-cpu.onnx")
+        ort_cpu_path, ort_cpu_target = f"{plan.name}/model.ort-cpu.onnx", cpu_target()
     io_types = onnx_graph.graph_io(path)
     retype = lambda specs: [TensorSpec(s.name, io_types[s.name], s.shape) for s in specs]  # noqa: E731
     files = {str(p.relative_to(root)): sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
@@ -159,6 +166,7 @@ def _export_component(plan: ComponentPlan, root: Path, image: ImageSpec, scale: 
         precision="fp16" if fp16_ops is not None else "fp32",
         inputs=retype(plan.inputs), outputs=retype(plan.outputs), dims=plan.dims, files=files,
         verification=verification, fp32_ops=list(fp16_ops or []), export_seconds=round(time.perf_counter() - t0, 2),
+        ort_cpu_path=ort_cpu_path, ort_cpu_target=ort_cpu_target,
     )
     progress(plan.name, "done", f"{verification.max_abs_err:.2e} abs / {verification.max_rel_err:.2e} rel")
     return comp
@@ -201,7 +209,7 @@ def _write_support_files(model: LoadedModel, root: Path, names: list[str]) -> No
         if getattr(pipe, tok, None) is not None:
             pipe.__getattribute__(tok).save_pretrained(root / tok)
     pipe.scheduler.save_config(root / "scheduler")
-    configs = {"unet": pipe.unet, "vae_decoder": pipe.vae, "vae_encoder": pipe.vae}
+    configs = {"unet": pipe.unet, "unet_shallow": pipe.unet, "vae_decoder": pipe.vae, "vae_encoder": pipe.vae}
     for name in names:
         if name in configs:
             configs[name].save_config(root / name)

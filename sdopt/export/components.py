@@ -35,7 +35,12 @@ class TextEncoderGraph(torch.nn.Module):
 
 
 class UNetGraph(torch.nn.Module):
-    """U-Net noise prediction; SDXL's added conditions (pooled text embeds, time ids) as inputs."""
+    """U-Net noise prediction; SDXL's added conditions (pooled text embeds, time ids) as inputs.
+
+    Second output `deep_feature`: the input of the U-Net's very last layer (DeepCache, Ma et
+    al. 2023). It is an intermediate the graph computes anyway; the runtime's fast mode keeps
+    it and, on the steps between full passes, runs only `UNetShallowGraph`.
+    """
 
     def __init__(self, unet: torch.nn.Module, sdxl: bool) -> None:
         super().__init__()
@@ -44,7 +49,49 @@ class UNetGraph(torch.nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
         added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.sdxl else None
-        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+        captured: list[torch.Tensor] = []
+        handle = _penultimate_layer(self.unet).register_forward_hook(
+            lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
+        try:
+            out = self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+        finally:
+            handle.remove()
+        return out, captured[-1]
+
+
+class UNetShallowGraph(torch.nn.Module):
+    """DeepCache's cheap step: conv_in, the last up-block layer fed the cached deep feature and
+    conv_in's output (its skip connection), and the output head. Same result as the full U-Net
+    when deep_feature comes from the same inputs."""
+
+    def __init__(self, unet: torch.nn.Module, sdxl: bool, input_names: list[str]) -> None:
+        super().__init__()
+        self.unet = unet
+        self.sdxl = sdxl
+        self.input_names = input_names  # SDXL's last layer has no cross-attention: no text states
+
+    def forward(self, *inputs: torch.Tensor):
+        return self.shallow(**dict(zip(self.input_names, inputs)))
+
+    def shallow(self, sample, timestep, deep_feature, encoder_hidden_states=None, text_embeds=None, time_ids=None):
+        unet = self.unet
+        added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.sdxl else None
+        emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+        aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added)
+        emb = emb + aug if aug is not None else emb
+        block = unet.up_blocks[-1]
+        h = block.resnets[-1](torch.cat([deep_feature, unet.conv_in(sample)], dim=1), emb)
+        if getattr(block, "attentions", None):
+            h = block.attentions[-1](h, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        if unet.conv_norm_out is not None:
+            h = unet.conv_act(unet.conv_norm_out(h))
+        return unet.conv_out(h)
+
+
+def _penultimate_layer(unet: torch.nn.Module) -> torch.nn.Module:
+    """The module whose output enters the U-Net's last layer (the last up block's last resnet)."""
+    block = unet.up_blocks[-1]
+    return block.attentions[-2] if getattr(block, "attentions", None) else block.resnets[-2]
 
 
 class VaeDecoderGraph(torch.nn.Module):
@@ -149,11 +196,19 @@ def plan_components(pipe: Any, family: str, image: ImageSpec, names: list[str]) 
             if family == "sdxl":
                 inputs += [TensorSpec("text_embeds", f32, ["batch", pipe.text_encoder_2.config.projection_dim]),
                            TensorSpec("time_ids", f32, ["batch", 6])]
-            plans.append(ComponentPlan(
-                name, UNetGraph(pipe.unet, family == "sdxl"), inputs=inputs,
-                outputs=[TensorSpec("out_sample", f32, ["batch", unet_cfg.out_channels, "latent_height", "latent_width"])],
-                dims=_dims(image, scale, 2, pixels=False), size_multiple=unet_multiple,
-            ))
+            deep = TensorSpec("deep_feature", f32, ["batch", unet_cfg.block_out_channels[0], "latent_height", "latent_width"])
+            out = TensorSpec("out_sample", f32, ["batch", unet_cfg.out_channels, "latent_height", "latent_width"])
+            plans.append(ComponentPlan(name, UNetGraph(pipe.unet, family == "sdxl"), inputs=inputs, outputs=[out, deep],
+                                       dims=_dims(image, scale, 2, pixels=False), size_multiple=unet_multiple))
+        elif name == "unet_shallow":
+            unet_plan = plan_components(pipe, family, image, ["unet"])[0]
+            inputs = [*unet_plan.inputs[:3], unet_plan.outputs[1], *unet_plan.inputs[3:]]
+            if not getattr(pipe.unet.up_blocks[-1], "attentions", None):  # SDXL: no cross-attention there
+                inputs = [t for t in inputs if t.name != "encoder_hidden_states"]
+            shallow = UNetShallowGraph(pipe.unet, family == "sdxl", [t.name for t in inputs])
+            plans.append(ComponentPlan(name, shallow, inputs=inputs,
+                                       outputs=unet_plan.outputs[:1], dims=unet_plan.dims,
+                                       size_multiple=unet_plan.size_multiple))
         elif name == "vae_decoder":
             plans.append(ComponentPlan(
                 name, VaeDecoderGraph(pipe.vae),

@@ -40,15 +40,15 @@ def export_raw(plan: ComponentPlan, path: Path, example: dict[str, np.ndarray], 
             raise ValueError(f"unknown exporter {exporter!r}")
 
 
-def _dynamo_shapes(plan: ComponentPlan) -> dict[str, dict[int, object]]:
-    """torch.export Dims keyed by forward() argument names; sizes that must be multiples of
-    k (U-Net downsampling) are expressed as k * Dim so the exporter can prove them."""
+def _dynamo_shapes(plan: ComponentPlan) -> tuple[dict[int, object], ...]:
+    """torch.export Dims per positional argument; sizes that must be multiples of k (U-Net
+    downsampling) are expressed as k * Dim so the exporter can prove them."""
     Dim = torch.export.Dim
     dims: dict[str, object] = {}
     for name, r in plan.dims.items():
         k = plan.size_multiple if name != "batch" else 1
         dims[name] = Dim(name, min=r.min // k, max=r.max // k) * k if k > 1 else Dim(name, min=r.min, max=r.max)
-    return {s.name: {i: dims[d] for i, d in enumerate(s.shape) if isinstance(d, str)} for s in plan.inputs}
+    return tuple({i: dims[d] for i, d in enumerate(s.shape) if isinstance(d, str)} for s in plan.inputs)
 
 
 def finalize(raw: Path, out: Path, fp16_ops: list[str] | None) -> None:
