@@ -19,9 +19,9 @@ from sdopt.manifest import MANIFEST_VERSION, load_manifest, sha256_file, verify_
 from conftest import FAMILY_PRESETS
 
 EXPECTED = {
-    "sd1": ["text_encoder", "unet", "vae_decoder", "vae_encoder"],
-    "sd2": ["text_encoder", "unet", "vae_decoder", "vae_encoder"],
-    "sdxl": ["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"],
+    "sd1": ["text_encoder", "unet", "unet_shallow", "vae_decoder", "vae_encoder"],
+    "sd2": ["text_encoder", "unet", "unet_shallow", "vae_decoder", "vae_encoder"],
+    "sdxl": ["text_encoder", "text_encoder_2", "unet", "unet_shallow", "vae_decoder", "vae_encoder"],
 }
 
 
@@ -58,6 +58,24 @@ def test_unet_graph_io_and_dynamic_axes(tiny_artifact):
     # The scaling factor is recorded, not baked: the decoder graph has no Mul by 1/0.13025 at its input.
     dec = onnx.load(str(root / m.components["vae_decoder"].path)).graph
     assert dec.node[0].input[0] == "latent_sample" and dec.node[0].op_type == "Conv"
+
+
+@pytest.mark.parametrize("family", list(FAMILY_PRESETS))
+def test_shallow_unet_reproduces_the_full_unet_from_its_deep_feature(family, tiny_artifact):
+    """DeepCache's cheap graph, fed the deep feature of the same inputs, equals the full U-Net."""
+    import onnxruntime as ort
+
+    from sdopt.export.components import ComponentPlan
+
+    root = tiny_artifact(FAMILY_PRESETS[family])
+    m = load_manifest(root)
+    unet, shallow = m.components["unet"], m.components["unet_shallow"]
+    plan = ComponentPlan("unet", None, unet.inputs, unet.outputs, unet.dims, vocab_size=1)
+    feed = plan.example_inputs({"batch": 2, "latent_height": 16, "latent_width": 16}, seed=3)
+    out, deep = ort.InferenceSession(str(root / unet.path)).run(["out_sample", "deep_feature"], feed)
+    feed["deep_feature"] = deep
+    again = ort.InferenceSession(str(root / shallow.path)).run(None, {t.name: feed[t.name] for t in shallow.inputs})[0]
+    np.testing.assert_allclose(again, out, atol=1e-5)
 
 
 def test_fp16_export_keeps_fp32_islands(tiny_artifact):
@@ -150,16 +168,26 @@ def _sdopt(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     (["--out", "EXISTS"], "already exists"),
 ])
 def test_cli_bad_input_is_one_clear_line(args, message, tmp_path):
+    from typer.testing import CliRunner
+
+    from sdopt.cli import app
+
     (tmp_path / "EMPTY").mkdir()
     (tmp_path / "EXISTS").mkdir()
     if "--out" not in args:
         args = [*args, "--out", str(tmp_path / "out")]
     args = [str(tmp_path / a) if a in ("EMPTY", "EXISTS") else a for a in args]
-    r = _sdopt("export", *args, cwd=tmp_path)
-    assert r.returncode == 2, r.stderr
-    assert message in r.stderr and "Traceback" not in r.stderr + r.stdout
-    assert "fix:" in r.stderr
+    r = CliRunner().invoke(app, ["export", *args])
+    assert r.exit_code == 2, r.output
+    assert message in r.output and "fix:" in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)  # no traceback, just the line
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_error_in_a_real_process_has_no_traceback(tmp_path):
+    r = _sdopt("export", "synthetic:nope", "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert r.returncode == 2 and "unknown synthetic preset" in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
 
 
 def test_cli_export_and_inspect(tmp_path, tiny_artifact):
