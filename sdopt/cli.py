@@ -8,7 +8,6 @@ exit code 2, never a traceback.
 from __future__ import annotations
 
 import functools
-import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -237,5 +236,12 @@ def _print_components(m) -> None:
     console.print(table)
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    sys.exit(app())
+
+def _register_bench() -> None:
+    """`sdopt bench` lives in sdopt.bench (its workers import torch lazily)."""
+    from sdopt.bench.command import bench_command
+
+    app.command("bench")(friendly_errors(bench_command))
+
+
+_register_bench()
