@@ -62,6 +62,16 @@ class Timers:
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak resident set. Linux: VmHWM of /proc/self/status, because ru_maxrss
+    carries over the parent's peak through fork + exec (a worker started by a parent that
+    loaded torch would report the parent's RSS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
@@ -74,7 +84,8 @@ def initial_latents(job: dict[str, Any]):
 
 
 class FaultInjected(RuntimeError):
-    """Raised where a test asked for a failure (job["fault"]); never set by the CLI."""
+    """Raised where a test asked for a failure: job["fault"] = "load" | "run" | "crash" (exit without
+    replying), at the run after job["fault_after"] good runs. Only `run_benchmark(faults=...)` sets it."""
 
 
 # -- backends -----------------------------------------------------------------------------------
@@ -191,6 +202,7 @@ class RuntimeWorker:
 
     def load(self, artifact: str, job: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
+        from sdopt.errors import SdoptError
         from sdopt.runtime.pipeline import Pipeline
 
         if self.backend == "onnxruntime":
@@ -204,7 +216,15 @@ class RuntimeWorker:
         import_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         # Hash verification (Pipeline.load's default, ~1 s/GB) is left out of the cold start.
-        self.pipe = Pipeline.load(artifact, provider=provider, verify_hashes=False, **options)
+        build_s = None
+        try:
+            self.pipe = Pipeline.load(artifact, provider=provider, verify_hashes=False, **options)
+        except SdoptError as e:
+            if not (provider == "tensorrt" and job.get("build_engines") and _needs_engines(e)):
+                raise
+            build_s = _build_engines(artifact, job)  # the harness's own cached export: build once, like the export
+            t0 = time.perf_counter()
+            self.pipe = Pipeline.load(artifact, provider=provider, verify_hashes=False, **options)
         self.timers = Timers()
         for name, session in list(self.pipe.sessions.items()):
             self.pipe.sessions[name] = _TimedSession(session, self.timers.wrap(COMPONENT_STAGE.get(name, name),
@@ -220,7 +240,8 @@ class RuntimeWorker:
             except ImportError:  # pragma: no cover - the load above would have failed
                 pass
         return {"import_s": import_s, "load_s": time.perf_counter() - t0, "device": "cpu" if provider == "cpu" else "cuda",
-                "precision": self.pipe.manifest.precision, "provider": provider, "engine": engine, "device_name": None}
+                "precision": self.pipe.manifest.precision, "provider": provider, "engine": engine, "device_name": None,
+                "engine_build_s": build_s}
 
     def run(self) -> tuple[Any, dict[str, float], dict[str, int]]:
         job = self.job
@@ -240,6 +261,27 @@ class RuntimeWorker:
 
     def unet_flops(self) -> int | None:
         return None
+
+
+class EngineBuildFailed(RuntimeError):
+    """Building TensorRT engines failed: a failed row, not a skipped one."""
+
+
+def _needs_engines(e: Exception) -> bool:
+    """The artifact lacks engines for this GPU/TensorRT (as sdopt.runtime.backends.tensorrt words it)."""
+    return "TensorRT engine for" in e.problem or "engines fits this host" in e.problem
+
+
+def _build_engines(artifact: str, job: dict[str, Any]) -> float:
+    """`sdopt build` for the benchmark's shape (dynamic profiles with opt = the job's batch and size)."""
+    t0 = time.perf_counter()
+    try:
+        from sdopt.export.tensorrt_build import BuildOptions, build_engines
+
+        build_engines(artifact, BuildOptions(batch=job["batch"], height=job["height"], width=job["width"]))
+    except Exception as e:  # noqa: BLE001
+        raise EngineBuildFailed(f"building TensorRT engines failed: {describe(e)}") from None
+    return time.perf_counter() - t0
 
 
 class _TimedSession:
@@ -295,7 +337,9 @@ class Session:
 
     def run(self) -> dict[str, Any]:
         try:
-            if self.job.get("fault") == "run" and self.runs >= int(self.job.get("fault_after", 0)):
+            if self.job.get("fault") in ("run", "crash") and self.runs >= int(self.job.get("fault_after", 0)):
+                if self.job["fault"] == "crash":
+                    os._exit(3)  # a hard crash: no reply, as after a segfault or an OOM kill
                 raise FaultInjected(f"injected fault in run {self.runs + 1} (test)")
             t0 = time.perf_counter()
             images, seconds, calls = self.worker.run()

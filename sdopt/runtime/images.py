@@ -34,24 +34,31 @@ def image_size(image: Image.Image | np.ndarray) -> tuple[int, int]:
 
 
 def to_unit_array(image: Image.Image | np.ndarray, height: int, width: int, grayscale: bool = False) -> np.ndarray:
-    """NCHW float32 in [0, 1], resized (Lanczos, as diffusers) to height x width."""
+    """NCHW float32 in [0, 1] at height x width, resized as diffusers' VaeImageProcessor does:
+    PIL images with Lanczos in their own mode, then converted; arrays (HW, HWC or NHWC, in
+    [0, 1]) with torch's default nearest interpolation."""
     if isinstance(image, Image.Image):
-        image = image.convert("L" if grayscale else "RGB")
         if image.size != (width, height):
             image = image.resize((width, height), resample=Image.LANCZOS)
+        image = image.convert("L" if grayscale else "RGB")
         array = np.asarray(image).astype(np.float32) / 255.0
         array = array[None, :, :, None] if grayscale else array[None]
     else:
         array = np.asarray(image, dtype=np.float32)
-        array = array[None] if array.ndim == 3 else array
-        if array.shape[1:3] != (height, width):
-            resized = [np.asarray(Image.fromarray((a * 255).round().astype(np.uint8).squeeze()).resize(
-                (width, height), resample=Image.LANCZOS)).astype(np.float32) / 255.0 for a in array]
-            array = np.stack(resized).reshape(len(array), height, width, -1)
+        array = array[None, :, :, None] if array.ndim == 2 else array[None] if array.ndim == 3 else array
+        rows = _nearest_index(array.shape[1], height)
+        cols = _nearest_index(array.shape[2], width)
+        array = array[:, rows][:, :, cols]
         if grayscale and array.shape[-1] != 1:
             array = array[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32)
             array = array[..., None]
     return np.ascontiguousarray(array.transpose(0, 3, 1, 2))
+
+
+def _nearest_index(size: int, out: int) -> np.ndarray:
+    """Source indices of torch.nn.functional.interpolate(mode="nearest"): floor(i * size / out)."""
+    scale = np.float32(size) / np.float32(out)
+    return np.minimum(np.floor(np.arange(out, dtype=np.float32) * scale).astype(np.int64), size - 1)
 
 
 def preprocess_image(image: Image.Image | np.ndarray, height: int, width: int) -> np.ndarray:

@@ -4,10 +4,13 @@ Mirrors diffusers' StableDiffusion(XL)(Img2Img|Inpaint)Pipeline step for step, w
 in place of torch, so the same inputs give the same images.
 
 Randomness (documented, reproducible): one `np.random.default_rng(seed)` per call, drawn
-with `standard_normal(shape, dtype=float32)` in diffusers' order: [img2img/inpaint: the VAE
-latent sample of the input image], the initial noise (B*n, C, H/8, W/8), [inpaint: the
-latent sample of the masked image], then each stochastic scheduler step's noise.
-txt2img latents are `noise * scheduler.init_noise_sigma`; `latents=` replaces that noise.
+with `standard_normal(shape, dtype=float32)` in diffusers' order: [img2img, and inpaint
+unless it is a 9-channel U-Net at strength 1: the VAE latent sample of the input image(s)],
+the initial noise (B*n, C, H/8, W/8), [inpaint: the latent sample of the masked image(s)],
+then each stochastic scheduler step's noise. Input images, masks and their latents are
+tiled to the batch as diffusers does (images [A, B] for 4 outputs -> [A, B, A, B]).
+txt2img latents are `noise * scheduler.init_noise_sigma`; `latents=` replaces that noise
+(in every mode: diffusers' own meaning of `latents` differs between its pipelines).
 
 Threads: a Pipeline may be called from several threads at once. Engine sessions are created
 once in `load` and are thread-safe; each call builds its own scheduler and RNG.
@@ -146,7 +149,9 @@ class Pipeline:
             x = noise.astype(np.float32) * np.float32(sched.init_noise_sigma)
         else:
             pixels = imageops.preprocess_image(image, height, width)
-            image_latents = self._encode_image(pixels, rng, batch)
+            # diffusers encodes the image (one VAE sample draw) only where its latents are used.
+            if mode == "img2img" or m.unet_in_channels == 4 or strength < 1.0:
+                image_latents = self._encode_image(pixels, rng, batch)
             noise = latents if latents is not None else rng.standard_normal(latent_shape, dtype=np.float32)
             if mode == "inpaint" and strength == 1.0:
                 x = noise.astype(np.float32) * np.float32(sched.init_noise_sigma)
@@ -155,9 +160,10 @@ class Pipeline:
             if mode == "inpaint":
                 mask_px = imageops.preprocess_mask(mask_image, height, width)
                 if mask_px.shape[0] not in (1, pixels.shape[0]):
-                    raise SdoptError("mask and image counts differ", "pass one mask per image")
+                    raise SdoptError(f"{mask_px.shape[0]} masks for {pixels.shape[0]} images",
+                                     "pass one mask, or one mask per image")
                 masked_latents = self._encode_image(pixels * (mask_px < 0.5), rng, batch)
-                mask = np.repeat(mask_px[:, :, :: m.vae.scale, :: m.vae.scale], batch // mask_px.shape[0], axis=0)
+                mask = _tile_batch(mask_px[:, :, :: m.vae.scale, :: m.vae.scale], batch)  # nearest, as diffusers
         timings["vae_encoder"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -208,22 +214,26 @@ class Pipeline:
             embeds, pooled = np.repeat(embeds, n, axis=0), np.repeat(pooled, n, axis=0)
         cond = {"encoder_hidden_states": embeds}
         if sdxl:
-            # diffusers' _get_add_time_ids: original size + crop top-left + target size.
-            time_ids = np.array([height, width, 0, 0, height, width], dtype=np.float32)
+            # diffusers' _get_add_time_ids: original size + crop top-left + target size, or for
+            # refiners (requires_aesthetics_score) + aesthetic score 6.0 (2.5 for the negative).
+            def time_ids(aesthetic: float) -> np.ndarray:
+                tail = [aesthetic] if m.requires_aesthetics_score else [height, width]
+                return np.tile(np.array([height, width, 0, 0, *tail], dtype=np.float32), (len(prompts) * n, 1))
+
             cond["text_embeds"] = pooled
-            cond["time_ids"] = np.tile(time_ids, (len(embeds), 1))
+            cond["time_ids"] = np.concatenate([time_ids(2.5), time_ids(6.0)]) if do_cfg else time_ids(6.0)
         return cond
 
     def _encode_image(self, pixels: np.ndarray, rng: np.random.Generator, batch: int) -> np.ndarray:
-        """VAE latent sample (mean + std * noise) * scaling factor, repeated up to the batch."""
+        """VAE latent sample (mean + std * noise) * scaling factor, tiled up to the batch."""
+        if batch % pixels.shape[0]:
+            raise SdoptError(f"{pixels.shape[0]} input images cannot fill a batch of {batch}",
+                             "pass one image, or one per generated image")
         out = self._run("vae_encoder", sample=pixels)
         sample = out["latent_mean"] + out["latent_std"] * rng.standard_normal(out["latent_mean"].shape, dtype=np.float32)
-        if batch % sample.shape[0]:
-            raise SdoptError(f"{sample.shape[0]} input images cannot fill a batch of {batch}",
-                             "pass one image, or one per generated image")
         vae = self.manifest.vae
         latents = (sample - (vae.shift_factor or 0.0)) * np.float32(vae.scaling_factor)
-        return np.repeat(latents, batch // sample.shape[0], axis=0).astype(np.float32)
+        return _tile_batch(latents.astype(np.float32), batch)
 
     def _denoise(self, x, sched: Scheduler, timesteps, cond, do_cfg, guidance, rng, mode, mask, image_latents,
                  masked_latents, noise, callback) -> np.ndarray:
@@ -290,13 +300,17 @@ class Pipeline:
     def _strength_timesteps(sched: Scheduler, steps: int, strength: float) -> np.ndarray:
         """diffusers' get_timesteps: skip the first (1 - strength) of the schedule."""
         init = min(int(steps * strength), steps)
-        t_start = max(steps - init, 0)
-        timesteps = sched.timesteps[t_start * sched.order:]
-        sched.set_begin_index(t_start * sched.order)
-        if len(timesteps) < 1:
+        if init < 1:  # as diffusers' inpaint check (its img2img would run a stray last step)
             raise SdoptError(f"strength {strength} with {steps} steps leaves no denoising step",
                              "raise --strength or --steps")
-        return timesteps
+        t_start = steps - init
+        sched.set_begin_index(t_start * sched.order)
+        return sched.timesteps[t_start * sched.order:]
+
+
+def _tile_batch(x: np.ndarray, batch: int) -> np.ndarray:
+    """[A, B] -> [A, B, A, B] for a batch of 4: diffusers' `tensor.repeat(batch // len, 1, 1, 1)`."""
+    return np.concatenate([x] * (batch // x.shape[0])) if x.shape[0] != batch else x
 
 
 def default_scheduler_name(config: dict[str, Any]) -> str:

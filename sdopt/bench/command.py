@@ -1,0 +1,97 @@
+"""`sdopt bench`: the typer command function (registered in sdopt/cli.py).
+
+Everything heavy is imported inside the function; bad input raises SdoptError before any
+export or worker start.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from sdopt.bench.config import BACKENDS
+
+
+def bench_command(
+    model: Optional[str] = typer.Argument(
+        None, help="Artifact folder (written by `sdopt export`) or model id (synthetic:tiny, a diffusers folder, a hub "
+                   "id; exported once and cached). Default: the --config's model, else synthetic:tiny."),
+    backends: Optional[str] = typer.Option(
+        None, "--backends", "-b", help=f"Comma-separated, from: {', '.join(BACKENDS)}. Default: torch,onnxruntime."),
+    runs: Optional[int] = typer.Option(None, "--runs", "-n", help="Measured runs per backend (default 3)."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="Unmeasured runs per backend first (default 1)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (default 20)."),
+    height: Optional[int] = typer.Option(None, "--height", help="Image height in pixels (default: the model's)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Image width in pixels (default: the model's)."),
+    batch: Optional[int] = typer.Option(None, "--batch", help="Images per call (default 1)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="CFG scale (default 7.5; <= 1 disables CFG)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Scheduler name (default: the model's own)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt (a fixed default otherwise)."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the shared initial latents (default 0)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads per backend (default: physical cores)."),
+    use_compile: Optional[bool] = typer.Option(
+        None, "--compile/--no-compile", help="Also run torch-compile: torch.compile on the U-Net and VAE decoder."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Export precision for a model id: fp32 or fp16."),
+    config: Optional[str] = typer.Option(
+        None, "--config", "-c", help="Named config in benchmarks/configs (e.g. tiny-cpu) or a .json path; flags override it."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Results folder (default benchmarks/results/<config-or-model>-<date>/)."),
+    cache_dir: Optional[Path] = typer.Option(
+        None, "--cache-dir", help="Where exports of model ids are cached (default ~/.cache/sdopt/artifacts)."),
+) -> None:
+    """Benchmark torch (diffusers), torch.compile, ONNX Runtime and TensorRT on the same job.
+
+    Each backend runs in its own process (per-backend peak memory; a crash fails one row),
+    runs are interleaved backend by backend, and every image is compared with torch eager's
+    from the same initial latents. Writes results.json, results.md and stages.png to --out.
+    """
+    from sdopt.bench.config import make_config
+
+    cfg = make_config(config, model=model, backends=backends, runs=runs, warmup=warmup, steps=steps, height=height,
+                      width=width, batch=batch, guidance=guidance, scheduler=scheduler, prompt=prompt,
+                      negative_prompt=negative_prompt, seed=seed, threads=threads, compile=use_compile,
+                      precision=precision)
+    console = Console()
+    if not console.is_terminal:  # piped or logged: no terminal width to squeeze the table into
+        console = Console(width=max(console.width, 150))
+    from sdopt.bench import report
+    from sdopt.bench.runner import run_benchmark
+
+    command = _command_line(locals_for_command(model, backends=backends, runs=runs, warmup=warmup, steps=steps,
+                                               height=height, width=width, batch=batch, guidance=guidance,
+                                               scheduler=scheduler, prompt=prompt, negative_prompt=negative_prompt,
+                                               seed=seed, threads=threads, compile=use_compile, precision=precision,
+                                               config=config, out=out, cache_dir=cache_dir))
+    def log(message: str) -> None:
+        console.print(f"[dim]{escape(message)}[/]", highlight=False)
+
+    results = run_benchmark(cfg, out_dir=out, cache_dir=cache_dir, log=log, command=command)
+    report.print_table(results, console)
+    console.print(f"wrote [bold]{results['_out']}[/] (results.json, results.md, stages.png)")
+
+
+def locals_for_command(model: Optional[str], **options: Any) -> list[str]:
+    """The flags as given, canonically spelled (used when sys.argv is not sdopt's, e.g. in tests)."""
+    args = ["sdopt", "bench"] + ([model] if model else [])
+    for key, value in options.items():
+        if value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else f"--no-{key.replace('_', '-')}")
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def _command_line(canonical: list[str]) -> str:
+    if sys.argv and Path(sys.argv[0]).name == "sdopt" and "bench" in sys.argv[1:]:
+        return shlex.join(["sdopt", *sys.argv[1:]])
+    return shlex.join(canonical)
