@@ -208,7 +208,7 @@ def _write_support_files(model: LoadedModel, root: Path, names: list[str]) -> No
     for tok in ("tokenizer", "tokenizer_2"):
         if getattr(pipe, tok, None) is not None:
             pipe.__getattribute__(tok).save_pretrained(root / tok)
-    pipe.scheduler.save_config(root / "scheduler")
+    _write_scheduler_config(pipe.scheduler, root / "scheduler")
     configs = {"unet": pipe.unet, "unet_shallow": pipe.unet, "vae_decoder": pipe.vae, "vae_encoder": pipe.vae}
     for name in names:
         if name in configs:
@@ -226,6 +226,17 @@ def _write_support_files(model: LoadedModel, root: Path, names: list[str]) -> No
     if model.family == "sdxl":
         index["force_zeros_for_empty_prompt"] = bool(pipe.config.get("force_zeros_for_empty_prompt", True))
     (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_scheduler_config(scheduler, folder: Path) -> None:
+    """Only the keys the model set: diffusers' save_config also writes the class defaults
+    (dropping `_use_default_values`), which another scheduler class built from the file would
+    then inherit (SD 2.x's DDIM "leading" spacing would override Euler's own "linspace")."""
+    config = dict(scheduler.config)
+    defaults = set(config.pop("_use_default_values", []))
+    kept = {k: v for k, v in config.items() if k not in defaults and not k.startswith("_")}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler_config.json").write_text(json.dumps({"_class_name": type(scheduler).__name__, **kept}, indent=2) + "\n")
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
