@@ -192,6 +192,8 @@ def generate(
     strength: Optional[float] = typer.Option(None, help="img2img/inpaint strength in (0, 1]."),
     mask: Optional[Path] = typer.Option(None, help="Inpainting mask: white = repaint."),
     provider: str = typer.Option("cpu", help="cpu, cuda (onnxruntime-gpu) or tensorrt."),
+    fast: bool = typer.Option(False, "--fast", help="Fast mode: DeepCache with a full U-Net pass every 3 steps (see --deepcache)."),
+    deepcache: int = typer.Option(1, help="Full U-Net pass every N steps, the last layer only between (1 = exact)."),
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="TensorRT: replay the U-Net as a CUDA graph (static shapes)."),
     allow_host_code: bool = typer.Option(False, "--allow-host-code", help="TensorRT: trust version-compatible engines' embedded code."),
 ) -> None:
@@ -213,7 +215,7 @@ def generate(
         task = bar.add_task("steps", total=None)
         result = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
                       height=height, width=width, num_images_per_prompt=batch, seed=seed, scheduler=scheduler,
-                      image=image, mask_image=mask, strength=strength,
+                      image=image, mask_image=mask, strength=strength, deepcache=3 if fast and deepcache == 1 else deepcache,
                       callback=lambda done, total: bar.update(task, completed=done, total=total))
     for w in caught:
         err_console.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False)

@@ -38,6 +38,9 @@ def bench_command(
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads per backend (default: physical cores)."),
     use_compile: Optional[bool] = typer.Option(
         None, "--compile/--no-compile", help="Also run torch-compile: torch.compile on the U-Net and VAE decoder."),
+    fast: Optional[bool] = typer.Option(
+        None, "--fast/--no-fast", help="Also run onnxruntime-fast: the runtime's DeepCache fast mode (fidelity vs exact reported)."),
+    deepcache: Optional[int] = typer.Option(None, "--deepcache", help="Fast mode's interval: a full U-Net pass every N steps (default 3)."),
     precision: Optional[str] = typer.Option(None, "--precision", help="Export precision for a model id: fp32 or fp16."),
     config: Optional[str] = typer.Option(
         None, "--config", "-c", help="Named config in benchmarks/configs (e.g. tiny-cpu) or a .json path; flags override it."),
@@ -57,7 +60,7 @@ def bench_command(
     cfg = make_config(config, model=model, backends=backends, runs=runs, warmup=warmup, steps=steps, height=height,
                       width=width, batch=batch, guidance=guidance, scheduler=scheduler, prompt=prompt,
                       negative_prompt=negative_prompt, seed=seed, threads=threads, compile=use_compile,
-                      precision=precision)
+                      fast=fast, deepcache=deepcache, precision=precision)
     console = Console()
     if not console.is_terminal:  # piped or logged: no terminal width to squeeze the table into
         console = Console(width=max(console.width, 150))
@@ -67,7 +70,8 @@ def bench_command(
     command = _command_line(locals_for_command(model, backends=backends, runs=runs, warmup=warmup, steps=steps,
                                                height=height, width=width, batch=batch, guidance=guidance,
                                                scheduler=scheduler, prompt=prompt, negative_prompt=negative_prompt,
-                                               seed=seed, threads=threads, compile=use_compile, precision=precision,
+                                               seed=seed, threads=threads, compile=use_compile, fast=fast,
+                                               deepcache=deepcache, precision=precision,
                                                config=config, out=out, cache_dir=cache_dir))
     def log(message: str) -> None:
         console.print(f"[dim]{escape(message)}[/]", highlight=False)

@@ -17,7 +17,7 @@ from typing import Any
 from sdopt.errors import SdoptError
 
 #: Every backend the harness knows, in table order. torch is the reference.
-BACKENDS = ("torch", "torch-compile", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "torch-compile", "onnxruntime", "onnxruntime-fast", "tensorrt")
 REFERENCE = "torch"
 DEFAULT_BACKENDS = ("torch", "onnxruntime")
 DEFAULT_MODEL = "synthetic:tiny"
@@ -31,6 +31,8 @@ class BenchConfig:
     model: str | None = None  # model id or artifact folder; None: DEFAULT_MODEL
     backends: list[str] = field(default_factory=lambda: list(DEFAULT_BACKENDS))
     compile: bool = False  # also run torch-compile (torch.compile on U-Net and VAE decoder)
+    fast: bool = False  # also run onnxruntime-fast: the runtime's DeepCache fast mode
+    deepcache: int = 3  # onnxruntime-fast's interval: a full U-Net pass every N steps
     runs: int = 3
     warmup: int = 1
     steps: int = 20
@@ -52,8 +54,9 @@ class BenchConfig:
         return dataclasses.asdict(self)
 
     def backend_list(self) -> list[str]:
-        """The backends to run, in table order, torch-compile added by `compile`."""
-        wanted = set(self.backends) | ({"torch-compile"} if self.compile else set())
+        """The backends to run, in table order, torch-compile added by `compile`, onnxruntime-fast by `fast`."""
+        wanted = set(self.backends) | ({"torch-compile"} if self.compile else set()) | (
+            {"onnxruntime-fast"} if self.fast else set())
         return [b for b in BACKENDS if b in wanted]
 
 
@@ -127,7 +130,7 @@ def validate(config: BenchConfig) -> None:
     """Every check that needs no model: counts, sizes, names. Raises SdoptError."""
     from sdopt.runtime.schedulers import SCHEDULER_NAMES
 
-    if not config.backends and not config.compile:
+    if not config.backends and not config.compile and not config.fast:
         raise SdoptError("no backends to benchmark", f"pass --backends with some of: {', '.join(BACKENDS)}")
     for b in config.backends:
         if b not in BACKENDS:
@@ -138,6 +141,7 @@ def validate(config: BenchConfig) -> None:
     _int_at_least("warmup", config.warmup, 0, "use --warmup 1")
     _int_at_least("steps", config.steps, 1, "use e.g. --steps 20")
     _int_at_least("batch", config.batch, 1, "use --batch 1 or more")
+    _int_at_least("deepcache", config.deepcache, 1, "use --deepcache 3")
     if config.threads is not None:
         _int_at_least("threads", config.threads, 1, "leave --threads out to use every physical core")
     for name in ("height", "width"):

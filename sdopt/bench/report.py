@@ -99,6 +99,17 @@ def headline(results: dict[str, Any]) -> str:
 
 
 # -- outputs -------------------------------------------------------------------------------------
+def fidelity_notes(results: dict[str, Any]) -> list[str]:
+    """The fast mode's fidelity against the exact runtime, same seed and latents."""
+    notes = []
+    for b in results["backends"]:
+        vs = (b.get("parity") or {}).get("vs_exact")
+        if vs:
+            notes.append(f"{b['name']} (DeepCache, full U-Net every {b['parity']['deepcache']} steps) vs exact "
+                         f"onnxruntime: max |Δ| {vs['max_abs_diff']:.3g}, PSNR {_num(vs.get('psnr_db'), 1)} dB")
+    return notes
+
+
 def print_table(results: dict[str, Any], console: Console) -> None:
     """The terminal table: compact headers; why a backend was skipped or failed goes below it."""
     table = Table(*TERMINAL_COLUMNS, title="sdopt bench", caption=escape(headline(results)), caption_justify="left")
@@ -112,7 +123,7 @@ def print_table(results: dict[str, Any], console: Console) -> None:
         style = None if b["status"] == "ok" else ("yellow" if b["status"] == "skipped" else "red")
         table.add_row(*(escape(c) for c in cells), style=style)
     console.print(table)
-    for note in notes:
+    for note in [*notes, *map(escape, fidelity_notes(results))]:
         console.print(note, highlight=False)
 
 
@@ -125,6 +136,7 @@ def markdown(results: dict[str, Any]) -> str:
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for b in results["backends"]:
         lines.append("| " + " | ".join(cell(c) for c in row_cells(b)) + " |")
+    lines += [""] + [f"- {n}" for n in fidelity_notes(results)]
     lines += ["", "Latencies are medians over the measured runs; stages are time inside the component calls "
               "(see benchmarks/README.md). Speedup: torch eager median / backend median, same run. Parity: "
               "max |Δ| and PSNR of the images vs torch eager on [0, 1] pixels, same initial latents.", ""]

@@ -111,7 +111,7 @@ def unavailable_reason(backend: str) -> str | None:
     if backend in ("torch", "torch-compile"):
         gone = missing("torch", "diffusers", "transformers")
         return f"{', '.join(gone)} not installed (pip install 'sdopt[bench]')" if gone else None
-    if backend == "onnxruntime":
+    if backend in ("onnxruntime", "onnxruntime-fast"):
         return None if not missing("onnxruntime") else "onnxruntime not installed (pip install onnxruntime)"
     if backend == "tensorrt":
         if missing("tensorrt"):
@@ -284,7 +284,7 @@ def make_job(config: BenchConfig, manifest: Manifest, artifact: Path, threads: i
     scale = manifest.vae.scale
     return {"prompt": config.prompt, "negative_prompt": config.negative_prompt, "steps": config.steps,
             "guidance": float(config.guidance), "height": height, "width": width, "batch": config.batch,
-            "seed": config.seed, "scheduler": scheduler, "threads": threads,
+            "seed": config.seed, "scheduler": scheduler, "threads": threads, "deepcache": config.deepcache,
             "latent_shape": [config.batch, manifest.vae.latent_channels, height // scale, width // scale]}
 
 
@@ -439,6 +439,9 @@ def _backend_stats(r: BackendRun, job: dict[str, Any], machine: dict[str, Any], 
                 parity = {"error": str(e)}
             if job["scheduler"] in ("euler-a", "lcm"):
                 parity["note"] = "stochastic scheduler: per-step noise differs between torch and numpy"
+            if r.name == "onnxruntime-fast" and "onnxruntime" in images:  # the fast mode's own fidelity
+                parity["vs_exact"] = stats.parity(images[r.name], images["onnxruntime"])
+                parity["deepcache"] = job["deepcache"]
     peak = _matmul_peak_for(r, machine)
     unet_ps = stages.get("unet_per_step", {}) or {}
     gflops = stats.throughput_gflops(flops, unet_ps.get("median")) if ok else None

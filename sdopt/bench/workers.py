@@ -34,7 +34,7 @@ _T_START = time.perf_counter()  # before any heavy import
 STAGES = ("text_encoder", "unet", "vae_decoder")
 # runtime component -> stage it counts towards
 COMPONENT_STAGE = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder", "unet": "unet",
-                   "vae_decoder": "vae_decoder", "vae_encoder": "vae_encoder"}
+                   "unet_shallow": "unet", "vae_decoder": "vae_decoder", "vae_encoder": "vae_encoder"}
 
 
 class Timers:
@@ -205,7 +205,7 @@ class RuntimeWorker:
         from sdopt.errors import SdoptError
         from sdopt.runtime.pipeline import Pipeline
 
-        if self.backend == "onnxruntime":
+        if self.backend.startswith("onnxruntime"):
             import onnxruntime as ort
 
             provider = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() and _gpu_visible() else "cpu"
@@ -249,7 +249,8 @@ class RuntimeWorker:
         out = self.pipe(job["prompt"], negative_prompt=job["negative_prompt"], num_inference_steps=job["steps"],
                         guidance_scale=job["guidance"], height=job["height"], width=job["width"],
                         num_images_per_prompt=job["batch"], seed=job["seed"], scheduler=job["scheduler"],
-                        latents=self.latents, output_type="np")
+                        latents=self.latents, output_type="np",
+                        deepcache=job["deepcache"] if self.backend == "onnxruntime-fast" else 1)
         return out.images, dict(self.timers.seconds), dict(self.timers.calls)
 
     def device_peak_bytes(self) -> int | None:
@@ -298,7 +299,8 @@ def _gpu_visible() -> bool:
     return has_gpu()
 
 
-WORKERS = {"torch": TorchWorker, "torch-compile": TorchWorker, "onnxruntime": RuntimeWorker, "tensorrt": RuntimeWorker}
+WORKERS = {"torch": TorchWorker, "torch-compile": TorchWorker, "onnxruntime": RuntimeWorker,
+           "onnxruntime-fast": RuntimeWorker, "tensorrt": RuntimeWorker}
 
 
 # -- the request loop ---------------------------------------------------------------------------
