@@ -258,7 +258,7 @@ class Pipeline:
             timestep = np.full((model_in.shape[0],), t, dtype=np.float32)
             if i % deepcache == 0:
                 out = self._run("unet", sample=model_in, timestep=timestep, **cond)
-                pred, deep_feature = out["out_sample"], out["deep_feature"]
+                pred, deep_feature = out["out_sample"], out.get("deep_feature")
             else:
                 pred = self._run("unet_shallow", sample=model_in, timestep=timestep, deep_feature=deep_feature,
                                  **cond)["out_sample"]
