@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import AlphaScheduler, as_work, clip_or_threshold, predict_eps, predict_x0, work_dtype
+from .base import TRAINING_DEFAULTS, AlphaScheduler, as_work, clip_or_threshold, predict_eps, predict_x0, work_dtype
 from .betas import F32, make_alphas_cumprod, make_betas, spaced_timesteps
 
 
@@ -12,11 +12,7 @@ class DDIMScheduler(AlphaScheduler):
     """Port of ``diffusers.DDIMScheduler`` (eta = 0)."""
 
     DEFAULTS = dict(
-        num_train_timesteps=1000,
-        beta_start=0.0001,
-        beta_end=0.02,
-        beta_schedule="linear",
-        trained_betas=None,
+        **TRAINING_DEFAULTS,
         clip_sample=True,
         set_alpha_to_one=True,
         steps_offset=0,

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from .base import SigmaScheduler, as_work, predict_x0, threshold_sample, work_dtype
+from .base import TRAINING_DEFAULTS, SigmaScheduler, as_work, predict_x0, threshold_sample, work_dtype
 from .betas import (
     F32,
     exp32,
@@ -27,11 +27,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
     solver_order 1 or 2 (midpoint or heun second-order update)."""
 
     DEFAULTS = dict(
-        num_train_timesteps=1000,
-        beta_start=0.0001,
-        beta_end=0.02,
-        beta_schedule="linear",
-        trained_betas=None,
+        **TRAINING_DEFAULTS,
         solver_order=2,
         prediction_type="epsilon",
         thresholding=False,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import SigmaScheduler, as_work, work_dtype
+from .base import TRAINING_DEFAULTS, SigmaScheduler, as_work, work_dtype
 from .betas import (
     F32,
     interp_sigmas,
@@ -21,11 +21,7 @@ from .betas import (
 )
 
 _COMMON_DEFAULTS = dict(
-    num_train_timesteps=1000,
-    beta_start=0.0001,
-    beta_end=0.02,
-    beta_schedule="linear",
-    trained_betas=None,
+    **TRAINING_DEFAULTS,
     prediction_type="epsilon",
     timestep_spacing="linspace",
     steps_offset=0,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import AlphaScheduler, as_work, work_dtype
+from .base import TRAINING_DEFAULTS, AlphaScheduler, as_work, work_dtype
 from .betas import F32, make_alphas_cumprod, make_betas, spaced_timesteps
 
 
@@ -14,11 +14,7 @@ class PNDMScheduler(AlphaScheduler):
     only, warmed up with a second-order step; skip_prk_steps=False runs 3 Runge-Kutta steps first)."""
 
     DEFAULTS = dict(
-        num_train_timesteps=1000,
-        beta_start=0.0001,
-        beta_end=0.02,
-        beta_schedule="linear",
-        trained_betas=None,
+        **TRAINING_DEFAULTS,
         skip_prk_steps=False,
         set_alpha_to_one=False,
         prediction_type="epsilon",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import SigmaScheduler, as_work, predict_eps, predict_x0, threshold_sample, work_dtype
+from .base import TRAINING_DEFAULTS, SigmaScheduler, as_work, predict_eps, predict_x0, threshold_sample, work_dtype
 from .betas import (
     F32,
     expm1_32,
@@ -24,11 +24,7 @@ class UniPCMultistepScheduler(SigmaScheduler):
     """Port of ``diffusers.UniPCMultistepScheduler`` (any solver_order, bh1/bh2, predict_x0 or not)."""
 
     DEFAULTS = dict(
-        num_train_timesteps=1000,
-        beta_start=0.0001,
-        beta_end=0.02,
-        beta_schedule="linear",
-        trained_betas=None,
+        **TRAINING_DEFAULTS,
         solver_order=2,
         prediction_type="epsilon",
         thresholding=False,

@@ -1,0 +1,142 @@
+"""Measure the CPU levers of issue "CPU speed" one by one on an artifact's U-Net.
+
+    python benchmarks/levers.py ARTIFACT [--size 256] [--repeats 3] [--out benchmarks/results/levers-...]
+
+Each lever is a variant of the ONNX Runtime session (or of the graph) timed on the same
+U-Net call the sampling loop makes (batch 2 for guidance, latent size/8), alternating the
+variants repeat by repeat; the median per call is reported with the session-creation time,
+and, for graph changes, the max abs difference of the output against the exact session.
+Results go to levers.json and levers.md. Not a test: timings are recorded, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from sdopt.manifest import load_manifest
+from sdopt.runtime.backends.onnxruntime import physical_cores
+
+
+def session(path: Path, threads: int, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, parallel: bool = False,
+            arena: bool = True) -> tuple[ort.InferenceSession, float]:
+    o = ort.SessionOptions()
+    o.log_severity_level = 3
+    o.intra_op_num_threads = threads
+    o.inter_op_num_threads = 2 if parallel else 1
+    o.execution_mode = ort.ExecutionMode.ORT_PARALLEL if parallel else ort.ExecutionMode.ORT_SEQUENTIAL
+    o.graph_optimization_level = level
+    o.enable_cpu_mem_arena = arena
+    t0 = time.perf_counter()
+    s = ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+    return s, time.perf_counter() - t0
+
+
+def feeds(manifest, latent: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    unet = manifest.components["unet"]
+    values = {"batch": 2, "latent_height": latent, "latent_width": latent}
+    out = {}
+    for t in unet.inputs:
+        shape = unet.concrete_shape(t, values)
+        out[t.name] = (np.full(shape, 500, np.float32) if t.name == "timestep"
+                       else rng.standard_normal(shape).astype(t.dtype))
+    return out
+
+
+def io_binding_runner(s: ort.InferenceSession, feed: dict[str, np.ndarray], outputs: dict[str, tuple]):
+    """Inputs bound once, outputs preallocated: the loop copies nothing it need not."""
+    binding = s.io_binding()
+    for name, a in feed.items():
+        binding.bind_cpu_input(name, a)
+    for name, shape in outputs.items():
+        binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(np.empty(shape, np.float32)))
+    return lambda: s.run_with_iobinding(binding)
+
+
+def quantized_unet(src: Path, folder: Path) -> Path:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    dst = folder / "unet-int8.onnx"
+    quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                     use_external_data_format=True)
+    return dst
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("artifact", type=Path)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--int8", action="store_true", help="also try dynamic int8 quantization of the U-Net's MatMuls")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    m = load_manifest(args.artifact)
+    unet = m.components["unet"]
+    plain, optimized = args.artifact / unet.path, args.artifact / (unet.ort_cpu_path or unet.path)
+    feed = feeds(m, args.size // m.vae.scale)
+    cores = physical_cores()
+    variants: dict[str, tuple[ort.InferenceSession, float]] = {
+        "default (saved optimised graph, ALL, threads=cores, sequential, arena)": session(optimized, cores),
+        "original graph, ORT_ENABLE_ALL at load": session(plain, cores),
+        "original graph, ORT_ENABLE_EXTENDED (no NCHWc layouts)": session(plain, cores,
+                                                                          ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED),
+        "original graph, ORT_ENABLE_BASIC": session(plain, cores, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC),
+        "threads=1": session(optimized, 1),
+        "threads=2x cores (oversubscribed)": session(optimized, 2 * cores),
+        "parallel execution mode": session(optimized, cores, parallel=True),
+        "memory arena off": session(optimized, cores, arena=False),
+    }
+    tmp = Path(tempfile.mkdtemp(prefix="sdopt-levers-"))
+    if args.int8:
+        variants["int8 dynamic quantization of MatMul (fast-mode candidate)"] = session(quantized_unet(plain, tmp), cores)
+    base_name = next(iter(variants))
+    runners = {name: (lambda s=s: s.run(None, feed)) for name, (s, _) in variants.items()}
+    values = {"batch": 2, "latent_height": args.size // m.vae.scale, "latent_width": args.size // m.vae.scale}
+    out_shapes = {t.name: unet.concrete_shape(t, values) for t in unet.outputs}
+    runners["IO binding, preallocated outputs"] = io_binding_runner(variants[base_name][0], feed, out_shapes)
+    reference = variants[base_name][0].run(["out_sample"], feed)[0]
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    diffs: dict[str, float] = {}
+    for name, run in runners.items():  # warm-up, and the output check
+        out = run()
+        if isinstance(out, list):
+            diffs[name] = float(np.abs(out[0] - reference).max())
+    for _ in range(args.repeats):
+        for name, run in runners.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+    base = statistics.median(times[base_name])
+    rows = []
+    for name in runners:
+        med = statistics.median(times[name])
+        create = variants[name][1] if name in variants else None
+        rows.append({"lever": name, "median_s_per_call": med, "vs_default": base / med,
+                     "session_create_s": create, "max_abs_diff_vs_default": diffs.get(name)})
+    result = {"artifact": str(args.artifact), "source": m.source, "size": args.size, "batch": 2,
+              "repeats": args.repeats, "threads_default": cores, "onnxruntime": ort.__version__, "rows": rows}
+    lines = [f"U-Net call (batch 2, {args.size}x{args.size} image), median of {args.repeats}, onnxruntime "
+             f"{ort.__version__}, {cores} physical cores", "",
+             "| lever | s/call | speed vs default | session create s | max abs diff |", "|---|---|---|---|---|"]
+    for r in rows:
+        create = "—" if r["session_create_s"] is None else f"{r['session_create_s']:.1f}"
+        diff = "—" if r["max_abs_diff_vs_default"] is None else f"{r['max_abs_diff_vs_default']:.2e}"
+        lines.append(f"| {r['lever']} | {r['median_s_per_call']:.3f} | {r['vs_default']:.2f}x | {create} | {diff} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "levers.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / "levers.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
