@@ -3,8 +3,8 @@
     python benchmarks/levers.py ARTIFACT [--size 256] [--repeats 3] [--out benchmarks/results/levers-...]
 
 Each lever is a variant of the ONNX Runtime session (or of the graph) timed on the same
-U-Net call the sampling loop makes (batch 2 for guidance, latent size/8), alternating the
-variants repeat by repeat; the median per call is reported with the session-creation time,
+U-Net call the sampling loop makes (batch 2 for guidance, latent size/8), one variant at a
+time (each session holds a full copy of the weights); the median per call is reported with the session-creation time,
 and, for graph changes, the max abs difference of the output against the exact session.
 Results go to levers.json and levers.md. Not a test: timings are recorded, never asserted.
 """
@@ -25,8 +25,7 @@ from sdopt.manifest import load_manifest
 from sdopt.runtime.backends.onnxruntime import physical_cores
 
 
-def session(path: Path, threads: int, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, parallel: bool = False,
-            arena: bool = True) -> tuple[ort.InferenceSession, float]:
+def session(path: Path, threads: int, level: ort.GraphOptimizationLevel, parallel: bool = False, arena: bool = True) -> tuple[ort.InferenceSession, float]:
     o = ort.SessionOptions()
     o.log_severity_level = 3
     o.intra_op_num_threads = threads
@@ -83,42 +82,48 @@ def main() -> None:
     plain, optimized = args.artifact / unet.path, args.artifact / (unet.ort_cpu_path or unet.path)
     feed = feeds(m, args.size // m.vae.scale)
     cores = physical_cores()
-    variants: dict[str, tuple[ort.InferenceSession, float]] = {
-        "default (saved optimised graph, ALL, threads=cores, sequential, arena)": session(optimized, cores),
-        "original graph, ORT_ENABLE_ALL at load": session(plain, cores),
-        "original graph, ORT_ENABLE_EXTENDED (no NCHWc layouts)": session(plain, cores,
-                                                                          ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED),
-        "original graph, ORT_ENABLE_BASIC": session(plain, cores, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC),
-        "threads=1": session(optimized, 1),
-        "threads=2x cores (oversubscribed)": session(optimized, 2 * cores),
-        "parallel execution mode": session(optimized, cores, parallel=True),
-        "memory arena off": session(optimized, cores, arena=False),
+    all_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # name -> (graph, session options); sessions are made one at a time (each holds the weights).
+    variants: dict[str, tuple[Path, dict]] = {
+        "default (saved optimised graph, ALL, threads=cores, sequential, arena)": (optimized, {}),
+        "original graph, ORT_ENABLE_ALL at load": (plain, {}),
+        "original graph, ORT_ENABLE_EXTENDED (no NCHWc layouts)": (plain, {"level": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}),
+        "original graph, ORT_ENABLE_BASIC": (plain, {"level": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}),
+        "threads=1": (optimized, {"threads": 1}),
+        "threads=2x cores (oversubscribed)": (optimized, {"threads": 2 * cores}),
+        "parallel execution mode": (optimized, {"parallel": True}),
+        "memory arena off": (optimized, {"arena": False}),
+        "IO binding, preallocated outputs": (optimized, {"io_binding": True}),
     }
-    tmp = Path(tempfile.mkdtemp(prefix="sdopt-levers-"))
     if args.int8:
-        variants["int8 dynamic quantization of MatMul (fast-mode candidate)"] = session(quantized_unet(plain, tmp), cores)
-    base_name = next(iter(variants))
-    runners = {name: (lambda s=s: s.run(None, feed)) for name, (s, _) in variants.items()}
+        tmp = Path(tempfile.mkdtemp(prefix="sdopt-levers-"))
+        variants["int8 dynamic quantization of MatMul (fast-mode candidate)"] = (quantized_unet(plain, tmp), {})
     values = {"batch": 2, "latent_height": args.size // m.vae.scale, "latent_width": args.size // m.vae.scale}
     out_shapes = {t.name: unet.concrete_shape(t, values) for t in unet.outputs}
-    runners["IO binding, preallocated outputs"] = io_binding_runner(variants[base_name][0], feed, out_shapes)
-    reference = variants[base_name][0].run(["out_sample"], feed)[0]
-    times: dict[str, list[float]] = {name: [] for name in runners}
+    base_name = next(iter(variants))
+    times: dict[str, list[float]] = {}
     diffs: dict[str, float] = {}
-    for name, run in runners.items():  # warm-up, and the output check
-        out = run()
-        if isinstance(out, list):
-            diffs[name] = float(np.abs(out[0] - reference).max())
-    for _ in range(args.repeats):
-        for name, run in runners.items():
+    creates: dict[str, float] = {}
+    reference = None
+    for name, (path, opts) in variants.items():
+        s, creates[name] = session(path, opts.get("threads", cores), opts.get("level", all_level),
+                                   opts.get("parallel", False), opts.get("arena", True))
+        run = io_binding_runner(s, feed, out_shapes) if opts.get("io_binding") else (lambda s=s: s.run(None, feed))
+        out = s.run(["out_sample"], feed)[0]  # warm-up and output check
+        reference = out if reference is None else reference
+        diffs[name] = float(np.abs(out - reference).max())
+        times[name] = []
+        for _ in range(args.repeats):
             t0 = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - t0)
+        print(f"{name}: {statistics.median(times[name]):.3f} s/call", flush=True)
+        del s, run
     base = statistics.median(times[base_name])
     rows = []
-    for name in runners:
+    for name in variants:
         med = statistics.median(times[name])
-        create = variants[name][1] if name in variants else None
+        create = creates[name]
         rows.append({"lever": name, "median_s_per_call": med, "vs_default": base / med,
                      "session_create_s": create, "max_abs_diff_vs_default": diffs.get(name)})
     result = {"artifact": str(args.artifact), "source": m.source, "size": args.size, "batch": 2,
