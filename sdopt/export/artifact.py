@@ -207,7 +207,7 @@ def _write_support_files(model: LoadedModel, root: Path, names: list[str]) -> No
     pipe = model.pipe
     for tok in ("tokenizer", "tokenizer_2"):
         if getattr(pipe, tok, None) is not None:
-            pipe.__getattribute__(tok).save_pretrained(root / tok)
+            getattr(pipe, tok).save_pretrained(root / tok)
     _write_scheduler_config(pipe.scheduler, root / "scheduler")
     configs = {"unet": pipe.unet, "unet_shallow": pipe.unet, "vae_decoder": pipe.vae, "vae_encoder": pipe.vae}
     for name in names:

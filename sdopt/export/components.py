@@ -140,7 +140,7 @@ class ComponentPlan:
             elif spec.name == "timestep":
                 out[spec.name] = rng.uniform(1, 999, size=shape).round().astype(np.float32)
             elif spec.name == "time_ids":
-                h, w = values["latent_height"] * 8, values["latent_width"] * 8
+                h, w = values["latent_height"] * 8, values["latent_width"] * 8  # plausible pixel sizes
                 out[spec.name] = np.tile(np.array([h, w, 0, 0, h, w], np.float32), (shape[0], 1))
             elif spec.name == "sample" and self.name == "vae_encoder":
                 out[spec.name] = rng.uniform(-1, 1, size=shape).astype(np.float32)
