@@ -14,6 +14,17 @@ _artifacts: dict[tuple[str, str], Path] = {}
 _references: dict[str, object] = {}
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_diffusers():
+    """diffusers logs every ignored config key; tests share configs across classes on purpose."""
+    import diffusers
+
+    level = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()
+    yield
+    diffusers.utils.logging.set_verbosity(level)
+
+
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory) -> Callable[..., Path]:
     """tiny_artifact(preset="tiny", precision="fp32") -> folder of its verified export."""

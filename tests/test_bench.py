@@ -93,7 +93,10 @@ def test_named_configs_load_and_validate():
     tiny = make_config("tiny-cpu")
     assert (tiny.model, tiny.height, tiny.width, tiny.steps, tiny.runs, tiny.warmup) == ("synthetic:tiny", 128, 128, 10, 3, 1)
     sd15 = make_config("sd15-256-cpu")
-    assert sd15.backend_list() == ["torch", "torch-compile", "onnxruntime"]
+    assert sd15.backend_list() == ["torch", "torch-compile", "onnxruntime", "onnxruntime-fast"]
+    assert make_config("tiny-cpu", fast=True, deepcache=4).backend_list()[-1] == "onnxruntime-fast"
+    with pytest.raises(SdoptError, match="deepcache"):
+        make_config("tiny-cpu", fast=True, deepcache=0)
     assert (sd15.height, sd15.steps, sd15.guidance, sd15.batch) == (256, 20, 7.5, 1)
     assert make_config("sd15-512-gpu").precision == "fp16"
     assert make_config("sdxl-1024-gpu").height == 1024

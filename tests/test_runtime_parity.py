@@ -62,14 +62,6 @@ RANDN_MODULES = (  # every module on these paths that imports diffusers' randn_t
 
 
 # -- helpers -----------------------------------------------------------------------------------
-@pytest.fixture(autouse=True, scope="module")
-def _quiet_diffusers():
-    level = diffusers.utils.logging.get_verbosity()
-    diffusers.utils.logging.set_verbosity_error()
-    yield
-    diffusers.utils.logging.set_verbosity(level)
-
-
 @contextlib.contextmanager
 def aligned_randn(seed: int):
     """diffusers draws from np.random.default_rng(seed), in call order, like the runtime."""

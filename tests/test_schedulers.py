@@ -152,15 +152,6 @@ TOL = 1e-5
 WORST: dict[str, float] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _quiet_diffusers():
-    """diffusers logs every ignored config key; the configs here are shared across classes on purpose."""
-    level = diffusers.utils.logging.get_verbosity()
-    diffusers.utils.logging.set_verbosity_error()
-    yield
-    diffusers.utils.logging.set_verbosity(level)
-
-
 def reference(name, config):
     cls_name, overrides = REFERENCE[name]
     return getattr(diffusers, cls_name).from_config(config, **overrides)
