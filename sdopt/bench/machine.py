@@ -29,14 +29,10 @@ def physical_cores() -> int:
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith(("model name", "hardware", "cpu model")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from sdopt.runtime.backends.onnxruntime import cpuinfo_fields
+
+    names = ("model name", "hardware", "cpu model")
+    return next((v for k, v in cpuinfo_fields() if k.lower() in names), None) or platform.processor() or platform.machine()
 
 
 def ram_bytes() -> int | None:

@@ -11,23 +11,24 @@ from sdopt.errors import SdoptError
 from sdopt.manifest import Manifest
 
 
+def cpuinfo_fields() -> list[tuple[str, str]]:
+    """(key, value) lines of /proc/cpuinfo, every processor in turn; empty where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return [(k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in f) if _]
+    except OSError:
+        return []
+
+
 def physical_cores() -> int:
     """Physical cores (hyper-threads share a core's FMA units, so more threads do not pay)."""
-    try:
-        seen = set()
-        with open("/proc/cpuinfo") as f:
-            phys = core = None
-            for line in f:
-                if line.startswith("physical id"):
-                    phys = line.split(":")[1].strip()
-                elif line.startswith("core id"):
-                    core = line.split(":")[1].strip()
-                    seen.add((phys, core))
-        if seen:
-            return len(seen)
-    except OSError:
-        pass
-    return os.cpu_count() or 1
+    seen, phys = set(), None
+    for key, value in cpuinfo_fields():
+        if key == "physical id":
+            phys = value
+        elif key == "core id":
+            seen.add((phys, value))
+    return len(seen) or os.cpu_count() or 1
 
 
 # CPU features MLAS picks kernels and NCHWc block sizes by; an optimised graph saved on one
@@ -40,15 +41,7 @@ def cpu_target() -> str:
     """onnxruntime version + this CPU's instruction-set flags: where a saved optimised graph fits."""
     import onnxruntime as ort
 
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":")[1].split())
-                    break
-    except OSError:
-        pass
+    flags = set(next((v.split() for k, v in cpuinfo_fields() if k == "flags"), []))
     return f"onnxruntime-{ort.__version__}:" + ",".join(f for f in _ISA_FLAGS if f in flags)
 
 
