@@ -1,4 +1,4 @@
-"""`sdopt bench`: the typer command function (registered in sdopt/cli.py).
+"""`sdopt bench`: the typer command function (registered in sdopt/cli/__init__.py).
 
 Everything heavy is imported inside the function; bad input raises SdoptError before any
 export or worker start.

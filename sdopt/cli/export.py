@@ -1,53 +1,15 @@
-"""The `sdopt` command line: export, inspect, generate, bench, build.
-
-Heavy libraries are imported inside the commands that need them, so `sdopt --help` and
-`sdopt generate` stay fast and torch-free. Every SdoptError becomes one `error:` line and
-exit code 2, never a traceback.
-"""
+"""`sdopt export`, `sdopt build` and `sdopt inspect`: making and reading artifact folders."""
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from sdopt.cli.common import app, console, friendly_errors, split_list
 from sdopt.errors import SdoptError
-
-app = typer.Typer(
-    help="Stable Diffusion from PyTorch/diffusers to verified ONNX and TensorRT, and a lean runtime to run it.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-console = Console()
-err_console = Console(stderr=True)
-
-
-def friendly_errors(fn: Callable) -> Callable:
-    """Turn SdoptError (and Ctrl-C) into one line on stderr and a non-zero exit."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except SdoptError as e:
-            err_console.print(f"[bold red]error:[/] {escape(e.problem)}" + (f"\n[dim]fix:[/] {escape(e.fix)}" if e.fix else ""),
-                              highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err_console.print("[red]interrupted[/]")
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
-def _split(value: Optional[str]) -> Optional[list[str]]:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
 @app.command()
@@ -71,7 +33,7 @@ def export(
     """Export a Stable Diffusion model to verified ONNX in one artifact folder."""
     from sdopt.export.artifact import ExportOptions, check_options
 
-    opts = ExportOptions(precision=precision, components=_split(components), min_size=min_size, max_size=max_size,
+    opts = ExportOptions(precision=precision, components=split_list(components), min_size=min_size, max_size=max_size,
                          max_batch=max_batch, opset=opset, exporter=exporter, force=force,
                          allow_verify_failure=allow_verify_failure, seed=seed, ort_optimize=ort_optimize)
     check_options(out.expanduser().resolve(), opts)  # fail before the slow imports
@@ -131,7 +93,7 @@ def build(
     _build(artifact, BuildOptions(static=static, batch=batch, height=height, width=width, opt_level=opt_level,
                                   workspace_gb=workspace_gb, timing_cache=timing_cache, refittable=refittable,
                                   version_compatible=version_compatible, exclude_lean_runtime=exclude_lean_runtime,
-                                  components=_split(components), force=force))
+                                  components=split_list(components), force=force))
 
 
 def _build(artifact: Path, options) -> None:
@@ -174,61 +136,6 @@ def inspect(artifact: Path = typer.Argument(..., help="Artifact folder written b
         console.print("[green]all file hashes match[/]")
 
 
-@app.command()
-@friendly_errors
-def generate(
-    artifact: Path = typer.Argument(..., help="Artifact folder written by `sdopt export`."),
-    prompt: str = typer.Argument(..., help="What to draw."),
-    out: Path = typer.Option(Path("out.png"), "--out", "-o", help="Image file; with --batch N: out-0.png ... out-(N-1).png."),
-    negative: Optional[str] = typer.Option(None, "--negative", help="Negative prompt."),
-    steps: int = typer.Option(30, help="Denoising steps."),
-    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale (1.0 turns guidance off)."),
-    seed: Optional[int] = typer.Option(None, help="Seed (printed when drawn at random)."),
-    scheduler: Optional[str] = typer.Option(None, help="ddim, euler, euler-a, dpm++2m, dpm++2m-karras, lcm, pndm, unipc. Default: the model's own."),
-    height: Optional[int] = typer.Option(None, help="Image height in pixels (default: the artifact's)."),
-    width: Optional[int] = typer.Option(None, help="Image width in pixels (default: the artifact's)."),
-    batch: int = typer.Option(1, help="Images to generate."),
-    image: Optional[Path] = typer.Option(None, help="Init image for img2img (or the image to inpaint with --mask)."),
-    strength: Optional[float] = typer.Option(None, help="img2img/inpaint strength in (0, 1]."),
-    mask: Optional[Path] = typer.Option(None, help="Inpainting mask: white = repaint."),
-    provider: str = typer.Option("cpu", help="cpu, cuda (onnxruntime-gpu) or tensorrt."),
-    fast: bool = typer.Option(False, "--fast", help="Fast mode: DeepCache with a full U-Net pass every 3 steps (see --deepcache)."),
-    deepcache: int = typer.Option(1, help="Full U-Net pass every N steps, the last layer only between (1 = exact)."),
-    cuda_graph: bool = typer.Option(False, "--cuda-graph", help="TensorRT: replay the U-Net as a CUDA graph (static shapes)."),
-    allow_host_code: bool = typer.Option(False, "--allow-host-code", help="TensorRT: trust version-compatible engines' embedded code."),
-) -> None:
-    """Generate images from an artifact with the lean runtime (no torch)."""
-    import time
-    import warnings
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    t0 = time.perf_counter()
-    from sdopt.runtime import Pipeline
-
-    trt_options = {"use_cuda_graph": cuda_graph, "allow_host_code": allow_host_code} if provider == "tensorrt" else {}
-    pipe = Pipeline.load(artifact, provider=provider, **trt_options)
-    load_s = time.perf_counter() - t0
-    with Progress("denoising", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar, \
-            warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        task = bar.add_task("steps", total=None)
-        result = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
-                      height=height, width=width, num_images_per_prompt=batch, seed=seed, scheduler=scheduler,
-                      image=image, mask_image=mask, strength=strength, deepcache=3 if fast and deepcache == 1 else deepcache,
-                      callback=lambda done, total: bar.update(task, completed=done, total=total))
-    for w in caught:
-        err_console.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False)
-    paths = [out] if len(result.images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(result.images))]
-    for im, path in zip(result.images, paths):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        im.save(path)
-    t = result.timings
-    console.print(f"seed {result.seed}; wrote {', '.join(map(str, paths))}")
-    console.print(f"load {load_s:.2f} s, text encoder {t['text_encoder']:.2f} s, U-Net {t['unet']:.2f} s "
-                  f"({t['unet_per_step'] * 1000:.0f} ms/step), VAE decode {t['vae_decoder']:.2f} s, total {t['total']:.2f} s")
-
-
 def _print_components(m) -> None:
     table = Table("component", "precision", "export s", "max abs err", "max rel err", "tolerance", "verified")
     for c in m.components.values():
@@ -236,14 +143,3 @@ def _print_components(m) -> None:
         table.add_row(c.name, c.precision, f"{c.export_seconds:.1f}", f"{v.max_abs_err:.2e}", f"{v.max_rel_err:.2e}",
                       f"{v.tolerance:.0e}", "[green]ok[/]" if v.passed else "[red]FAILED[/]")
     console.print(table)
-
-
-
-def _register_bench() -> None:
-    """`sdopt bench` lives in sdopt.bench (its workers import torch lazily)."""
-    from sdopt.bench.command import bench_command
-
-    app.command("bench")(friendly_errors(bench_command))
-
-
-_register_bench()
