@@ -58,6 +58,17 @@ class Verification:
 
 
 @dataclass
+class WeightRef:
+    """Where one torch weight (a LoRA target) lives in a component's ONNX graph: the
+    initializer holding it, as-is or transposed (MatMul). `initializer` is empty where the
+    exporter folded the weight into another constant (no runtime LoRA swap there)."""
+
+    initializer: str
+    shape: list[int]  # the torch weight's shape
+    transposed: bool = False
+
+
+@dataclass
 class Component:
     name: str
     path: str  # relative to the artifact root, e.g. "unet/model.onnx"
@@ -73,6 +84,8 @@ class Component:
     # It holds layouts for one CPU instruction set: used only where `ort_cpu_target` matches.
     ort_cpu_path: str | None = None
     ort_cpu_target: str | None = None
+    # LoRA: "<module>.weight" (diffusers/transformers naming) -> its initializer (sdopt/export/weight_map.py).
+    weights: dict[str, WeightRef] = field(default_factory=dict)
 
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
@@ -149,6 +162,7 @@ def _component(d: dict[str, Any]) -> Component:
     d["dims"] = {k: DimRange(**v) for k, v in d["dims"].items()}
     if d.get("verification"):
         d["verification"] = Verification(**d["verification"])
+    d["weights"] = {k: WeightRef(**v) for k, v in d.get("weights", {}).items()}
     return Component(**d)
 
 

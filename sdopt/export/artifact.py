@@ -23,6 +23,7 @@ from sdopt.export import onnx_graph
 from sdopt.export.components import ComponentPlan, plan_components, vae_scale
 from sdopt.export.sources import LoadedModel, load_model
 from sdopt.export.verify import TOLERANCE, verify_component
+from sdopt.export.weight_map import lora_weight_map
 from sdopt.manifest import COMPONENTS, MANIFEST_NAME, Component, ImageSpec, Manifest, TensorSpec, VaeSpec, sha256_file
 
 
@@ -158,6 +159,7 @@ def _export_component(plan: ComponentPlan, root: Path, image: ImageSpec, scale: 
 
         save_optimized(path, folder / "model.ort-cpu.onnx")
         ort_cpu_path, ort_cpu_target = f"{plan.name}/model.ort-cpu.onnx", cpu_target()
+    weights = lora_weight_map(plan, path)  # LoRA hook (sdopt/export/weight_map.py)
     io_types = onnx_graph.graph_io(path)
     retype = lambda specs: [TensorSpec(s.name, io_types[s.name], s.shape) for s in specs]  # noqa: E731
     files = {str(p.relative_to(root)): sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
@@ -166,7 +168,7 @@ def _export_component(plan: ComponentPlan, root: Path, image: ImageSpec, scale: 
         precision="fp16" if fp16_ops is not None else "fp32",
         inputs=retype(plan.inputs), outputs=retype(plan.outputs), dims=plan.dims, files=files,
         verification=verification, fp32_ops=list(fp16_ops or []), export_seconds=round(time.perf_counter() - t0, 2),
-        ort_cpu_path=ort_cpu_path, ort_cpu_target=ort_cpu_target,
+        ort_cpu_path=ort_cpu_path, ort_cpu_target=ort_cpu_target, weights=weights,
     )
     progress(plan.name, "done", f"{verification.max_abs_err:.2e} abs / {verification.max_rel_err:.2e} rel")
     return comp

@@ -1,0 +1,104 @@
+"""Where each LoRA-able torch weight ended up in an exported ONNX graph.
+
+The exporters rename and reshape weights: torch.onnx's tracing exporter keeps
+`unet.conv_in.weight` for a Conv but stores a Linear's weight transposed under a fresh
+name (`onnx::MatMul_1636`) for MatMul; constant folding and the fp16 conversion rename or
+recast others. Names are therefore not trusted: after the export, every Linear/Conv2d weight
+is found by value among the graph's initializers (its exact bytes, or its transpose's, in
+the initializer's dtype, cast as the fp16 converter casts). The result goes into the
+manifest (`Component.weights`) so the torch-free runtime can swap LoRA-merged weights in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from sdopt.manifest import WeightRef
+
+# Components whose weights LoRA files target (unet_shallow shares the U-Net's weights).
+LORA_COMPONENTS = ("unet", "unet_shallow", "text_encoder", "text_encoder_2")
+
+
+def lora_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """module path -> module, for every Linear and Conv2d (what LoRA targets)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and n}
+
+
+def map_weights(model: torch.nn.Module, onnx_path: Path, partial: bool = False) -> dict[str, WeightRef]:
+    """Find every Linear/Conv2d weight of `model` among `onnx_path`'s initializers.
+
+    Args:
+        model: the diffusers/transformers model the graph was traced from (unwrapped).
+        onnx_path: the final graph (external data beside it is read too).
+        partial: the graph computes only part of the model (unet_shallow): weights it
+            lacks are left out instead of being recorded as unmapped.
+    Returns:
+        "<module>.weight" -> WeightRef; `initializer` is "" where the weight is in no
+        initializer as-is or transposed (folded into another constant): no runtime swap there.
+    """
+    graph = onnx.load(str(onnx_path))
+    by_hash: dict[tuple[str, bytes], list[str]] = {}
+    dtypes: set[np.dtype] = set()
+    for init in graph.graph.initializer:
+        if init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) or len(init.dims) < 2:
+            continue
+        array = numpy_helper.to_array(init)
+        dtypes.add(array.dtype)
+        by_hash.setdefault(_key(array), []).append(init.name)
+    del graph
+    out: dict[str, WeightRef] = {}
+    for name, module in lora_modules(model).items():
+        weight = module.weight.detach().cpu().float().numpy()
+        ref = _find(weight, dtypes, by_hash)
+        if ref is not None:
+            out[name + ".weight"] = ref
+        elif not partial:
+            out[name + ".weight"] = WeightRef("", list(weight.shape))
+    return out
+
+
+def _find(weight: np.ndarray, dtypes: set[np.dtype], by_hash: dict[tuple[str, bytes], list[str]]) -> WeightRef | None:
+    for dtype in dtypes:
+        cast = _cast(weight, dtype)
+        candidates = [(cast, False)] + ([(np.ascontiguousarray(cast.T), True)] if cast.ndim == 2 else [])
+        for array, transposed in candidates:
+            names = by_hash.get(_key(array), [])
+            if len(names) == 1:  # several: identical initializers, no way to tell which is ours
+                return WeightRef(names[0], list(weight.shape), transposed)
+    return None
+
+
+def _cast(weight: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """fp16 exactly as onnxruntime's float16 converter casts (tiny values clamp to +-5.96e-8)."""
+    if dtype == np.float16:
+        from onnxruntime.transformers.float16 import convert_np_to_float16
+
+        return np.ascontiguousarray(convert_np_to_float16(weight))
+    return np.ascontiguousarray(weight.astype(dtype))
+
+
+def _key(array: np.ndarray) -> tuple[str, bytes]:
+    shape = "x".join(map(str, array.shape))
+    digest = hashlib.blake2b(np.ascontiguousarray(array).tobytes(), digest_size=16).digest()
+    return f"{array.dtype.name}:{shape}", digest
+
+
+def lora_weight_map(plan, path: Path) -> dict[str, WeightRef]:
+    """The weight map of one exported component plan (empty for components LoRA never touches).
+
+    Args:
+        plan: the ComponentPlan; its module wraps the diffusers model as its only child.
+        path: the component's final model.onnx.
+    Returns:
+        See `map_weights`.
+    """
+    if plan.name not in LORA_COMPONENTS:
+        return {}
+    model = next(plan.module.children())
+    return map_weights(model, path, partial=plan.name == "unet_shallow")

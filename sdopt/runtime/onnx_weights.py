@@ -1,0 +1,136 @@
+"""Read named initializers straight out of an `.onnx` file, without the onnx package.
+
+The runtime needs the base value of each weight a LoRA changes (W + delta). An ONNX file is
+a protobuf ModelProto; this walks its wire format just far enough to find each
+initializer's name, type, dims and where its bytes are (inline `raw_data`, or the external
+data file the tensor points to), without copying the weights it skips. Reads are then one
+`np.fromfile` per tensor.
+
+Wire format (protobuf encoding; onnx.proto field numbers): ModelProto.graph = 7;
+GraphProto.initializer = 5; TensorProto: dims = 1, data_type = 2, float_data = 4,
+name = 8, raw_data = 9, external_data = 13 (key = 1, value = 2), data_location = 14.
+"""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sdopt.errors import SdoptError
+
+_DTYPES = {1: np.float32, 10: np.float16, 11: np.float64, 6: np.int32, 7: np.int64}
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where one initializer's little-endian bytes are."""
+
+    file: Path
+    offset: int
+    dtype: type
+    shape: tuple[int, ...]
+
+    def read(self) -> np.ndarray:
+        count = int(np.prod(self.shape)) if self.shape else 1
+        return np.fromfile(self.file, dtype=np.dtype(self.dtype).newbyteorder("<"), count=count,
+                           offset=self.offset).reshape(self.shape)
+
+
+def _varint(buf, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf, start: int, end: int):
+    """(field number, wire type, value or (start, end) of a length-delimited field, ...)."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+            yield number, wire, value
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            yield number, wire, (pos, pos + length)
+            pos += length
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+
+
+def initializer_locations(path: Path, names: set[str] | None = None) -> dict[str, TensorLocation]:
+    """name -> TensorLocation of the initializers of `path` (only `names` when given).
+
+    Args:
+        path: an .onnx file; external data is resolved relative to its folder.
+        names: the initializers wanted (None: every one).
+    Returns:
+        The locations found; a wanted name that is not there is simply absent.
+    """
+    path = Path(path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        try:
+            graphs = [v for n, w, v in _fields(buf, 0, len(buf)) if n == 7 and w == 2]
+            out: dict[str, TensorLocation] = {}
+            for g_start, g_end in graphs:
+                for number, wire, span in _fields(buf, g_start, g_end):
+                    if number == 5 and wire == 2:
+                        loc = _tensor(buf, span, path, names)
+                        if loc is not None:
+                            out[loc[0]] = loc[1]
+            return out
+        except (ValueError, IndexError) as e:
+            raise SdoptError(f"{path} is not a readable ONNX file ({e})", "re-export the artifact") from None
+
+
+def _dims(buf, wire: int, value) -> list[int]:
+    if wire == 0:
+        return [value]
+    out, (pos, end) = [], value  # packed
+    while pos < end:
+        d, pos = _varint(buf, pos)
+        out.append(d)
+    return out
+
+
+def _tensor(buf, span: tuple[int, int], path: Path, names: set[str] | None) -> tuple[str, TensorLocation] | None:
+    dims: list[int] = []
+    dtype = 0
+    name = ""
+    data: tuple[int, int] | None = None
+    external: dict[str, str] = {}
+    for number, wire, value in _fields(buf, *span):
+        if number == 1:
+            dims.extend(_dims(buf, wire, value))
+        elif number == 2:
+            dtype = value
+        elif number == 8:
+            name = bytes(buf[value[0]:value[1]]).decode()
+        elif number in (9, 4) and wire == 2:  # raw_data, or packed float_data (same bytes)
+            data = value
+        elif number == 13:
+            entry = {n: bytes(buf[v[0]:v[1]]).decode() for n, w, v in _fields(buf, *value) if w == 2}
+            external[entry.get(1, "")] = entry.get(2, "")
+    if (names is not None and name not in names) or (names is None and dtype not in _DTYPES):
+        return None
+    if dtype not in _DTYPES:
+        raise ValueError(f"initializer {name} has ONNX data type {dtype}")
+    if external:
+        return name, TensorLocation(path.parent / external["location"], int(external.get("offset", 0)),
+                                    _DTYPES[dtype], tuple(dims))
+    if data is None:
+        raise ValueError(f"initializer {name} keeps its values in a typed field this reader does not handle")
+    return name, TensorLocation(path, data[0], _DTYPES[dtype], tuple(dims))
