@@ -38,8 +38,7 @@ def test_generator_yields_every_step_and_matches_the_call(pipe):
     states = [(s.step, s.total) for s in pipe.generate_latents(pipe.make_request("a cat", **kwargs))]
     assert states == [(1, 4), (2, 4), (3, 4), (4, 4)]
     request = pipe.make_request("a cat", **kwargs)
-    for state in pipe.generate_latents(request):
-        pass
+    *_, state = pipe.generate_latents(request)
     # Same request, same engine calls in the same order: the same bytes.
     np.testing.assert_array_equal(pipe.decode(state.latents), pipe("a cat", **kwargs).images)
 

@@ -154,9 +154,9 @@ class Pipeline:
         state = self.prepare(request)
         timings = state.timings
         t0 = time.perf_counter()
-        for state in self._denoising_loop(state):
+        for step in self._denoising_loop(state):
             if callback:
-                callback(state.step, state.total)
+                callback(step.step, step.total)
         timings["unet"] = time.perf_counter() - t0
         timings["unet_per_step"] = timings["unet"] / max(state.total, 1)
         t0 = time.perf_counter()
