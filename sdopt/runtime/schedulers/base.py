@@ -214,7 +214,22 @@ class Scheduler:
         """Input scaling of the denoiser; identity except for the sigma-space (Euler) schedulers."""
         return sample
 
-    def step(self, model_output: np.ndarray, timestep: float, sample: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:  # pragma: no cover
+    def step(
+        self, model_output: np.ndarray, timestep: float, sample: np.ndarray, noise: np.ndarray | None = None
+    ) -> np.ndarray:  # pragma: no cover - abstract
+        """One reverse-diffusion step: x_t -> x_{t-1} (the next timestep of the schedule).
+
+        Args:
+            model_output: The denoiser's prediction at ``timestep`` (epsilon, v or x0, per the
+                config's ``prediction_type``), guidance already applied.
+            timestep: The current timestep, an element of ``timesteps``.
+            sample: The current latents x_t.
+            noise: Standard normal noise of ``sample``'s shape for stochastic schedulers
+                (``needs_noise``); ignored (may be None) otherwise.
+
+        Returns:
+            The latents at the next timestep, in ``sample``'s dtype.
+        """
         raise NotImplementedError
 
     def add_noise(self, original: np.ndarray, noise: np.ndarray, timestep) -> np.ndarray:  # pragma: no cover

@@ -88,6 +88,32 @@ def make_alphas_cumprod(betas: np.ndarray) -> np.ndarray:
     return np.cumprod(alphas.astype(np.float64)).astype(F32)
 
 
+def sigma_space_alphas_cumprod(config: dict[str, Any]) -> np.ndarray:
+    """alpha_bar_t of the training schedule for the sigma-space schedulers (Euler, DPM-Solver, UniPC).
+
+    With zero-terminal-SNR rescaling alpha_bar at the last training step is 0, so its sigma
+    sqrt((1 - alpha_bar) / alpha_bar) would be infinite; diffusers sets it to 2**-24 instead
+    (float32's smallest normal step above 0 near 1e-7), and so do we.
+    """
+    alphas_cumprod = make_alphas_cumprod(make_betas(config))
+    if config["rescale_betas_zero_snr"]:
+        alphas_cumprod[-1] = F32(2**-24)
+    return alphas_cumprod
+
+
+def final_sigma(config: dict[str, Any], alphas_cumprod: np.ndarray) -> np.floating | float:
+    """The sigma appended after the last inference step (diffusers' `final_sigmas_type`).
+
+    Returns:
+        0 for "zero"; for "sigma_min" the training schedule's smallest sigma,
+        sqrt((1 - alpha_bar_0) / alpha_bar_0).
+    """
+    if config.get("final_sigmas_type", "zero") != "sigma_min":
+        return 0.0
+    a0 = alphas_cumprod[0]
+    return np.sqrt((F32(1) - a0) / a0)
+
+
 def train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
     """Variance-exploding noise levels sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), float32, ascending in t."""
     return np.sqrt((F32(1) - alphas_cumprod) / alphas_cumprod).astype(F32)

@@ -11,12 +11,12 @@ from .base import TRAINING_DEFAULTS, SigmaScheduler, as_work, predict_x0, thresh
 from .betas import (
     F32,
     exp32,
+    final_sigma,
     interp_sigmas,
     karras_sigmas,
     log_snr,
-    make_alphas_cumprod,
-    make_betas,
     multistep_timesteps,
+    sigma_space_alphas_cumprod,
     sigma_to_t,
     train_sigmas,
 )
@@ -70,9 +70,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
             self._require(key, False, None)
         self._require("final_sigmas_type", "zero", "sigma_min")
 
-        self.alphas_cumprod = make_alphas_cumprod(make_betas(cfg))
-        if cfg["rescale_betas_zero_snr"]:
-            self.alphas_cumprod[-1] = F32(2**-24)
+        self.alphas_cumprod = sigma_space_alphas_cumprod(cfg)
         self.sigmas = train_sigmas(self.alphas_cumprod)
         self.model_outputs: list[np.ndarray | None] = [None] * cfg["solver_order"]
         self.lower_order_nums = 0
@@ -99,12 +97,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
                 timesteps = timesteps.round()
         else:
             sig = interp_sigmas(timesteps, sigmas)
-        if cfg["final_sigmas_type"] == "sigma_min":
-            a0 = self.alphas_cumprod[0]
-            sigma_last = np.sqrt((F32(1) - a0) / a0)
-        else:
-            sigma_last = 0.0
-        self.sigmas = np.concatenate([sig, [sigma_last]]).astype(F32)
+        self.sigmas = np.concatenate([sig, [final_sigma(cfg, self.alphas_cumprod)]]).astype(F32)
         self.timesteps = timesteps.astype(np.int64).astype(F32)
         self.num_inference_steps = len(timesteps)
         self.model_outputs = [None] * cfg["solver_order"]

@@ -9,12 +9,12 @@ import numpy as np
 from .base import TRAINING_DEFAULTS, SigmaScheduler, as_work, work_dtype
 from .betas import (
     F32,
+    final_sigma,
     interp_sigmas,
     karras_sigmas,
     linspace_f32,
     log32,
-    make_alphas_cumprod,
-    make_betas,
+    sigma_space_alphas_cumprod,
     sigma_to_t,
     spaced_timesteps,
     train_sigmas,
@@ -48,10 +48,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
     def __init__(self, config=None, **overrides) -> None:
         super().__init__(config, **overrides)
         self._validate()
-        self.alphas_cumprod = make_alphas_cumprod(make_betas(self.config))
-        if self.config["rescale_betas_zero_snr"]:
-            # Avoid an infinite sigma at the terminal step (diffusers does the same).
-            self.alphas_cumprod[-1] = F32(2**-24)
+        self.alphas_cumprod = sigma_space_alphas_cumprod(self.config)
         self.train_sigmas = train_sigmas(self.alphas_cumprod)
         self.sigmas = np.concatenate([self.train_sigmas[::-1], [0.0]]).astype(F32)
         if self._continuous_timesteps:
@@ -100,12 +97,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
         if cfg["timestep_spacing"] == "leading":
             timesteps += F32(cfg["steps_offset"])
         sig, timesteps = self._inference_sigmas(timesteps)
-        if cfg.get("final_sigmas_type", "zero") == "sigma_min":
-            a0 = self.alphas_cumprod[0]
-            sigma_last = np.sqrt((F32(1) - a0) / a0)
-        else:
-            sigma_last = 0.0
-        self.sigmas = np.concatenate([sig, [sigma_last]]).astype(F32)
+        self.sigmas = np.concatenate([sig, [final_sigma(cfg, self.alphas_cumprod)]]).astype(F32)
         if self._continuous_timesteps:
             self.timesteps = np.array([F32(0.25) * log32(s) for s in self.sigmas[:-1]], dtype=F32)
         else:

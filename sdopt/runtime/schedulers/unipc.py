@@ -9,12 +9,12 @@ from .base import TRAINING_DEFAULTS, SigmaScheduler, as_work, predict_eps, predi
 from .betas import (
     F32,
     expm1_32,
+    final_sigma,
     interp_sigmas,
     karras_sigmas,
     log_snr,
-    make_alphas_cumprod,
-    make_betas,
     multistep_timesteps,
+    sigma_space_alphas_cumprod,
     sigma_to_t,
     train_sigmas,
 )
@@ -64,9 +64,7 @@ class UniPCMultistepScheduler(SigmaScheduler):
         self._require("solver_p", None)
         self._require("final_sigmas_type", "zero", "sigma_min")
 
-        self.alphas_cumprod = make_alphas_cumprod(make_betas(cfg))
-        if cfg["rescale_betas_zero_snr"]:
-            self.alphas_cumprod[-1] = F32(2**-24)
+        self.alphas_cumprod = sigma_space_alphas_cumprod(cfg)
         self.sigmas = train_sigmas(self.alphas_cumprod)
         self._reset_history()
 
@@ -84,11 +82,11 @@ class UniPCMultistepScheduler(SigmaScheduler):
         if cfg["use_karras_sigmas"]:
             sig = karras_sigmas(sigmas[::-1], n, cfg["sigma_min"], cfg["sigma_max"])
             timesteps = sigma_to_t(sig, np.log(sigmas)).round()
+            # diffusers' UniPC ends a Karras schedule on its own last sigma, not the training minimum.
             sigma_last = sig[-1] if cfg["final_sigmas_type"] == "sigma_min" else 0.0
         else:
             sig = interp_sigmas(timesteps, sigmas)
-            a0 = self.alphas_cumprod[0]
-            sigma_last = np.sqrt((F32(1) - a0) / a0) if cfg["final_sigmas_type"] == "sigma_min" else 0.0
+            sigma_last = final_sigma(cfg, self.alphas_cumprod)
         self.sigmas = np.concatenate([sig, [sigma_last]]).astype(F32)
         self.timesteps = timesteps.astype(np.int64).astype(F32)
         self.num_inference_steps = len(timesteps)
