@@ -66,6 +66,7 @@ class WeightRef:
     initializer: str
     shape: list[int]  # the torch weight's shape
     transposed: bool = False
+    ort_cpu: bool = False  # the saved ORT-optimised CPU graph holds the same initializer, unchanged
 
 
 @dataclass

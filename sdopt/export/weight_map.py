@@ -15,9 +15,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
-from onnx import numpy_helper
 
 from sdopt.manifest import WeightRef
 
@@ -42,16 +40,16 @@ def map_weights(model: torch.nn.Module, onnx_path: Path, partial: bool = False) 
         "<module>.weight" -> WeightRef; `initializer` is "" where the weight is in no
         initializer as-is or transposed (folded into another constant): no runtime swap there.
     """
-    graph = onnx.load(str(onnx_path))
+    from sdopt.runtime.onnx_weights import initializer_locations  # one tensor in memory at a time
+
     by_hash: dict[tuple[str, bytes], list[str]] = {}
     dtypes: set[np.dtype] = set()
-    for init in graph.graph.initializer:
-        if init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) or len(init.dims) < 2:
+    for name, loc in initializer_locations(onnx_path).items():
+        if np.dtype(loc.dtype) not in (np.float32, np.float16) or len(loc.shape) < 2:
             continue
-        array = numpy_helper.to_array(init)
+        array = loc.read()
         dtypes.add(array.dtype)
-        by_hash.setdefault(_key(array), []).append(init.name)
-    del graph
+        by_hash.setdefault(_key(array), []).append(name)
     out: dict[str, WeightRef] = {}
     for name, module in lora_modules(model).items():
         weight = module.weight.detach().cpu().float().numpy()
@@ -101,4 +99,28 @@ def lora_weight_map(plan, path: Path) -> dict[str, WeightRef]:
     if plan.name not in LORA_COMPONENTS:
         return {}
     model = next(plan.module.children())
-    return map_weights(model, path, partial=plan.name == "unet_shallow")
+    refs = map_weights(model, path, partial=plan.name == "unet_shallow")
+    ort_cpu = path.parent / "model.ort-cpu.onnx"
+    if ort_cpu.is_file():
+        mark_ort_cpu(refs, path, ort_cpu)
+    return refs
+
+
+def mark_ort_cpu(refs: dict[str, WeightRef], path: Path, ort_cpu: Path) -> None:
+    """Set `ort_cpu` on the refs whose initializer ONNX Runtime's saved optimised graph keeps
+    under the same name with the same bytes (MatMul weights; convolutions are re-laid out
+    for NCHWc kernels under new names, so LoRA on those loads the original graph).
+
+    Args:
+        refs: from `map_weights`, updated in place.
+        path: the component's model.onnx.
+        ort_cpu: its model.ort-cpu.onnx.
+    """
+    from sdopt.runtime.onnx_weights import initializer_locations  # the runtime's own reader: what it will see
+
+    wanted = {r.initializer for r in refs.values() if r.initializer}
+    original = initializer_locations(path, wanted)
+    optimised = initializer_locations(ort_cpu, wanted)
+    for ref in refs.values():
+        a, b = original.get(ref.initializer), optimised.get(ref.initializer)
+        ref.ort_cpu = a is not None and b is not None and np.array_equal(a.read(), b.read())

@@ -8,6 +8,11 @@ generator (`generate_latents`), and the decode. Callers that need the steps them
 
 Threads: a Pipeline may be called from several threads at once. Engine sessions are created
 once in `load` and are thread-safe; each call builds its own scheduler and RNG.
+
+LoRA (`sdopt.runtime.lora_swap`): `load(..., loras=[(path, scale)])` and `set_loras([...])`
+swap LoRA-merged weights into new sessions; a swap waits for in-flight calls (`__call__` and
+`generate_latents` hold `self.lora.lock.reading()` throughout), so no call sees a mix of
+weights. Callers driving `prepare`/`unet`/`decode` themselves hold that lock likewise.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from sdopt.manifest import Manifest, load_manifest, verify_files
 from sdopt.runtime import images as imageops
 from sdopt.runtime import stages
 from sdopt.runtime.backends import Backend, EngineSession, open_backend
+from sdopt.runtime.lora import LoraSpec
+from sdopt.runtime.lora_swap import LoraSwapper
 from sdopt.runtime.request import GenerationRequest, make_request
 from sdopt.runtime.schedulers import DIFFUSERS_CLASS_NAMES, Scheduler, make_scheduler
 from sdopt.runtime.stages import DenoiseState, Feeds
@@ -67,10 +74,13 @@ class Pipeline:
         self.sessions = sessions
         self.tokenizers = tokenizers
         self.scheduler_config = scheduler_config
+        self.lora = LoraSwapper(root, manifest, backend)  # LoRA hot-swap state and lock
 
     @classmethod
     def load(
-        cls, path: str | Path, provider: str = "cpu", verify_hashes: bool = True, **backend_options: Any
+        cls, path: str | Path, provider: str = "cpu", verify_hashes: bool = True,
+        loras: list[LoraSpec] | list[tuple[str | Path, float]] | None = None, lora_ignore_unmatched: bool = False,
+        **backend_options: Any,
     ) -> Pipeline:
         """Open an artifact folder and create one engine session per component.
 
@@ -78,6 +88,8 @@ class Pipeline:
             path: The artifact folder written by `sdopt export`.
             provider: "cpu" or "cuda" (ONNX Runtime), or "tensorrt".
             verify_hashes: Check every file's sha256 against the manifest first.
+            loras: LoRA files to apply, as (path, scale) pairs or LoraSpec (see `set_loras`).
+            lora_ignore_unmatched: Apply the LoRAs' other keys where some match no module.
             **backend_options: Passed to the backend, e.g. `threads=` for ONNX Runtime,
                 `use_cuda_graph=` / `allow_host_code=` for TensorRT.
 
@@ -93,10 +105,37 @@ class Pipeline:
         if verify_hashes:
             verify_files(root, manifest)
         backend = open_backend(provider, root, manifest, **backend_options)
-        sessions = {name: backend.load(name) for name in manifest.components}
+        lora = LoraSwapper(root, manifest, backend)  # LoRA'd components get their LoRA sessions directly
+        lora_sessions = lora.start(loras or [], lora_ignore_unmatched)
+        sessions = {name: lora_sessions.get(name) or backend.load(name) for name in manifest.components}
         tokenizers = [ClipTokenizer(root / t, manifest.text_max_length) for t in manifest.tokenizers]
         scheduler_config = json.loads((root / manifest.scheduler_config).read_text())
-        return cls(root, manifest, backend, sessions, tokenizers, scheduler_config)
+        pipe = cls(root, manifest, backend, sessions, tokenizers, scheduler_config)
+        pipe.lora = lora
+        return pipe
+
+    def set_loras(
+        self, loras: list[LoraSpec] | list[tuple[str | Path, float]], ignore_unmatched: bool = False
+    ) -> None:
+        """Apply these LoRAs (stacked) in place of the current ones; [] restores the base weights exactly.
+
+        Only the sessions whose weights change are re-created; calls in flight finish first
+        with the old weights, calls arriving meanwhile wait for the new ones.
+
+        Args:
+            loras: (path, scale) pairs or LoraSpec: diffusers/PEFT or kohya `.safetensors` files.
+            ignore_unmatched: Apply the other keys where some match no module of this model.
+
+        Raises:
+            SdoptError: a file that is missing, not safetensors, or for another model; the
+                current weights stay as they were.
+        """
+        self.lora.apply(self.sessions, loras, ignore_unmatched)
+
+    @property
+    def loras(self) -> list[LoraSpec]:
+        """The LoRAs currently applied."""
+        return list(self.lora.loras)
 
     # -- public call -------------------------------------------------------------------------
     def __call__(
@@ -151,17 +190,18 @@ class Pipeline:
             prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, num_images_per_prompt,
             seed, scheduler, latents, image, mask_image, strength, output_type, deepcache,
         )  # fmt: skip
-        state = self.prepare(request)
-        timings = state.timings
-        t0 = time.perf_counter()
-        for step in self._denoising_loop(state):
-            if callback:
-                callback(step.step, step.total)
-        timings["unet"] = time.perf_counter() - t0
-        timings["unet_per_step"] = timings["unet"] / max(state.total, 1)
-        t0 = time.perf_counter()
-        out = self.decode(state.latents)
-        timings["vae_decoder"] = time.perf_counter() - t0
+        with self.lora.lock.reading():  # one set of weights for the whole call (LoRA swaps wait)
+            state = self.prepare(request)
+            timings = state.timings
+            t0 = time.perf_counter()
+            for step in self._denoising_loop(state):
+                if callback:
+                    callback(step.step, step.total)
+            timings["unet"] = time.perf_counter() - t0
+            timings["unet_per_step"] = timings["unet"] / max(state.total, 1)
+            t0 = time.perf_counter()
+            out = self.decode(state.latents)
+            timings["vae_decoder"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         return GenerationResult(out if request.output_type == "np" else imageops.to_pil(out), request.seed, timings)
 
@@ -202,7 +242,8 @@ class Pipeline:
             The same `DenoiseState`, advanced by one step; `state.latents` after the last one
             go to `decode`.
         """
-        yield from self._denoising_loop(self.prepare(request))
+        with self.lora.lock.reading():  # a LoRA swap waits until the generator finishes or is closed
+            yield from self._denoising_loop(self.prepare(request))
 
     def _denoising_loop(self, state: DenoiseState) -> Iterator[DenoiseState]:
         while not state.done:

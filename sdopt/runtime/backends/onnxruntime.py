@@ -101,6 +101,13 @@ class OnnxRuntimeBackend:
                              "pip install 'sdopt[gpu]' on a CUDA host, or use --provider cpu")
 
     def load(self, component: str) -> OnnxRuntimeSession:
+        return self.load_with_initializers(component)
+
+    def load_with_initializers(self, component: str, initializers: dict[str, np.ndarray] | None = None,
+                               ort_cpu_ok: bool = True) -> OnnxRuntimeSession:
+        """A session whose named initializers are replaced by `initializers` (LoRA-merged
+        weights, see sdopt/runtime/lora_swap.py); `ort_cpu_ok=False` starts from the original
+        graph because the saved optimised one re-laid those weights out under other names."""
         ort = self.ort
         spec = self.manifest.components.get(component)
         if spec is None:
@@ -113,11 +120,19 @@ class OnnxRuntimeBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" else ["CPUExecutionProvider"]
         path = spec.path
-        if self.device == "cpu" and spec.ort_cpu_path and spec.ort_cpu_target == self.cpu_target:
+        if self.device == "cpu" and spec.ort_cpu_path and spec.ort_cpu_target == self.cpu_target and ort_cpu_ok:
             path = spec.ort_cpu_path
+        model: str | bytes = str(self.root / path)
+        keep: list = []  # LoRA: buffers ORT uses in place, alive as long as the session
+        if initializers:
+            from sdopt.runtime.lora_swap import ort_model_with
+
+            model, keep = ort_model_with(ort, options, self.root / path, initializers, path == spec.ort_cpu_path)
         try:
-            session = ort.InferenceSession(str(self.root / path), options, providers=providers)
+            session = ort.InferenceSession(model, options, providers=providers)
         except Exception as e:  # noqa: BLE001 - corrupt or foreign graph: one readable line
             raise SdoptError(f"ONNX Runtime could not load {spec.path}: {str(e).splitlines()[0][:300]}",
                              "re-export the artifact with `sdopt export --force`") from None
-        return OnnxRuntimeSession(session, self.device)
+        wrapped = OnnxRuntimeSession(session, self.device)
+        wrapped.initializers = keep
+        return wrapped

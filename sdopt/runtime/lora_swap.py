@@ -1,0 +1,264 @@
+"""LoRA hot-swap in the runtime: merged weights into new engine sessions, old ones untouched.
+
+`set_loras` computes each LoRA'd weight W + delta (`sdopt.runtime.lora`), in the layout and
+dtype of the component's ONNX initializer (the manifest's weight map says which initializer
+holds each weight and whether transposed), and creates new sessions for only the components
+whose weights change, with those initializers overridden (ONNX Runtime's
+`SessionOptions.add_initializer`). The base weights are read from the artifact's own graph
+file, never kept in memory; `set_loras([])` re-creates the base sessions exactly as `load`
+did, so the images are byte-identical to those before any LoRA.
+
+Graph: where every overridden initializer is unchanged in ONNX Runtime's saved optimised
+CPU graph (MatMul weights), the session starts from that graph (seconds); LoRA on
+convolutions (re-laid out for NCHWc there) starts from the original `model.onnx`, which
+ONNX Runtime optimises at session creation (slower on large models).
+
+Threads: the new sessions are built while calls go on with the old ones; then a
+readers-writer lock swaps them in once no call is in flight, and calls that start meanwhile
+wait. A call holds the read side for its whole length, so no call sees a mix of weights.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sdopt.errors import SdoptError
+from sdopt.manifest import Manifest
+from sdopt.runtime.lora import Deltas, LoraSpec, Targets, as_specs, compute_deltas
+from sdopt.runtime.onnx_weights import initializer_locations
+
+LORA_TARGETS = ("unet", "text_encoder", "text_encoder_2")  # what LoRA files name
+SHARES_WEIGHTS = {"unet_shallow": "unet"}  # graphs computing part of another component
+
+
+@dataclass
+class Overrides:
+    """One component's LoRA'd initializers: name -> value in the graph's layout and dtype."""
+
+    initializers: dict[str, np.ndarray] = field(default_factory=dict)
+    ort_cpu: bool = True  # every one is unchanged in the saved ORT-optimised graph
+
+
+def manifest_targets(manifest: Manifest) -> Targets:
+    """The LoRA-able modules and weight shapes the artifact recorded (its weight map).
+
+    Args:
+        manifest: the artifact's manifest.
+    Returns:
+        component -> module path -> weight shape.
+    """
+    targets: Targets = {}
+    for name in LORA_TARGETS:
+        comp = manifest.components.get(name)
+        if comp is not None and comp.weights:
+            targets[name] = {k[: -len(".weight")]: tuple(r.shape) for k, r in comp.weights.items()}
+    return targets
+
+
+def check_swappable(manifest: Manifest) -> None:
+    if not manifest_targets(manifest):
+        raise SdoptError("this artifact has no weight map for LoRA (exported before sdopt recorded one)",
+                         "re-export it with `sdopt export --force`, or merge the LoRA at export: sdopt export --lora")
+
+
+def build_overrides(root: Path, manifest: Manifest, deltas: Deltas) -> dict[str, Overrides]:
+    """component -> its overridden initializers, for every graph a delta touches.
+
+    Args:
+        root: the artifact folder.
+        manifest: its manifest.
+        deltas: from `compute_deltas`.
+    Returns:
+        Only components with at least one changed weight.
+    """
+    out: dict[str, Overrides] = {}
+    for name, comp in manifest.components.items():
+        source = deltas.get(SHARES_WEIGHTS.get(name, name), {})
+        refs = {param: comp.weights[param] for param in source if param in comp.weights}
+        if not refs:
+            continue
+        folded = [param for param, ref in refs.items() if not ref.initializer]
+        if folded:
+            raise SdoptError(f"the export folded {name}.{folded[0]} into another constant, so a LoRA cannot be "
+                             "swapped into it at run time",
+                             "merge this LoRA at export instead: sdopt export --lora FILE")
+        locations = initializer_locations(root / comp.path, {r.initializer for r in refs.values()})
+        values = {}
+        for param, ref in refs.items():
+            base = locations[ref.initializer].read()
+            delta = deltas[SHARES_WEIGHTS.get(name, name)][param]
+            merged = base.astype(np.float32) + (delta.T if ref.transposed else delta)
+            if base.dtype == np.float16:
+                merged = np.clip(merged, -65504.0, 65504.0)
+            values[ref.initializer] = np.ascontiguousarray(merged.astype(base.dtype))
+        out[name] = Overrides(values, all(r.ort_cpu for r in refs.values()))
+    return out
+
+
+def ort_model_with(ort: Any, options: Any, path: Path, initializers: dict[str, np.ndarray],
+                   optimised_graph: bool) -> tuple[str | bytes, list[Any]]:
+    """The model argument for `ort.InferenceSession` with these initializer values, and the
+    buffers that must outlive the session.
+
+    ONNX Runtime applies `add_initializer` values only after its graph optimisations (which
+    read and re-lay out convolution weights from the graph itself), so that API is used
+    only on the saved optimised graph, for the names it keeps unchanged (`WeightRef.ort_cpu`).
+    On the original graph the values go in before optimisation: external-data initializers
+    through `add_external_initializers`, inline ones by patching their bytes (same size) in
+    a copy of the file, which is then loaded from memory.
+
+    Args:
+        ort: the onnxruntime module.
+        options: the SessionOptions, updated in place.
+        path: the graph file the session would load.
+        initializers: name -> value in the initializer's layout and dtype.
+        optimised_graph: `path` is the saved ORT-optimised graph.
+    Returns:
+        (path or model bytes, buffers to keep alive).
+    """
+    keep: list[Any] = []
+    if optimised_graph:
+        for name, value in initializers.items():
+            keep.append((value, ort.OrtValue.ortvalue_from_numpy(value)))
+            options.add_initializer(name, keep[-1][1])
+        return str(path), keep
+    locations = initializer_locations(path, set(initializers))
+    external = {n: v for n, v in initializers.items() if locations[n].file != path}
+    if external:
+        keep = [(v, ort.OrtValue.ortvalue_from_numpy(v)) for v in external.values()]
+        options.add_external_initializers(list(external), [k[1] for k in keep])
+    inline = {n: v for n, v in initializers.items() if n not in external}
+    if not inline:
+        return str(path), keep
+    if external:
+        raise SdoptError(f"{path} mixes inline and external LoRA target weights", "re-export the artifact")
+    data = bytearray(path.read_bytes())
+    for name, value in inline.items():
+        raw = value.astype(value.dtype.newbyteorder("<"), copy=False).tobytes()
+        offset = locations[name].offset
+        data[offset:offset + len(raw)] = raw
+    return bytes(data), keep
+
+
+class SwapLock:
+    """Readers-writer lock: many calls at once, or one swap; a waiting swap goes first."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._waiting_writers = 0
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Held by a call for its whole length (re-entrant per call path is not needed)."""
+        with self._cond:
+            while self._writing or self._waiting_writers:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Waits for in-flight calls to finish; calls arriving meanwhile wait for the swap."""
+        with self._cond:
+            self._waiting_writers += 1
+            while self._writing or self._readers:
+                self._cond.wait()
+            self._waiting_writers -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+
+class LoraSwapper:
+    """The pipeline's LoRA state: which files are applied, and the swap itself."""
+
+    def __init__(self, root: Path, manifest: Manifest, backend: Any) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.backend = backend
+        self.lock = SwapLock()
+        self.loras: list[LoraSpec] = []
+        self._applied: set[str] = set()  # components whose sessions carry LoRA weights
+        self._swap = threading.Lock()  # one swap at a time
+
+    def sessions(self, specs: list[LoraSpec], ignore_unmatched: bool = False) -> tuple[dict[str, Any], set[str]]:
+        """New sessions for the components whose weights differ between the applied LoRAs and `specs`.
+
+        Args:
+            specs: the LoRAs to apply (none: the base weights).
+            ignore_unmatched: skip keys that match no module instead of failing.
+        Returns:
+            (component -> new session, the components that now carry LoRA weights); nothing
+            is swapped in yet.
+        Raises:
+            SdoptError: a file that does not fit; no session has changed then.
+        """
+        overrides: dict[str, Overrides] = {}
+        if specs:
+            check_swappable(self.manifest)
+            deltas = compute_deltas(specs, manifest_targets(self.manifest), ignore_unmatched)
+            overrides = build_overrides(self.root, self.manifest, deltas)
+        load = getattr(self.backend, "load_with_initializers", None)
+        if overrides and load is None:
+            raise SdoptError(f"the {self.backend.name} backend cannot swap LoRA weights in",
+                             "use --provider cpu/cuda, or merge the LoRA at export: sdopt export --lora FILE")
+        changed = self._applied | set(overrides)
+        new = {}
+        for name in sorted(changed):
+            if name in overrides:
+                new[name] = load(name, overrides[name].initializers, overrides[name].ort_cpu)
+            else:
+                new[name] = self.backend.load(name)
+        return new, set(overrides)
+
+    def start(self, specs: list[LoraSpec] | list[tuple[str | Path, float]], ignore_unmatched: bool = False,
+              ) -> dict[str, Any]:
+        """The LoRA'd sessions for a pipeline being loaded (the caller loads the rest).
+
+        Args:
+            specs: LoraSpec or (path, scale) pairs; may be empty.
+            ignore_unmatched: skip keys that match no module instead of failing.
+        Returns:
+            component -> session, for the components the LoRAs change.
+        """
+        specs = as_specs(specs)
+        if not specs:
+            return {}
+        new, applied = self.sessions(specs, ignore_unmatched)
+        self.loras, self._applied = specs, applied
+        return new
+
+    def apply(self, sessions: dict[str, Any], specs: list[LoraSpec] | list[tuple[str | Path, float]],
+              ignore_unmatched: bool = False) -> None:
+        """Build the sessions for `specs`, then swap them into `sessions` between calls.
+
+        Args:
+            sessions: the pipeline's component -> session dict, updated in place.
+            specs: LoraSpec or (path, scale) pairs; [] restores the base weights.
+            ignore_unmatched: skip keys that match no module instead of failing.
+        """
+        specs = as_specs(specs)
+        with self._swap:
+            new, applied = self.sessions(specs, ignore_unmatched)
+            with self.lock.writing():
+                sessions.update(new)
+                self.loras = specs
+                self._applied = applied
