@@ -158,6 +158,15 @@ class VaeSpec:
 
 
 @dataclass
+class LoraRecord:
+    """A LoRA merged into the weights at export (`sdopt export --lora PATH[:SCALE]`)."""
+
+    file: str  # the file's name as given
+    sha256: str
+    scale: float
+
+
+@dataclass
 class Manifest:
     family: str
     source: dict[str, str]
@@ -178,6 +187,7 @@ class Manifest:
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
     engines: list[dict[str, Any]] = field(default_factory=list)  # TensorRT builds
+    loras: list[LoraRecord] = field(default_factory=list)  # merged at export, in order
     format: str = MANIFEST_FORMAT
     version: int = MANIFEST_VERSION
 
@@ -194,6 +204,7 @@ class Manifest:
         d["image"] = ImageSpec(**d["image"])
         d["vae"] = VaeSpec(**d["vae"])
         d["components"] = {k: _component(v) for k, v in d["components"].items()}
+        d["loras"] = [LoraRecord(**x) for x in d.get("loras", [])]
         return cls(**d)
 
 

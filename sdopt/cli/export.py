@@ -29,6 +29,11 @@ def export(
     seed: int = typer.Option(0, help="Seed of synthetic weights and of verification inputs."),
     backend: str = typer.Option("onnx", help="onnx, or tensorrt to also build engines (default dynamic profiles; see `sdopt build`)."),
     ort_optimize: bool = typer.Option(True, help="Also save ONNX Runtime's optimised CPU graph (sessions start in seconds)."),
+    lora: Optional[list[str]] = typer.Option(
+        None, "--lora", help="Merge a LoRA PATH[:SCALE] (.safetensors, diffusers/PEFT or kohya) into the weights "
+                             "before export; repeat to stack. The manifest records each file's sha256 and scale."),
+    lora_ignore_unmatched: bool = typer.Option(
+        False, "--lora-ignore-unmatched", help="Merge a LoRA's other keys where some match no module of the model."),
 ) -> None:
     """Export a Stable Diffusion model to verified ONNX in one artifact folder."""
     from sdopt.export.artifact import ExportOptions, check_options
@@ -37,6 +42,13 @@ def export(
                          max_batch=max_batch, opset=opset, exporter=exporter, force=force,
                          allow_verify_failure=allow_verify_failure, seed=seed, ort_optimize=ort_optimize)
     check_options(out.expanduser().resolve(), opts)  # fail before the slow imports
+    if lora:  # LoRA: a missing or pickle file fails now, not after the model load
+        from sdopt.runtime.lora import parse_lora_arg, read_lora_file
+
+        opts.loras = [parse_lora_arg(text) for text in lora]
+        opts.lora_ignore_unmatched = lora_ignore_unmatched
+        for spec in opts.loras:
+            read_lora_file(spec.path)
     if backend not in ("onnx", "tensorrt"):
         raise SdoptError(f"unknown backend {backend!r}", "use onnx or tensorrt")
     if backend == "tensorrt":  # fail in seconds, not after the export

@@ -33,6 +33,12 @@ def generate(
     deepcache: int = typer.Option(1, help="Full U-Net pass every N steps, the last layer only between (1 = exact)."),
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="TensorRT: replay the U-Net as a CUDA graph (static shapes)."),
     allow_host_code: bool = typer.Option(False, "--allow-host-code", help="TensorRT: trust version-compatible engines' embedded code."),
+    lora: Optional[list[str]] = typer.Option(
+        None, "--lora", help="LoRA file PATH[:SCALE] (.safetensors, diffusers/PEFT or kohya; scale default 1.0). "
+                             "Repeat to stack several."),
+    lora_ignore_unmatched: bool = typer.Option(
+        False, "--lora-ignore-unmatched", help="Apply a LoRA's other keys where some match no module of this model "
+                                              "(default: refuse the file and list them)."),
 ) -> None:
     """Generate images from an artifact with the lean runtime (no torch)."""
     import time
@@ -44,7 +50,11 @@ def generate(
     from sdopt.runtime import Pipeline
 
     trt_options = {"use_cuda_graph": cuda_graph, "allow_host_code": allow_host_code} if provider == "tensorrt" else {}
-    pipe = Pipeline.load(artifact, provider=provider, **trt_options)
+    from sdopt.runtime.lora import parse_lora_arg
+
+    loras = [parse_lora_arg(text) for text in lora or []]
+    pipe = Pipeline.load(artifact, provider=provider, loras=loras, lora_ignore_unmatched=lora_ignore_unmatched,
+                         **trt_options)
     load_s = time.perf_counter() - t0
     with Progress("denoising", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar, \
             warnings.catch_warnings(record=True) as caught:
@@ -62,5 +72,7 @@ def generate(
         im.save(path)
     t = result.timings
     console.print(f"seed {result.seed}; wrote {', '.join(map(str, paths))}")
+    if loras:
+        console.print("LoRA: " + ", ".join(f"{spec.path.name} x{spec.scale:g}" for spec in loras))
     console.print(f"load {load_s:.2f} s, text encoder {t['text_encoder']:.2f} s, U-Net {t['unet']:.2f} s "
                   f"({t['unet_per_step'] * 1000:.0f} ms/step), VAE decode {t['vae_decoder']:.2f} s, total {t['total']:.2f} s")

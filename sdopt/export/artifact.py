@@ -21,6 +21,7 @@ from sdopt import __version__
 from sdopt.errors import SdoptError
 from sdopt.export import onnx_graph
 from sdopt.export.components import ComponentPlan, plan_components, vae_scale
+from sdopt.export.lora_merge import merge_loras
 from sdopt.export.sources import LoadedModel, load_model
 from sdopt.export.verify import TOLERANCE, verify_component
 from sdopt.export.weight_map import lora_weight_map
@@ -42,6 +43,8 @@ class ExportOptions:
     seed: int = 0
     tolerance: float | None = None  # None: TOLERANCE[precision]
     ort_optimize: bool = True  # also save ONNX Runtime's optimised CPU graph (fast session start)
+    loras: list = field(default_factory=list)  # LoRA: sdopt.runtime.lora.LoraSpec, merged before export
+    lora_ignore_unmatched: bool = False
 
 
 # Stage callback: (component, stage, detail), stage in {"export", "clean", "verify", "optimize", "done"}.
@@ -98,6 +101,7 @@ def export_artifact(model_id: str, out: Path, opts: ExportOptions, progress: Pro
     progress = progress or (lambda *_: None)
     t0 = time.perf_counter()
     model = load_model(model_id, seed=opts.seed)
+    lora_records = merge_loras(model.pipe, opts.loras, opts.lora_ignore_unmatched)  # LoRA hook (lora_merge.py)
     load_seconds = time.perf_counter() - t0
     image = image_spec(model, opts)
     available = [c for c in COMPONENTS if c != "text_encoder_2" or model.family == "sdxl"]
@@ -123,6 +127,7 @@ def export_artifact(model_id: str, out: Path, opts: ExportOptions, progress: Pro
             raise SdoptError("verification failed: " + "; ".join(failures),
                              "inspect the model, or pass --allow-verify-failure to keep the export anyway")
         manifest = _manifest(model, image, opts, components)
+        manifest.loras = lora_records  # LoRA hook
         _write_support_files(model, tmp, names)
         manifest.write(tmp)
         _move_into_place(tmp, out)
