@@ -364,6 +364,50 @@ def test_runtime_lora_imports_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+# -- TensorRT refit (GPU) --------------------------------------------------------------------------
+def _trt_missing() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        return True
+    try:
+        subprocess.run(["nvidia-smi", "-L"], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError):
+        return True
+    return False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_trt_missing(), reason="needs tensorrt and an NVIDIA GPU: run `pytest -m gpu` on a GPU host")
+def test_tensorrt_refit_matches_merged_build_and_refits_back(tiny_artifact, lora_file, tmp_path):
+    """Refittable engines refitted with the LoRA give what engines built from the export-merged
+    weights give; refitting back to base gives the base engine's image again."""
+    import shutil
+
+    from sdopt.export.artifact import ExportOptions, export_artifact
+    from sdopt.export.tensorrt_build import BuildOptions, build_engines
+
+    spec = LoraSpec(lora_file("tiny"), 0.8)
+    refittable = shutil.copytree(tiny_artifact("tiny"), tmp_path / "refittable")
+    build_engines(refittable, BuildOptions(refittable=True))
+    merged = export_artifact("synthetic:tiny", tmp_path / "merged", ExportOptions(loras=[spec])).out
+    build_engines(merged, BuildOptions(refittable=True))  # same flags: same kernels available on both sides
+
+    pipe = Pipeline.load(refittable, provider="tensorrt")
+    base = run(pipe, "tiny")
+    pipe.set_loras([spec])
+    refitted = run(pipe, "tiny")
+    fresh = run(Pipeline.load(merged, provider="tensorrt"), "tiny")
+    # Two builds may pick different tactics (and TF32 matmuls in fp32 engines), as ORT vs
+    # TensorRT does in test_tensorrt.py; a LoRA not applied would differ by > MOVES.
+    assert np.abs(refitted - fresh).max() < 1e-2 < np.abs(refitted - base).max()
+    pipe.set_loras([])
+    # The same engine with its base weights back bit for bit: only kernel non-determinism remains.
+    assert np.abs(run(pipe, "tiny") - base).max() < 1e-5
+    loaded = Pipeline.load(refittable, provider="tensorrt", loras=[spec])  # refit at load
+    assert np.abs(run(loaded, "tiny") - refitted).max() < 1e-5
+
+
 def test_zz_parity_table():
     for case, diff in PARITY.items():
         print(f"{case:45s} max abs {diff:.2e}")

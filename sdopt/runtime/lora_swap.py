@@ -188,7 +188,12 @@ class SwapLock:
 
 
 class LoraSwapper:
-    """The pipeline's LoRA state: which files are applied, and the swap itself."""
+    """The pipeline's LoRA state: which files are applied, and the swap itself.
+
+    ONNX Runtime: new sessions for the changed components, swapped in between calls.
+    TensorRT (sessions with `refit`, engines built `--refittable`): the engines are refitted in
+    place with the same merged values while no call runs (`sdopt.runtime.lora_refit`).
+    """
 
     def __init__(self, root: Path, manifest: Manifest, backend: Any) -> None:
         self.root = root
@@ -197,37 +202,41 @@ class LoraSwapper:
         self.lock = SwapLock()
         self.loras: list[LoraSpec] = []
         self._applied: set[str] = set()  # components whose sessions carry LoRA weights
+        self._refitted: dict[str, set[str]] = {}  # TensorRT: initializers refitted away from the base
         self._swap = threading.Lock()  # one swap at a time
 
-    def sessions(self, specs: list[LoraSpec], ignore_unmatched: bool = False) -> tuple[dict[str, Any], set[str]]:
-        """New sessions for the components whose weights differ between the applied LoRAs and `specs`.
+    def overrides(self, specs: list[LoraSpec], ignore_unmatched: bool = False) -> dict[str, Overrides]:
+        """The merged initializer values `specs` give each component (empty for none).
 
-        Args:
-            specs: the LoRAs to apply (none: the base weights).
-            ignore_unmatched: skip keys that match no module instead of failing.
-        Returns:
-            (component -> new session, the components that now carry LoRA weights); nothing
-            is swapped in yet.
         Raises:
-            SdoptError: a file that does not fit; no session has changed then.
+            SdoptError: a file that does not fit; nothing has changed then.
         """
-        overrides: dict[str, Overrides] = {}
-        if specs:
-            check_swappable(self.manifest)
-            deltas = compute_deltas(specs, manifest_targets(self.manifest), ignore_unmatched)
-            overrides = build_overrides(self.root, self.manifest, deltas)
-        load = getattr(self.backend, "load_with_initializers", None)
-        if overrides and load is None:
-            raise SdoptError(f"the {self.backend.name} backend cannot swap LoRA weights in",
-                             "use --provider cpu/cuda, or merge the LoRA at export: sdopt export --lora FILE")
-        changed = self._applied | set(overrides)
+        if not specs:
+            return {}
+        check_swappable(self.manifest)
+        deltas = compute_deltas(specs, manifest_targets(self.manifest), ignore_unmatched)
+        return build_overrides(self.root, self.manifest, deltas)
+
+    @property
+    def refits(self) -> bool:
+        """True where the backend changes weights by refitting engines, not by new sessions."""
+        return getattr(self.backend, "load_with_initializers", None) is None
+
+    def new_sessions(self, overrides: dict[str, Overrides]) -> dict[str, Any]:
+        """Sessions for every component whose weights differ between the applied LoRAs and `overrides`."""
         new = {}
-        for name in sorted(changed):
+        for name in sorted(self._applied | set(overrides)):
             if name in overrides:
-                new[name] = load(name, overrides[name].initializers, overrides[name].ort_cpu)
+                new[name] = self.backend.load_with_initializers(name, overrides[name].initializers,
+                                                                overrides[name].ort_cpu)
             else:
                 new[name] = self.backend.load(name)
-        return new, set(overrides)
+        return new
+
+    def _refit(self, sessions: dict[str, Any], overrides: dict[str, Overrides]) -> None:
+        from sdopt.runtime.lora_refit import refit_sessions
+
+        self._refitted = refit_sessions(self.root, self.manifest, sessions, overrides, self._refitted)
 
     def start(self, specs: list[LoraSpec] | list[tuple[str | Path, float]], ignore_unmatched: bool = False,
               ) -> dict[str, Any]:
@@ -240,25 +249,35 @@ class LoraSwapper:
             component -> session, for the components the LoRAs change.
         """
         specs = as_specs(specs)
-        if not specs:
-            return {}
-        new, applied = self.sessions(specs, ignore_unmatched)
-        self.loras, self._applied = specs, applied
-        return new
+        overrides = self.overrides(specs, ignore_unmatched)
+        if self.refits:
+            sessions = {name: self.backend.load(name) for name in overrides}
+            self._refit(sessions, overrides)
+        else:
+            sessions = self.new_sessions(overrides)
+        self.loras, self._applied = specs, set(overrides)
+        return sessions
 
     def apply(self, sessions: dict[str, Any], specs: list[LoraSpec] | list[tuple[str | Path, float]],
               ignore_unmatched: bool = False) -> None:
-        """Build the sessions for `specs`, then swap them into `sessions` between calls.
+        """Apply `specs` to the pipeline's `sessions` (updated in place) between calls.
 
         Args:
-            sessions: the pipeline's component -> session dict, updated in place.
+            sessions: the pipeline's component -> session dict.
             specs: LoraSpec or (path, scale) pairs; [] restores the base weights.
             ignore_unmatched: skip keys that match no module instead of failing.
+        Raises:
+            SdoptError: a file that does not fit (nothing changed), or a backend that refuses.
         """
         specs = as_specs(specs)
         with self._swap:
-            new, applied = self.sessions(specs, ignore_unmatched)
+            overrides = self.overrides(specs, ignore_unmatched)
+            if self.refits:
+                with self.lock.writing():  # refitting changes engines in place: no call may run
+                    self._refit(sessions, overrides)
+                    self.loras, self._applied = specs, set(overrides)
+                return
+            new = self.new_sessions(overrides)
             with self.lock.writing():
                 sessions.update(new)
-                self.loras = specs
-                self._applied = applied
+                self.loras, self._applied = specs, set(overrides)

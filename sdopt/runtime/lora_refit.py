@@ -1,0 +1,77 @@
+"""LoRA on TensorRT: refit engines built `--refittable` with the LoRA-merged weights.
+
+TensorRT's ONNX parser names an engine's weights after the ONNX initializers, so the values
+`lora_swap.build_overrides` computes for ONNX Runtime (initializer name -> merged value, in the
+graph's layout and dtype) are exactly what `trt.Refitter.set_named_weights` takes; the
+session's `refit` (sdopt/runtime/backends/tensorrt_session.py, `sdopt.engines.trt.refit_engine`)
+hands them over. Going back: every initializer an earlier LoRA changed and the new set does
+not is refitted with its base value, read from the same `model.onnx` the engine was built
+from, so refitting back to base gives the base engine's weights bit for bit.
+
+Mode: engines are built with `BuilderFlag.REFIT` (sdopt build --refittable), which lets every
+weight be refitted with any value. `REFIT_IDENTICAL` is meant for refitting the same weights
+the engine was built with (weight-stripped engines) and lets TensorRT fold them, so it is
+wrong for LoRA; see TensorRT's "Refitting an Engine" docs. The TensorRT 11.3 kREFIT bias
+issue concerns biases: LoRA changes weights (never biases), and sdopt refits only those.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sdopt.errors import SdoptError
+from sdopt.manifest import Manifest
+from sdopt.runtime.onnx_weights import initializer_locations
+
+
+def refit_values(root: Path, manifest: Manifest, overrides: dict[str, Any],
+                 refitted: dict[str, set[str]]) -> dict[str, dict[str, np.ndarray]]:
+    """component -> initializer -> value to refit: the new merged values, plus base values
+    for initializers an earlier LoRA changed and the new LoRAs leave alone.
+
+    Args:
+        root: the artifact folder.
+        manifest: its manifest.
+        overrides: component -> lora_swap.Overrides of the new LoRAs.
+        refitted: component -> initializers currently refitted away from the base.
+    Returns:
+        Only components with something to refit.
+    """
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for name in set(overrides) | {c for c, names in refitted.items() if names}:
+        values = dict(overrides[name].initializers) if name in overrides else {}
+        back = refitted.get(name, set()) - set(values)
+        if back:
+            comp = manifest.components[name]
+            values.update({n: loc.read() for n, loc in initializer_locations(root / comp.path, back).items()})
+        if values:
+            out[name] = values
+    return out
+
+
+def refit_sessions(root: Path, manifest: Manifest, sessions: dict[str, Any], overrides: dict[str, Any],
+                   refitted: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Refit each affected engine in place; the caller holds the pipeline's write lock.
+
+    Args:
+        root: the artifact folder.
+        manifest: its manifest.
+        sessions: component -> TensorRT session (with `refit`).
+        overrides: component -> lora_swap.Overrides of the new LoRAs.
+        refitted: component -> initializers currently refitted away from the base.
+    Returns:
+        The new `refitted` state.
+    Raises:
+        SdoptError: an engine that is not refittable or refuses the weights.
+    """
+    values = refit_values(root, manifest, overrides, refitted)
+    for name, weights in sorted(values.items()):
+        session = sessions[name]
+        if not hasattr(session, "refit"):
+            raise SdoptError(f"the {name} engine cannot change its weights",
+                             "use --provider cpu/cuda, or merge the LoRA at export: sdopt export --lora FILE")
+        session.refit(weights)
+    return {name: set(o.initializers) for name, o in overrides.items()}
