@@ -66,7 +66,11 @@ class WeightRef:
     initializer: str
     shape: list[int]  # the torch weight's shape
     transposed: bool = False
-    ort_cpu: bool = False  # the saved ORT-optimised CPU graph holds the same initializer, unchanged
+    # The saved ORT-optimised CPU graph holds it too: under `ort_cpu_initializer`, in
+    # `ort_cpu_layout` ("" = as in model.onnx; NCHWc blocked filters: sdopt/runtime/lora_layout.py).
+    ort_cpu: bool = False
+    ort_cpu_initializer: str = ""
+    ort_cpu_layout: str = ""
 
 
 @dataclass

@@ -229,6 +229,29 @@ def test_weight_map_covers_every_lora_target(tiny_artifact):
         assert shallow and set(shallow) < set(pipe.manifest.components["unet"].weights)
 
 
+def test_optimised_graph_and_original_graph_swaps_agree(runtime, lora_file):
+    """The fast path (ORT's saved optimised graph, NCHWc-blocked conv filters under new names)
+    and the original graph (optimised at session creation) give the same U-Net output."""
+    from sdopt.runtime.lora_swap import build_overrides
+
+    pipe = runtime("tiny")
+    refs = pipe.manifest.components["unet"].weights
+    assert all(r.ort_cpu for r in refs.values()) and any(r.ort_cpu_layout for r in refs.values())
+    deltas = compute_deltas([LoraSpec(lora_file("tiny"), 1.0)], manifest_targets(pipe.manifest))
+    over = build_overrides(pipe.root, pipe.manifest, deltas)["unet"]
+    assert over.ort_cpu_initializers is not None
+    rng = np.random.default_rng(0)
+    feeds = {"sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
+             "timestep": np.array([500.0, 20.0], np.float32),
+             "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32)}
+    fast = pipe.backend.load_with_initializers("unet", over.initializers, over.ort_cpu_initializers).run(feeds)
+    slow = pipe.backend.load_with_initializers("unet", over.initializers, None).run(feeds)
+    base = pipe.sessions["unet"].run(feeds)
+    # Same weights; the two graphs differ only in ORT's fused kernels (float rounding).
+    assert np.abs(fast["out_sample"] - slow["out_sample"]).max() < 1e-5
+    assert np.abs(fast["out_sample"] - base["out_sample"]).max() > MOVES
+
+
 # -- the reader ----------------------------------------------------------------------------------
 def test_alpha_from_metadata_header(lora_file, tmp_path, runtime):
     """alpha 8 / r 4 lives only in the header; ignoring it would halve every delta."""

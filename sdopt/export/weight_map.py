@@ -107,20 +107,36 @@ def lora_weight_map(plan, path: Path) -> dict[str, WeightRef]:
 
 
 def mark_ort_cpu(refs: dict[str, WeightRef], path: Path, ort_cpu: Path) -> None:
-    """Set `ort_cpu` on the refs whose initializer ONNX Runtime's saved optimised graph keeps
-    under the same name with the same bytes (MatMul weights; convolutions are re-laid out
-    for NCHWc kernels under new names, so LoRA on those loads the original graph).
+    """Record where ONNX Runtime's saved optimised graph holds each weight: under the same
+    name with the same bytes (MatMul weights), or re-laid out in NCHWc blocks under a new
+    name (convolutions), found by value. Weights found neither way keep `ort_cpu=False` and
+    a LoRA on them loads the original graph.
 
     Args:
         refs: from `map_weights`, updated in place.
         path: the component's model.onnx.
         ort_cpu: its model.ort-cpu.onnx.
     """
+    from sdopt.runtime.lora_layout import LAYOUTS, to_layout
     from sdopt.runtime.onnx_weights import initializer_locations  # the runtime's own reader: what it will see
 
     wanted = {r.initializer for r in refs.values() if r.initializer}
     original = initializer_locations(path, wanted)
-    optimised = initializer_locations(ort_cpu, wanted)
+    optimised = initializer_locations(ort_cpu)
+    blocked: dict[tuple[str, bytes], list[str]] = {}
+    for name, loc in optimised.items():
+        if len(loc.shape) == 4 and name not in original:
+            blocked.setdefault(_key(loc.read().reshape(-1)), []).append(name)
     for ref in refs.values():
-        a, b = original.get(ref.initializer), optimised.get(ref.initializer)
-        ref.ort_cpu = a is not None and b is not None and np.array_equal(a.read(), b.read())
+        if not ref.initializer:
+            continue
+        base = original[ref.initializer].read()
+        same = optimised.get(ref.initializer)
+        if same is not None and np.array_equal(base, same.read()):
+            ref.ort_cpu, ref.ort_cpu_initializer = True, ref.initializer
+            continue
+        for layout in LAYOUTS if base.ndim == 4 else ():
+            names = blocked.get(_key(to_layout(base, layout).reshape(-1)), [])
+            if len(names) == 1:
+                ref.ort_cpu, ref.ort_cpu_initializer, ref.ort_cpu_layout = True, names[0], layout
+                break

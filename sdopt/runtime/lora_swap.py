@@ -8,10 +8,11 @@ whose weights change, with those initializers overridden (ONNX Runtime's
 file, never kept in memory; `set_loras([])` re-creates the base sessions exactly as `load`
 did, so the images are byte-identical to those before any LoRA.
 
-Graph: where every overridden initializer is unchanged in ONNX Runtime's saved optimised
-CPU graph (MatMul weights), the session starts from that graph (seconds); LoRA on
-convolutions (re-laid out for NCHWc there) starts from the original `model.onnx`, which
-ONNX Runtime optimises at session creation (slower on large models).
+Graph: where the export found every overridden weight in ONNX Runtime's saved optimised CPU
+graph (MatMul weights under their own names, convolutions re-laid out in NCHWc blocks under
+new names: `lora_layout`), the session starts from that graph with the values in its layout
+(seconds); otherwise from the original `model.onnx`, which ONNX Runtime optimises at session
+creation (slower on large models).
 
 Threads: the new sessions are built while calls go on with the old ones; then a
 readers-writer lock swaps them in once no call is in flight, and calls that start meanwhile
@@ -32,6 +33,7 @@ import numpy as np
 from sdopt.errors import SdoptError
 from sdopt.manifest import Manifest
 from sdopt.runtime.lora import Deltas, LoraSpec, Targets, as_specs, compute_deltas
+from sdopt.runtime.lora_layout import to_layout
 from sdopt.runtime.onnx_weights import initializer_locations
 
 LORA_TARGETS = ("unet", "text_encoder", "text_encoder_2")  # what LoRA files name
@@ -40,10 +42,12 @@ SHARES_WEIGHTS = {"unet_shallow": "unet"}  # graphs computing part of another co
 
 @dataclass
 class Overrides:
-    """One component's LoRA'd initializers: name -> value in the graph's layout and dtype."""
+    """One component's LoRA'd initializers: name -> value in the graph's layout and dtype,
+    for model.onnx and, where the export found every one there, for the saved ORT-optimised
+    CPU graph (its names and NCHWc layouts)."""
 
     initializers: dict[str, np.ndarray] = field(default_factory=dict)
-    ort_cpu: bool = True  # every one is unchanged in the saved ORT-optimised graph
+    ort_cpu_initializers: dict[str, np.ndarray] | None = None
 
 
 def manifest_targets(manifest: Manifest) -> Targets:
@@ -90,7 +94,7 @@ def build_overrides(root: Path, manifest: Manifest, deltas: Deltas) -> dict[str,
                              "swapped into it at run time",
                              "merge this LoRA at export instead: sdopt export --lora FILE")
         locations = initializer_locations(root / comp.path, {r.initializer for r in refs.values()})
-        values = {}
+        values, ort_values = {}, {}
         for param, ref in refs.items():
             base = locations[ref.initializer].read()
             delta = deltas[SHARES_WEIGHTS.get(name, name)][param]
@@ -98,7 +102,10 @@ def build_overrides(root: Path, manifest: Manifest, deltas: Deltas) -> dict[str,
             if base.dtype == np.float16:
                 merged = np.clip(merged, -65504.0, 65504.0)
             values[ref.initializer] = np.ascontiguousarray(merged.astype(base.dtype))
-        out[name] = Overrides(values, all(r.ort_cpu for r in refs.values()))
+            if ref.ort_cpu:
+                ort_values[ref.ort_cpu_initializer] = to_layout(values[ref.initializer], ref.ort_cpu_layout)
+        everywhere = all(r.ort_cpu for r in refs.values())
+        out[name] = Overrides(values, ort_values if everywhere else None)
     return out
 
 
@@ -228,7 +235,7 @@ class LoraSwapper:
         for name in sorted(self._applied | set(overrides)):
             if name in overrides:
                 new[name] = self.backend.load_with_initializers(name, overrides[name].initializers,
-                                                                overrides[name].ort_cpu)
+                                                                overrides[name].ort_cpu_initializers)
             else:
                 new[name] = self.backend.load(name)
         return new

@@ -104,10 +104,10 @@ class OnnxRuntimeBackend:
         return self.load_with_initializers(component)
 
     def load_with_initializers(self, component: str, initializers: dict[str, np.ndarray] | None = None,
-                               ort_cpu_ok: bool = True) -> OnnxRuntimeSession:
-        """A session whose named initializers are replaced by `initializers` (LoRA-merged
-        weights, see sdopt/runtime/lora_swap.py); `ort_cpu_ok=False` starts from the original
-        graph because the saved optimised one re-laid those weights out under other names."""
+                               ort_cpu_initializers: dict[str, np.ndarray] | None = None) -> OnnxRuntimeSession:
+        """A session whose named initializers are replaced (LoRA-merged weights, see
+        sdopt/runtime/lora_swap.py): `initializers` for model.onnx, `ort_cpu_initializers` (names
+        and layouts of the saved optimised graph, None where it lacks some) for that graph."""
         ort = self.ort
         spec = self.manifest.components.get(component)
         if spec is None:
@@ -120,8 +120,9 @@ class OnnxRuntimeBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" else ["CPUExecutionProvider"]
         path = spec.path
-        if self.device == "cpu" and spec.ort_cpu_path and spec.ort_cpu_target == self.cpu_target and ort_cpu_ok:
-            path = spec.ort_cpu_path
+        optimised = self.device == "cpu" and spec.ort_cpu_path and spec.ort_cpu_target == self.cpu_target
+        if optimised and (not initializers or ort_cpu_initializers is not None):
+            path, initializers = spec.ort_cpu_path, ort_cpu_initializers
         model: str | bytes = str(self.root / path)
         keep: list = []  # LoRA: buffers ORT uses in place, alive as long as the session
         if initializers:
