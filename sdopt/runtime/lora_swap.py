@@ -103,7 +103,8 @@ def build_overrides(root: Path, manifest: Manifest, deltas: Deltas) -> dict[str,
                 merged = np.clip(merged, -65504.0, 65504.0)
             values[ref.initializer] = np.ascontiguousarray(merged.astype(base.dtype))
             if ref.ort_cpu:
-                ort_values[ref.ort_cpu_initializer] = to_layout(values[ref.initializer], ref.ort_cpu_layout)
+                ort_name = ref.ort_cpu_initializer or ref.initializer
+                ort_values[ort_name] = to_layout(values[ref.initializer], ref.ort_cpu_layout)
         everywhere = all(r.ort_cpu for r in refs.values())
         out[name] = Overrides(values, ort_values if everywhere else None)
     return out
