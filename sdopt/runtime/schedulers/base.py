@@ -18,9 +18,8 @@ from .betas import F32, sigma_to_alpha_sigma_t
 Timestep: TypeAlias = float | np.floating | np.integer
 #: ``add_noise`` also takes one timestep per batch entry.
 Timesteps: TypeAlias = Timestep | np.ndarray
-#: A per-step coefficient or the value it multiplies: a float32 scalar or an array.
-Scalar: TypeAlias = np.floating | np.ndarray
-
+#: A schedule coefficient (alpha_t, sigma_t): a float32 scalar, or an array broadcast over the batch.
+Coefficient: TypeAlias = np.floating | np.ndarray
 
 
 def resolve_config(
@@ -56,7 +55,7 @@ def as_work(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def predict_x0(
-    prediction_type: str, model_output: np.ndarray, sample: np.ndarray, alpha_t: Scalar, sigma_t: Scalar
+    prediction_type: str, model_output: np.ndarray, sample: np.ndarray, alpha_t: Coefficient, sigma_t: Coefficient
 ) -> np.ndarray:
     """Data prediction x0 from the network output, for x_t = alpha_t * x0 + sigma_t * eps.
 
@@ -76,8 +75,8 @@ def predict_eps(
     prediction_type: str,
     model_output: np.ndarray,
     sample: np.ndarray,
-    alpha_t: Scalar,
-    sigma_t: Scalar,
+    alpha_t: Coefficient,
+    sigma_t: Coefficient,
     x0: np.ndarray | None = None,
 ) -> np.ndarray:
     """Noise prediction eps from the network output (same parameterisations as :func:`predict_x0`)."""
