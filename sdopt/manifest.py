@@ -209,7 +209,7 @@ def load_manifest(root: str | Path) -> Manifest:
     try:
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise SdoptError(f"{path} is unreadable ({e})", rebuild) from None
+        raise SdoptError(f"{path} is unreadable ({e})", rebuild) from e
     if raw.get("format") != MANIFEST_FORMAT:
         raise SdoptError(f"{path} is not an sdopt manifest", "pass a folder written by `sdopt export`")
     if raw.get("version") != MANIFEST_VERSION:
@@ -219,7 +219,7 @@ def load_manifest(root: str | Path) -> Manifest:
     try:
         return Manifest.from_dict(raw)
     except (KeyError, TypeError) as e:
-        raise SdoptError(f"{path} is malformed ({e})", rebuild) from None
+        raise SdoptError(f"{path} is malformed ({e})", rebuild) from e
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

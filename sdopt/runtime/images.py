@@ -22,7 +22,7 @@ def load_image(image: ImageInput, what: str = "image") -> Image.Image | np.ndarr
         try:
             return Image.open(image)
         except (OSError, ValueError) as e:
-            raise SdoptError(f"cannot read {what} {image}: {e}", "pass a PNG or JPEG file") from None
+            raise SdoptError(f"cannot read {what} {image}: {e}", "pass a PNG or JPEG file") from e
     return image
 
 
