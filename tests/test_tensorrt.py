@@ -94,12 +94,13 @@ def test_sdxl_static_profile_has_the_added_conditions(tiny_artifact):
     assert engine_profiles(m, "text_encoder_2", static=True, batch=3)[0]["input_ids"] == ((1, 77), (3, 77), (6, 77))
 
 
-@pytest.mark.parametrize("kwargs, problem, fix", [
-    ({"height": 100}, "--height 100 is not a multiple of 16", "use 96"),
-    ({"width": 512}, "--width 512 is outside this artifact's 64..256 px", "--min-size/--max-size"),
-    ({"height": 32}, "--height 32 is outside this artifact's 64..256 px", "choose a size in that range"),
-    ({"batch": 5}, "--batch 5 is outside this artifact's 1..4 images per call", "--max-batch 5"),
-    ({"batch": 0}, "--batch 0 is outside", "use --batch 1"),
+@pytest.mark.parametrize("kwargs, problem, fix", [  # ImageSpec.check's wording, with the CLI's flag names
+    ({"height": 100}, "--height 100 is not a positive multiple of 8", "use e.g. 96"),
+    ({"width": 520}, "--width 520 is not a positive multiple of 16", "use e.g. 512"),
+    ({"width": 512}, "--width 512 is outside the exported range 64..256", "--min-size/--max-size"),
+    ({"height": 32}, "--height 32 is outside the exported range 64..256", "use a size in range"),
+    ({"batch": 5}, "5 images per call exceed the exported maximum batch 4", "--max-batch 5"),
+    ({"batch": 0}, "images per call must be at least 1, got 0", "generate 1..4 at once"),
 ])
 def test_sizes_outside_the_artifact_are_refused(kwargs, problem, fix, tiny_artifact):
     m = load_manifest(tiny_artifact("tiny"))

@@ -74,23 +74,6 @@ def check_build_options(options: BuildOptions) -> None:
                          "omit it to let TensorRT use what it needs")
 
 
-def _check_request(manifest: Manifest, batch: int | None, height: int | None, width: int | None) -> None:
-    img = manifest.image
-    if batch is not None and not 1 <= batch <= img.max_batch:
-        raise SdoptError(f"--batch {batch} is outside this artifact's 1..{img.max_batch} images per call",
-                         f"use --batch {min(max(batch, 1), img.max_batch)}, or re-export with --max-batch {batch}")
-    for label, size in (("--height", height), ("--width", width)):
-        if size is None:
-            continue
-        if size % img.multiple:
-            nearest = max(img.multiple, round(size / img.multiple) * img.multiple)
-            raise SdoptError(f"{label} {size} is not a multiple of {img.multiple}, which this model needs",
-                             f"use {nearest}")
-        if not img.min_size <= size <= img.max_size:
-            raise SdoptError(f"{label} {size} is outside this artifact's {img.min_size}..{img.max_size} px",
-                             "choose a size in that range, or re-export with --min-size/--max-size")
-
-
 def dim_ranges(manifest: Manifest, component: str, static: bool = False, batch: int | None = None,
                height: int | None = None, width: int | None = None) -> dict[str, tuple[int, int, int]]:
     """(min, opt, max) of each named dim of `component`.
@@ -99,9 +82,9 @@ def dim_ranges(manifest: Manifest, component: str, static: bool = False, batch: 
     requested (or default) values, with the batch doubled where the manifest's batch range is
     (guidance runs the conditional and unconditional halves in one call).
     """
-    _check_request(manifest, batch, height, width)
     img, comp = manifest.image, manifest.components[component]
     images, h, w = batch or 1, height or img.default_height, width or img.default_width
+    img.check(h, w, batch, flag="--")  # the one size rule (sdopt.manifest.ImageSpec)
     factor = max(1, comp.dims["batch"].max // img.max_batch) if "batch" in comp.dims else 1
     values = {"batch": images * factor, "height": h, "width": w,
               "latent_height": h // manifest.vae.scale, "latent_width": w // manifest.vae.scale}
