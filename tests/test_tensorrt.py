@@ -313,7 +313,8 @@ def test_dtype_and_nvidia_smi_parsing():
 def test_importing_the_tensorrt_modules_imports_no_engine_library():
     code = ("import sys, sdopt.export.tensorrt_build, sdopt.runtime.backends.tensorrt, sdopt.hardware, "
             "sdopt.engines.trt, sdopt.engines.cuda, sdopt.engines.ort; "
-            "print([m for m in ('tensorrt', 'tensorrt_lean', 'cuda', 'onnxruntime', 'torch') if m in sys.modules])")
+            "print([m for m in ('tensorrt', 'tensorrt_lean', 'cuda.bindings', 'cuda.cudart', 'onnxruntime', 'torch') "
+            "if m in sys.modules])")  # not just 'cuda': cuda-bindings' .pth file registers that name at start-up
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
