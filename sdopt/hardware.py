@@ -87,17 +87,29 @@ def gpu_facts(device: int = 0) -> GpuFacts:
         NoGpuError: no NVIDIA driver or device on this host.
         SdoptError: a driver too old for the installed CUDA wheels, or another CUDA failure.
     """
-    from sdopt.engines.cuda import check_driver, cuda_check, cuda_versions, error_name, import_cudart
+    from sdopt.engines.cuda import (
+        check_driver,
+        cuda_check,
+        cuda_version_text,
+        cuda_versions,
+        error_name,
+        import_cudart,
+    )
 
     try:
         cudart = import_cudart()
     except SdoptError:
         return _gpu_facts_from_smi(device)
-    check_driver(*cuda_versions(cudart))
+    driver, runtime = cuda_versions(cudart)
+    check_driver(driver, runtime)
     err, prop = cudart.cudaGetDeviceProperties(device)
     if err == cudart.cudaError_t.cudaErrorNoDevice or err == cudart.cudaError_t.cudaErrorInvalidDevice:
         raise NoGpuError(f"no NVIDIA GPU {device} on this host ({error_name(err)})",
                          "run on a host with an NVIDIA GPU (check CUDA_VISIBLE_DEVICES and `nvidia-smi`)")
+    if err == cudart.cudaError_t.cudaErrorInsufficientDriver:  # same major, yet too old for this runtime
+        raise SdoptError(f"the NVIDIA driver (CUDA {cuda_version_text(driver)}) is too old for the installed CUDA "
+                         f"{cuda_version_text(runtime)} wheels ({error_name(err)})",
+                         "update the NVIDIA driver, or install wheels for an older CUDA")
     prop = cuda_check(cudart, (err, prop), "cudaGetDeviceProperties")
     name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
     return GpuFacts(name.rstrip("\x00").strip(), f"{prop.major}.{prop.minor}")
