@@ -77,17 +77,28 @@ def export(
 @app.command()
 @friendly_errors
 def build(
-    artifact: Path = typer.Argument(..., help="Artifact folder written by `sdopt export` (fp16 export for fp16 engines)."),
-    static: bool = typer.Option(False, "--static", help="One fixed batch and size (fastest); default: the exported ranges."),
+    artifact: Path = typer.Argument(
+        ..., help="Artifact folder written by `sdopt export` (fp16 export for fp16 engines)."),
+    static: bool = typer.Option(
+        False, "--static", help="One fixed batch and size (fastest); default: the exported ranges."),
     batch: Optional[int] = typer.Option(None, help="Images per call (static), or the profile's opt batch (dynamic)."),
     height: Optional[int] = typer.Option(None, help="Image height (static), or the profile's opt height."),
     width: Optional[int] = typer.Option(None, help="Image width (static), or the profile's opt width."),
     opt_level: int = typer.Option(3, help="TensorRT builder optimization level 0..5."),
     workspace_gb: Optional[float] = typer.Option(None, help="Workspace memory pool limit in GiB."),
-    timing_cache: Optional[Path] = typer.Option(None, help="Timing cache file (default: timing.cache in the engines' own folder, one per GPU model and TensorRT version)."),
-    refittable: bool = typer.Option(False, "--refittable", help="BuilderFlag.REFIT: engine weights can be replaced later without a rebuild (LoRA). TensorRT 11.3 lists a known issue: such engines may drop a GEMM bias even when never refitted."),
-    version_compatible: bool = typer.Option(False, "--version-compatible", help="Engines that also load in later TensorRT of the same major or the next (10 -> 11); they embed host code, so loading needs --allow-host-code."),
-    tf32: bool = typer.Option(True, "--tf32/--no-tf32", help="Let fp32 matmuls and convolutions round inputs to TF32 (TensorRT's default on Ampere and newer); --no-tf32 for full fp32."),
+    timing_cache: Optional[Path] = typer.Option(
+        None, help="Timing cache file (default: timing.cache in the engines' own folder, one per GPU model and "
+                   "TensorRT version)."),
+    refittable: bool = typer.Option(
+        False, "--refittable", help="BuilderFlag.REFIT: engine weights can be replaced later without a rebuild "
+                                    "(LoRA). TensorRT 11.3 lists a known issue: such engines may drop a GEMM bias "
+                                    "even when never refitted."),
+    version_compatible: bool = typer.Option(
+        False, "--version-compatible", help="Engines that also load in later TensorRT of the same major or the next "
+                                            "(10 -> 11); they embed host code, so loading needs --allow-host-code."),
+    tf32: bool = typer.Option(
+        True, "--tf32/--no-tf32", help="Let fp32 matmuls and convolutions round inputs to TF32 (TensorRT's default "
+                                       "on Ampere and newer); --no-tf32 for full fp32."),
     components: Optional[str] = typer.Option(None, help="Comma-separated subset. Default: all."),
     force: bool = typer.Option(False, "--force", help="Rebuild engines that exist for this GPU and TensorRT version."),
 ) -> None:
