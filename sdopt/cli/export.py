@@ -12,6 +12,7 @@ from sdopt.cli.common import app, console, friendly_errors, split_list
 from sdopt.errors import SdoptError
 
 if TYPE_CHECKING:
+    from sdopt.export.tensorrt_build import BuildOptions
     from sdopt.manifest import EngineEntry
 
 
@@ -111,7 +112,7 @@ def build(
                                   components=split_list(components), force=force))
 
 
-def _build(artifact: Path, options) -> None:
+def _build(artifact: Path, options: BuildOptions) -> None:
     from sdopt.export.tensorrt_build import build_engines, check_build_options
 
     check_build_options(options)
