@@ -171,6 +171,59 @@ class LoraRecord:
 
 
 @dataclass
+class ShapeRange:
+    """One engine input's (min, opt, max) shape in a TensorRT optimization profile."""
+
+    min: list[int]
+    opt: list[int]
+    max: list[int]
+
+    def contains(self, shape: tuple[int, ...] | list[int]) -> bool:
+        return len(shape) == len(self.min) and all(
+            lo <= s <= hi for s, lo, hi in zip(shape, self.min, self.max, strict=True))
+
+
+@dataclass
+class EngineFlags:
+    """How an engine was built (`sdopt build` options). Defaults are what older manifests implied."""
+
+    static: bool = False
+    refittable: bool = False  # BuilderFlag.REFIT: weights can be replaced (sdopt.engines.trt.refit_engine)
+    version_compatible: bool = False  # loads in later TensorRT; embeds a lean runtime (host code)
+    exclude_lean_runtime: bool = False  # no embedded lean runtime; sdopt does not load such engines
+    strongly_typed: bool = True
+    tf32: bool = True  # BuilderFlag.TF32 (TensorRT's default): fp32 matmuls/convs may round to TF32
+    opt_level: int = 3
+    workspace_gb: float | None = None
+
+
+@dataclass
+class EngineEntry:
+    """One TensorRT engine in the artifact, written by `sdopt build`, checked by the runtime before loading."""
+
+    component: str
+    path: str  # relative to the artifact root: engines/<gpu>_sm<cc>_trt<version>/<component>.plan
+    sha256: str
+    bytes: int
+    tensorrt: str  # the TensorRT version that built it
+    gpu: str  # the GPU model it was built (and tuned) on
+    compute_capability: str  # "8.9"
+    profiles: list[dict[str, ShapeRange]]  # input name -> range; the runtime uses profile 0
+    flags: EngineFlags = field(default_factory=EngineFlags)
+    build_seconds: float = 0.0
+    created: str = ""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EngineEntry:
+        """An entry from its JSON form (also reads the untyped dicts of earlier sdopt versions)."""
+        d = dict(d)
+        d["profiles"] = [{k: ShapeRange(**v) for k, v in p.items()} for p in d.get("profiles", [])]
+        flags = d.get("flags") or {}
+        d["flags"] = EngineFlags(**{k: v for k, v in flags.items() if k in EngineFlags.__dataclass_fields__})
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
 class Manifest:
     family: str
     source: dict[str, str]
@@ -190,7 +243,7 @@ class Manifest:
     scheduler_config: str = "scheduler/scheduler_config.json"
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
-    engines: list[dict[str, Any]] = field(default_factory=list)  # TensorRT builds
+    engines: list[EngineEntry] = field(default_factory=list)  # TensorRT builds
     loras: list[LoraRecord] = field(default_factory=list)  # merged at export, in order
     format: str = MANIFEST_FORMAT
     version: int = MANIFEST_VERSION
@@ -209,6 +262,7 @@ class Manifest:
         d["vae"] = VaeSpec(**d["vae"])
         d["components"] = {k: _component(v) for k, v in d["components"].items()}
         d["loras"] = [LoraRecord(**x) for x in d.get("loras", [])]
+        d["engines"] = [EngineEntry.from_dict(e) for e in d.get("engines", [])]
         return cls(**d)
 
 
@@ -228,14 +282,18 @@ def load_manifest(root: str | Path) -> Manifest:
     root = Path(root)
     rebuild = f"re-export it: sdopt export MODEL --out {root} --force"
     if not root.is_dir():
-        raise SdoptError(f"artifact folder {root} does not exist", "run `sdopt export` first, or pass the folder it wrote")
+        raise SdoptError(
+            f"artifact folder {root} does not exist", "run `sdopt export` first, or pass the folder it wrote"
+        )
     path = root / MANIFEST_NAME
     if not path.is_file():
-        raise SdoptError(f"{root} is not an sdopt artifact (no {MANIFEST_NAME})", "pass a folder written by `sdopt export`")
+        raise SdoptError(
+            f"{root} is not an sdopt artifact (no {MANIFEST_NAME})", "pass a folder written by `sdopt export`"
+        )
     try:
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise SdoptError(f"{path} is unreadable ({e})", rebuild) from None
+        raise SdoptError(f"{path} is unreadable ({e})", rebuild) from e
     if raw.get("format") != MANIFEST_FORMAT:
         raise SdoptError(f"{path} is not an sdopt manifest", "pass a folder written by `sdopt export`")
     if raw.get("version") != MANIFEST_VERSION:
@@ -245,7 +303,7 @@ def load_manifest(root: str | Path) -> Manifest:
     try:
         return Manifest.from_dict(raw)
     except (KeyError, TypeError) as e:
-        raise SdoptError(f"{path} is malformed ({e})", rebuild) from None
+        raise SdoptError(f"{path} is malformed ({e})", rebuild) from e
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -263,7 +321,9 @@ def verify_files(root: str | Path, manifest: Manifest, names: list[str] | None =
         for rel, digest in manifest.components[name].files.items():
             p = root / rel
             if not p.is_file():
-                raise SdoptError(f"{p} is missing from the artifact", f"re-export: sdopt export MODEL --out {root} --force")
+                raise SdoptError(
+                    f"{p} is missing from the artifact", f"re-export: sdopt export MODEL --out {root} --force"
+                )
             if sha256_file(p) != digest:
                 raise SdoptError(
                     f"{p} does not match the hash in {MANIFEST_NAME} (modified or corrupt)",

@@ -191,17 +191,21 @@ class Pipeline:
             seed, scheduler, latents, image, mask_image, strength, output_type, deepcache,
         )  # fmt: skip
         with self.lora.lock.reading():  # one set of weights for the whole call (LoRA swaps wait)
-            state = self.prepare(request)
-            timings = state.timings
-            t0 = time.perf_counter()
-            for step in self._denoising_loop(state):
-                if callback:
-                    callback(step.step, step.total)
-            timings["unet"] = time.perf_counter() - t0
-            timings["unet_per_step"] = timings["unet"] / max(state.total, 1)
-            t0 = time.perf_counter()
-            out = self.decode(state.latents)
-            timings["vae_decoder"] = time.perf_counter() - t0
+            return self._generate(request, callback, t_start)
+
+    def _generate(self, request: GenerationRequest, callback: StepCallback | None, t_start: float) -> GenerationResult:
+        """Drive the stages for one request and time each of them."""
+        state = self.prepare(request)
+        timings = state.timings
+        t0 = time.perf_counter()
+        for step in self._denoising_loop(state):
+            if callback:
+                callback(step.step, step.total)
+        timings["unet"] = time.perf_counter() - t0
+        timings["unet_per_step"] = timings["unet"] / max(state.total, 1)
+        t0 = time.perf_counter()
+        out = self.decode(state.latents)
+        timings["vae_decoder"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         return GenerationResult(out if request.output_type == "np" else imageops.to_pil(out), request.seed, timings)
 
