@@ -67,7 +67,7 @@ class WeightRef:
     shape: list[int]  # the torch weight's shape
     transposed: bool = False
     # The saved ORT-optimised CPU graph holds it too: under `ort_cpu_initializer`, in
-    # `ort_cpu_layout` ("" = as in model.onnx; NCHWc blocked filters: sdopt/runtime/lora_layout.py).
+    # `ort_cpu_layout` ("" = as in model.onnx; NCHWc blocked filters: sdopt/lora/layout.py).
     ort_cpu: bool = False
     ort_cpu_initializer: str = ""
     ort_cpu_layout: str = ""

@@ -59,7 +59,7 @@ def peft_to_kohya(src: Path, dst: Path, layers_per_block: int | None = None, fp1
     from safetensors import safe_open
     from safetensors.numpy import save_file
 
-    from sdopt.runtime.lora_keys import sgm_unet_name
+    from sdopt.lora.keys import sgm_unet_name
 
     with safe_open(str(src), framework="np") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -2,7 +2,7 @@
 
 - `sdopt/export` never imports `sdopt/runtime`: both sides share `sdopt.manifest`, `sdopt.hardware`
   and `sdopt.engines` instead.
-- `sdopt.hardware`, `sdopt.engines`, `sdopt.manifest` and `sdopt.errors` are neutral: they import
+- `sdopt.hardware`, `sdopt.engines`, `sdopt.lora`, `sdopt.manifest` and `sdopt.errors` are neutral: they import
   neither side (nor the benchmark or the CLI).
 - ONNX Runtime `SessionOptions` are made in one place, `sdopt.engines.ort.session_options`.
 """
@@ -45,7 +45,7 @@ def test_export_never_imports_the_runtime():
 
 def test_shared_modules_import_neither_side():
     files = [ROOT / "sdopt/hardware.py", ROOT / "sdopt/manifest.py", ROOT / "sdopt/errors.py",
-             *sorted((ROOT / "sdopt/engines").rglob("*.py"))]
+             *sorted((ROOT / "sdopt/engines").rglob("*.py")), *sorted((ROOT / "sdopt/lora").rglob("*.py"))]
     assert _offending(files, SIDES) == {}
 
 

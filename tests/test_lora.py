@@ -33,9 +33,9 @@ from lora_files import make_peft_lora, peft_to_kohya  # noqa: E402
 
 from sdopt.errors import SdoptError  # noqa: E402
 from sdopt.export.synthetic import build_pipeline, load_preset  # noqa: E402
+from sdopt.lora.files import LoraSpec, compute_deltas, parse_lora_arg  # noqa: E402
+from sdopt.lora.keys import _diffusers_module, split_role  # noqa: E402
 from sdopt.runtime import Pipeline  # noqa: E402
-from sdopt.runtime.lora import LoraSpec, compute_deltas, parse_lora_arg  # noqa: E402
-from sdopt.runtime.lora_keys import _diffusers_module, split_role  # noqa: E402
 from sdopt.runtime.lora_swap import manifest_targets  # noqa: E402
 
 FAMILIES = {"sd1": "tiny", "sd2": "tiny-sd2", "sdxl": "tiny-sdxl"}
@@ -381,7 +381,7 @@ def test_swap_waits_for_in_flight_call(runtime, lora_file):
 
 
 def test_runtime_lora_imports_no_torch():
-    code = ("import sys; import sdopt.runtime.lora, sdopt.runtime.lora_swap, sdopt.runtime.onnx_weights; "
+    code = ("import sys; import sdopt.lora.files, sdopt.runtime.lora_swap, sdopt.lora.onnx_weights; "
             "bad = [m for m in ('torch', 'diffusers', 'transformers', 'onnx') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -47,7 +47,7 @@ def export(
                          allow_verify_failure=allow_verify_failure, seed=seed, ort_optimize=ort_optimize)
     check_options(out.expanduser().resolve(), opts)  # fail before the slow imports
     if lora:  # LoRA: a missing or pickle file fails now, not after the model load
-        from sdopt.runtime.lora import parse_lora_arg, read_lora_file
+        from sdopt.lora.files import parse_lora_arg, read_lora_file
 
         opts.loras = [parse_lora_arg(text) for text in lora]
         opts.lora_ignore_unmatched = lora_ignore_unmatched

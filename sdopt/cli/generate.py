@@ -53,7 +53,7 @@ def generate(
     from sdopt.runtime import Pipeline
 
     trt_options = {"use_cuda_graph": cuda_graph, "allow_host_code": allow_host_code} if provider == "tensorrt" else {}
-    from sdopt.runtime.lora import parse_lora_arg
+    from sdopt.lora.files import parse_lora_arg
 
     loras = [parse_lora_arg(text) for text in lora or []]
     pipe = Pipeline.load(artifact, provider=provider, loras=loras, lora_ignore_unmatched=lora_ignore_unmatched,

@@ -43,7 +43,7 @@ class ExportOptions:
     seed: int = 0
     tolerance: float | None = None  # None: TOLERANCE[precision]
     ort_optimize: bool = True  # also save ONNX Runtime's optimised CPU graph (fast session start)
-    loras: list = field(default_factory=list)  # LoRA: sdopt.runtime.lora.LoraSpec, merged before export
+    loras: list = field(default_factory=list)  # LoRA: sdopt.lora.files.LoraSpec, merged before export
     lora_ignore_unmatched: bool = False
 
 

@@ -1,6 +1,6 @@
 """`sdopt export --lora PATH[:SCALE]`: merge LoRA files into the torch weights before export.
 
-The deltas come from the runtime's torch-free reader (`sdopt.runtime.lora`, its public API),
+The deltas come from the torch-free reader the runtime uses too (`sdopt.lora.files`, neutral),
 so an export-merged artifact and a runtime swap apply exactly the same numbers: W + sum of
 scale * (alpha / r) * B @ A, what diffusers' `load_lora_weights` + `fuse_lora` computes
 (tests/test_lora.py checks both against diffusers). All files are checked before any weight
@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from sdopt.export.weight_map import lora_modules
+from sdopt.lora.files import LoraSpec, compute_deltas
 from sdopt.manifest import LoraRecord, sha256_file
-from sdopt.runtime.lora import LoraSpec, compute_deltas
 
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 

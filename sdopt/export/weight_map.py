@@ -40,7 +40,7 @@ def map_weights(model: torch.nn.Module, onnx_path: Path, partial: bool = False) 
         "<module>.weight" -> WeightRef; `initializer` is "" where the weight is in no
         initializer as-is or transposed (folded into another constant): no runtime swap there.
     """
-    from sdopt.runtime.onnx_weights import initializer_locations  # one tensor in memory at a time
+    from sdopt.lora.onnx_weights import initializer_locations  # one tensor in memory at a time
 
     by_hash: dict[tuple[str, bytes], list[str]] = {}
     dtypes: set[np.dtype] = set()
@@ -117,8 +117,8 @@ def mark_ort_cpu(refs: dict[str, WeightRef], path: Path, ort_cpu: Path) -> None:
         path: the component's model.onnx.
         ort_cpu: its model.ort-cpu.onnx.
     """
-    from sdopt.runtime.lora_layout import LAYOUTS, to_layout
-    from sdopt.runtime.onnx_weights import initializer_locations  # the runtime's own reader: what it will see
+    from sdopt.lora.layout import LAYOUTS, to_layout
+    from sdopt.lora.onnx_weights import initializer_locations  # the reader the runtime uses: what it will see
 
     wanted = {r.initializer for r in refs.values() if r.initializer}
     original = initializer_locations(path, wanted)

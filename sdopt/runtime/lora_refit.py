@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from sdopt.errors import SdoptError
+from sdopt.lora.onnx_weights import initializer_locations
 from sdopt.manifest import Manifest
-from sdopt.runtime.onnx_weights import initializer_locations
 
 
 def refit_values(root: Path, manifest: Manifest, overrides: dict[str, Any],

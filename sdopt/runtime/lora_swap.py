@@ -1,6 +1,6 @@
 """LoRA hot-swap in the runtime: merged weights into new engine sessions, old ones untouched.
 
-`set_loras` computes each LoRA'd weight W + delta (`sdopt.runtime.lora`), in the layout and
+`set_loras` computes each LoRA'd weight W + delta (`sdopt.lora.files`), in the layout and
 dtype of the component's ONNX initializer (the manifest's weight map says which initializer
 holds each weight and whether transposed), and creates new sessions for only the components
 whose weights change, with those initializers overridden (ONNX Runtime's
@@ -10,7 +10,7 @@ did, so the images are byte-identical to those before any LoRA.
 
 Graph: where the export found every overridden weight in ONNX Runtime's saved optimised CPU
 graph (MatMul weights under their own names, convolutions re-laid out in NCHWc blocks under
-new names: `lora_layout`), the session starts from that graph with the values in its layout
+new names: `sdopt.lora.layout`), the session starts from that graph with the values in its layout
 (seconds); otherwise from the original `model.onnx`, which ONNX Runtime optimises at session
 creation (slower on large models).
 
@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 
 from sdopt.errors import SdoptError
+from sdopt.lora.files import Deltas, LoraSpec, Targets, as_specs, compute_deltas
+from sdopt.lora.layout import to_layout
+from sdopt.lora.onnx_weights import initializer_locations
 from sdopt.manifest import Manifest
-from sdopt.runtime.lora import Deltas, LoraSpec, Targets, as_specs, compute_deltas
-from sdopt.runtime.lora_layout import to_layout
-from sdopt.runtime.onnx_weights import initializer_locations
 
 LORA_TARGETS = ("unet", "text_encoder", "text_encoder_2")  # what LoRA files name
 SHARES_WEIGHTS = {"unet_shallow": "unet"}  # graphs computing part of another component

@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 
 from sdopt.errors import SdoptError
+from sdopt.lora.files import LoraSpec
 from sdopt.manifest import Manifest, load_manifest, verify_files
 from sdopt.runtime import images as imageops
 from sdopt.runtime import stages
 from sdopt.runtime.backends import Backend, EngineSession, open_backend
-from sdopt.runtime.lora import LoraSpec
 from sdopt.runtime.lora_swap import LoraSwapper
 from sdopt.runtime.request import GenerationRequest, make_request
 from sdopt.runtime.schedulers import DIFFUSERS_CLASS_NAMES, Scheduler, make_scheduler

@@ -25,6 +25,7 @@ class OnnxRuntimeSession:
         self.device = device
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
+        self.keep_alive: list[Any] = []  # LoRA: initializer buffers the session uses in place
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.device == "cpu":
@@ -78,7 +79,7 @@ class OnnxRuntimeBackend:
         path = spec.path
         optimised = self.device == "cpu" and spec.ort_cpu_path and spec.ort_cpu_target == self.cpu_target
         if optimised and (not initializers or ort_cpu_initializers is not None):
-            path, initializers = spec.ort_cpu_path, ort_cpu_initializers
+            path, initializers = str(spec.ort_cpu_path), ort_cpu_initializers
         model: str | bytes = str(self.root / path)
         keep: list = []  # LoRA: buffers ORT uses in place, alive as long as the session
         if initializers:
@@ -91,5 +92,5 @@ class OnnxRuntimeBackend:
             raise SdoptError(f"ONNX Runtime could not load {spec.path}: {str(e).splitlines()[0][:300]}",
                              "re-export the artifact with `sdopt export --force`") from None
         wrapped = OnnxRuntimeSession(session, self.device)
-        wrapped.initializers = keep
+        wrapped.keep_alive = keep
         return wrapped

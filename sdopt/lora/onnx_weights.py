@@ -14,8 +14,10 @@ name = 8, raw_data = 9, external_data = 13 (key = 1, value = 2), data_location =
 from __future__ import annotations
 
 import mmap
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +41,7 @@ class TensorLocation:
                            offset=self.offset).reshape(self.shape)
 
 
-def _varint(buf, pos: int) -> tuple[int, int]:
+def _varint(buf: Any, pos: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         byte = buf[pos]
@@ -50,7 +52,7 @@ def _varint(buf, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf, start: int, end: int):
+def _fields(buf: Any, start: int, end: int) -> Iterator[tuple[int, int, Any]]:
     """(field number, wire type, value or (start, end) of a length-delimited field, ...)."""
     pos = start
     while pos < end:
@@ -96,17 +98,18 @@ def initializer_locations(path: Path, names: set[str] | None = None) -> dict[str
             raise SdoptError(f"{path} is not a readable ONNX file ({e})", "re-export the artifact") from None
 
 
-def _dims(buf, wire: int, value) -> list[int]:
+def _dims(buf: Any, wire: int, value: Any) -> list[int]:
     if wire == 0:
         return [value]
-    out, (pos, end) = [], value  # packed
+    out: list[int] = []
+    pos, end = value  # packed
     while pos < end:
         d, pos = _varint(buf, pos)
         out.append(d)
     return out
 
 
-def _tensor(buf, span: tuple[int, int], path: Path, names: set[str] | None) -> tuple[str, TensorLocation] | None:
+def _tensor(buf: Any, span: tuple[int, int], path: Path, names: set[str] | None) -> tuple[str, TensorLocation] | None:
     dims: list[int] = []
     dtype = 0
     name = ""

@@ -157,8 +157,8 @@ def sgm_unet_name(name: str, layers_per_block: int, up_attn: set[int]) -> str | 
         return f"{'input_blocks' if kind == 'down_blocks' else 'output_blocks'}.{index}." + _inner(part, rest)
     m = re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)$", name)
     if m:
-        index = {("resnets", "0"): 0, ("attentions", "0"): 1, ("resnets", "1"): 2}.get((m.group(1), m.group(2)))
-        return None if index is None else f"middle_block.{index}." + _inner(m.group(1), m.group(3))[2:]
+        middle = {("resnets", "0"): 0, ("attentions", "0"): 1, ("resnets", "1"): 2}.get((m.group(1), m.group(2)))
+        return None if middle is None else f"middle_block.{middle}." + _inner(m.group(1), m.group(3))[2:]
     return None
 
 

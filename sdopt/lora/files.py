@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from sdopt.errors import SdoptError
-from sdopt.runtime.lora_keys import KeyRef, KeyResolver, unsupported_variant
+from sdopt.lora.keys import KeyRef, KeyResolver, unsupported_variant
 
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 _SHOWN = 8  # unmatched keys listed in an error
