@@ -134,6 +134,8 @@ def _tensor(buf: Any, span: tuple[int, int], path: Path, names: set[str] | None)
     if external:
         return name, TensorLocation(path.parent / external["location"], int(external.get("offset", 0)),
                                     _DTYPES[dtype], tuple(dims))
+    if data is None and names is None:
+        return None  # small typed constants (int64 axes ...) are never weights
     if data is None:
         raise ValueError(f"initializer {name} keeps its values in a typed field this reader does not handle")
     return name, TensorLocation(path, data[0], _DTYPES[dtype], tuple(dims))
