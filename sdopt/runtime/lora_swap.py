@@ -22,7 +22,7 @@ wait. A call holds the read side for its whole length, so no call sees a mix of 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,11 +43,11 @@ SHARES_WEIGHTS = {"unet_shallow": "unet"}  # graphs computing part of another co
 @dataclass
 class Overrides:
     """One component's LoRA'd initializers: name -> value in the graph's layout and dtype,
-    for model.onnx and, where the export found every one there, for the saved ORT-optimised
-    CPU graph (its names and NCHWc layouts)."""
+    for model.onnx, or (`optimised`) for the saved ORT-optimised CPU graph (its names and
+    NCHWc layouts)."""
 
     initializers: dict[str, np.ndarray] = field(default_factory=dict)
-    ort_cpu_initializers: dict[str, np.ndarray] | None = None
+    optimised: bool = False
 
 
 def manifest_targets(manifest: Manifest) -> Targets:
@@ -72,13 +72,17 @@ def check_swappable(manifest: Manifest) -> None:
                          "re-export it with `sdopt export --force`, or merge the LoRA at export: sdopt export --lora")
 
 
-def build_overrides(root: Path, manifest: Manifest, deltas: Deltas) -> dict[str, Overrides]:
+def build_overrides(root: Path, manifest: Manifest, deltas: Deltas,
+                    optimised: Callable[[str], bool] = lambda name: False) -> dict[str, Overrides]:
     """component -> its overridden initializers, for every graph a delta touches.
 
     Args:
         root: the artifact folder.
         manifest: its manifest.
         deltas: from `compute_deltas`.
+        optimised: whether the backend loads a component from its saved ORT-optimised graph;
+            where it does and the export found every changed weight there, the values are
+            computed in that graph's names and layouts, from its own (page-cached) file.
     Returns:
         Only components with at least one changed weight.
     """
@@ -93,21 +97,26 @@ def build_overrides(root: Path, manifest: Manifest, deltas: Deltas) -> dict[str,
             raise SdoptError(f"the export folded {name}.{folded[0]} into another constant, so a LoRA cannot be "
                              "swapped into it at run time",
                              "merge this LoRA at export instead: sdopt export --lora FILE")
-        locations = initializer_locations(root / comp.path, {r.initializer for r in refs.values()})
-        values, ort_values = {}, {}
-        for param, ref in refs.items():
-            base = locations[ref.initializer].read()
-            delta = deltas[SHARES_WEIGHTS.get(name, name)][param]
-            merged = base.astype(np.float32) + (delta.T if ref.transposed else delta)
-            if base.dtype == np.float16:
-                merged = np.clip(merged, -65504.0, 65504.0)
-            values[ref.initializer] = np.ascontiguousarray(merged.astype(base.dtype))
-            if ref.ort_cpu:
-                ort_name = ref.ort_cpu_initializer or ref.initializer
-                ort_values[ort_name] = to_layout(values[ref.initializer], ref.ort_cpu_layout)
-        everywhere = all(r.ort_cpu for r in refs.values())
-        out[name] = Overrides(values, ort_values if everywhere else None)
+        fast = bool(comp.ort_cpu_path) and optimised(name) and all(r.ort_cpu for r in refs.values())
+        graph = str(comp.ort_cpu_path) if fast else comp.path
+        names = {(r.ort_cpu_initializer or r.initializer) if fast else r.initializer: p for p, r in refs.items()}
+        locations = initializer_locations(root / graph, set(names))
+        values = {}
+        for init, param in names.items():
+            ref = refs[param]
+            delta = source[param].T if ref.transposed else source[param]
+            if fast and ref.ort_cpu_layout:
+                delta = to_layout(delta, ref.ort_cpu_layout)
+            values[init] = _merged(locations[init].read(), delta)
+        out[name] = Overrides(values, fast)
     return out
+
+
+def _merged(base: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    merged = base.astype(np.float32) + delta
+    if base.dtype == np.float16:
+        merged = np.clip(merged, -65504.0, 65504.0)
+    return np.ascontiguousarray(merged.astype(base.dtype, copy=False))
 
 
 def ort_model_with(ort: Any, options: Any, path: Path, initializers: dict[str, np.ndarray],
@@ -223,7 +232,8 @@ class LoraSwapper:
             return {}
         check_swappable(self.manifest)
         deltas = compute_deltas(specs, manifest_targets(self.manifest), ignore_unmatched)
-        return build_overrides(self.root, self.manifest, deltas)
+        optimised = getattr(self.backend, "optimised_graph", lambda name: False)
+        return build_overrides(self.root, self.manifest, deltas, optimised)
 
     @property
     def refits(self) -> bool:
@@ -236,7 +246,7 @@ class LoraSwapper:
         for name in sorted(self._applied | set(overrides)):
             if name in overrides:
                 new[name] = self.backend.load_with_initializers(name, overrides[name].initializers,
-                                                                overrides[name].ort_cpu_initializers)
+                                                                overrides[name].optimised)
             else:
                 new[name] = self.backend.load(name)
         return new

@@ -63,11 +63,16 @@ class OnnxRuntimeBackend:
     def load(self, component: str) -> OnnxRuntimeSession:
         return self.load_with_initializers(component)
 
+    def optimised_graph(self, component: str) -> bool:
+        """Whether `load` starts `component` from the saved ORT-optimised CPU graph."""
+        spec = self.manifest.components[component]
+        return bool(self.device == "cpu" and spec.ort_cpu_path and spec.ort_cpu_target == self.cpu_target)
+
     def load_with_initializers(self, component: str, initializers: dict[str, np.ndarray] | None = None,
-                               ort_cpu_initializers: dict[str, np.ndarray] | None = None) -> OnnxRuntimeSession:
+                               optimised: bool = False) -> OnnxRuntimeSession:
         """A session whose named initializers are replaced (LoRA-merged weights, see
-        sdopt/runtime/lora_swap.py): `initializers` for model.onnx, `ort_cpu_initializers` (names
-        and layouts of the saved optimised graph, None where it lacks some) for that graph."""
+        sdopt/runtime/lora_swap.py), given in the names and layouts of the saved optimised
+        graph (`optimised`, only where `optimised_graph` is true) or of model.onnx."""
         ort = self.ort
         spec = self.manifest.components.get(component)
         if spec is None:
@@ -77,9 +82,8 @@ class OnnxRuntimeBackend:
         if self.device == "cuda":
             providers.insert(0, "CUDAExecutionProvider")
         path = spec.path
-        optimised = self.device == "cpu" and spec.ort_cpu_path and spec.ort_cpu_target == self.cpu_target
-        if optimised and (not initializers or ort_cpu_initializers is not None):
-            path, initializers = str(spec.ort_cpu_path), ort_cpu_initializers
+        if self.optimised_graph(component) and (optimised or not initializers):
+            path = str(spec.ort_cpu_path)
         model: str | bytes = str(self.root / path)
         keep: list = []  # LoRA: buffers ORT uses in place, alive as long as the session
         if initializers:
