@@ -22,7 +22,11 @@ MANIFEST_FORMAT = "sdopt-artifact"
 MANIFEST_VERSION = 1
 
 FAMILIES = ("sd1", "sd2", "sdxl")
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "unet_shallow", "vae_decoder", "vae_encoder")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "unet_deep", "unet_shallow", "vae_decoder", "vae_encoder")
+# `unet` is Optimum's interface (one output, out_sample); `unet_deep` is the same graph with the
+# DeepCache `deep_feature` output too, in this file beside it and over the same weights file.
+# The runtime loads one of the two (`Manifest.runtime_components`): one copy of the weights.
+UNET_DEEP_FILE = "model_deep.onnx"
 
 
 @dataclass
@@ -126,6 +130,15 @@ class Manifest:
     format: str = MANIFEST_FORMAT
     version: int = MANIFEST_VERSION
 
+    def runtime_components(self) -> list[str]:
+        """The components the runtime loads: all but `unet` where `unet_deep` (the same graph over
+        the same weights, plus DeepCache's output) is there, so memory holds one U-Net."""
+        return [n for n in self.components if not (n == "unet" and "unet_deep" in self.components)]
+
+    def full_unet(self) -> str:
+        """The component that runs the full U-Net: `unet_deep` where the artifact has it."""
+        return "unet_deep" if "unet_deep" in self.components else "unet"
+
     # -- serialisation -------------------------------------------------------------------
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"
@@ -188,13 +201,14 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 def verify_files(root: str | Path, manifest: Manifest, names: list[str] | None = None) -> None:
     """Check that every file of the named components exists and has its recorded hash."""
     root = Path(root)
-    for name in names or list(manifest.components):
-        for rel, digest in manifest.components[name].files.items():
-            p = root / rel
-            if not p.is_file():
-                raise SdoptError(f"{p} is missing from the artifact", f"re-export: sdopt export MODEL --out {root} --force")
-            if sha256_file(p) != digest:
-                raise SdoptError(
-                    f"{p} does not match the hash in {MANIFEST_NAME} (modified or corrupt)",
-                    f"re-export: sdopt export MODEL --out {root} --force",
-                )
+    files = {rel: digest for name in names or list(manifest.components)
+             for rel, digest in manifest.components[name].files.items()}  # a shared weights file: once
+    for rel, digest in files.items():
+        p = root / rel
+        if not p.is_file():
+            raise SdoptError(f"{p} is missing from the artifact", f"re-export: sdopt export MODEL --out {root} --force")
+        if sha256_file(p) != digest:
+            raise SdoptError(
+                f"{p} does not match the hash in {MANIFEST_NAME} (modified or corrupt)",
+                f"re-export: sdopt export MODEL --out {root} --force",
+            )

@@ -37,15 +37,18 @@ class TextEncoderGraph(torch.nn.Module):
 class UNetGraph(torch.nn.Module):
     """U-Net noise prediction; SDXL's added conditions (pooled text embeds, time ids) as inputs.
 
-    Second output `deep_feature`: the input of the U-Net's very last layer (DeepCache, Ma et
-    al. 2023). It is an intermediate the graph computes anyway; the runtime's fast mode keeps
-    it and, on the steps between full passes, runs only `UNetShallowGraph`.
+    With `deep=True` a second output `deep_feature`: the input of the U-Net's very last layer
+    (DeepCache, Ma et al. 2023). It is an intermediate the graph computes anyway; the runtime's
+    fast mode keeps it and, on the steps between full passes, runs only `UNetShallowGraph`.
+    The export traces this deep graph once and writes the plain one (Optimum's interface: one
+    output, `out_sample`) as the same graph without that output, over the same weights file.
     """
 
-    def __init__(self, unet: torch.nn.Module, sdxl: bool) -> None:
+    def __init__(self, unet: torch.nn.Module, sdxl: bool, deep: bool = True) -> None:
         super().__init__()
         self.unet = unet
         self.sdxl = sdxl
+        self.deep = deep
 
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
         added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.sdxl else None
@@ -56,7 +59,7 @@ class UNetGraph(torch.nn.Module):
             out = self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
         finally:
             handle.remove()
-        return out, captured[-1]
+        return (out, captured[-1]) if self.deep else out
 
 
 class UNetShallowGraph(torch.nn.Module):
@@ -188,7 +191,7 @@ def plan_components(pipe: Any, family: str, image: ImageSpec, names: list[str]) 
                 fp32_ops=["LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Softmax"],
                 vocab_size=min(te.config.vocab_size, len(pipe.tokenizer)),
             ))
-        elif name == "unet":
+        elif name in ("unet", "unet_deep"):
             L = pipe.tokenizer.model_max_length
             inputs = [TensorSpec("sample", f32, ["batch", unet_cfg.in_channels, "latent_height", "latent_width"]),
                       TensorSpec("timestep", f32, ["batch"]),
@@ -198,10 +201,12 @@ def plan_components(pipe: Any, family: str, image: ImageSpec, names: list[str]) 
                            TensorSpec("time_ids", f32, ["batch", 6])]
             deep = TensorSpec("deep_feature", f32, ["batch", unet_cfg.block_out_channels[0], "latent_height", "latent_width"])
             out = TensorSpec("out_sample", f32, ["batch", unet_cfg.out_channels, "latent_height", "latent_width"])
-            plans.append(ComponentPlan(name, UNetGraph(pipe.unet, family == "sdxl"), inputs=inputs, outputs=[out, deep],
+            is_deep = name == "unet_deep"
+            plans.append(ComponentPlan(name, UNetGraph(pipe.unet, family == "sdxl", deep=is_deep), inputs=inputs,
+                                       outputs=[out, deep] if is_deep else [out],
                                        dims=_dims(image, scale, 2, pixels=False), size_multiple=unet_multiple))
         elif name == "unet_shallow":
-            unet_plan = plan_components(pipe, family, image, ["unet"])[0]
+            unet_plan = plan_components(pipe, family, image, ["unet_deep"])[0]
             inputs = [*unet_plan.inputs[:3], unet_plan.outputs[1], *unet_plan.inputs[3:]]
             if not getattr(pipe.unet.up_blocks[-1], "attentions", None):  # SDXL: no cross-attention there
                 inputs = [t for t in inputs if t.name != "encoder_hidden_states"]

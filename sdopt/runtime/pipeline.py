@@ -62,10 +62,11 @@ class Pipeline:
         backend (e.g. threads= for ONNX Runtime, use_cuda_graph= for TensorRT)."""
         root = Path(path).expanduser()
         manifest = load_manifest(root)
+        names = manifest.runtime_components()  # one U-Net graph: unet_deep where there is one
         if verify_hashes:
-            verify_files(root, manifest)
+            verify_files(root, manifest, names)
         backend = open_backend(provider, root, manifest, **backend_options)
-        sessions = {name: backend.load(name) for name in manifest.components}
+        sessions = {name: backend.load(name) for name in names}
         tokenizers = [ClipTokenizer(root / t, manifest.text_max_length) for t in manifest.tokenizers]
         scheduler_config = json.loads((root / manifest.scheduler_config).read_text())
         return cls(root, manifest, backend, sessions, tokenizers, scheduler_config)
@@ -104,7 +105,8 @@ class Pipeline:
             raise SdoptError(f"images per prompt must be at least 1, got {num_images_per_prompt}", "use 1 or more")
         if int(deepcache) != deepcache or deepcache < 1:
             raise SdoptError(f"deepcache must be a whole number >= 1, got {deepcache}", "use 1 (exact) or e.g. 3 (fast)")
-        if deepcache > 1 and "unet_shallow" not in self.sessions:
+        if deepcache > 1 and not ("unet_shallow" in self.sessions and any(
+                o.name == "deep_feature" for o in m.components[m.full_unet()].outputs)):
             raise SdoptError("fast mode needs the unet_shallow graph, which this artifact lacks",
                              "re-export with `sdopt export --force` (it exports unet_shallow by default)")
         if output_type not in ("pil", "np"):
@@ -257,7 +259,7 @@ class Pipeline:
                 model_in = np.concatenate([model_in, mask_in, masked_in], axis=1)
             timestep = np.full((model_in.shape[0],), t, dtype=np.float32)
             if i % deepcache == 0:
-                out = self._run("unet", sample=model_in, timestep=timestep, **cond)
+                out = self._run(self.manifest.full_unet(), sample=model_in, timestep=timestep, **cond)
                 pred, deep_feature = out["out_sample"], out.get("deep_feature")
             else:
                 pred = self._run("unet_shallow", sample=model_in, timestep=timestep, deep_feature=deep_feature,
