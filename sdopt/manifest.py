@@ -19,7 +19,8 @@ from sdopt.errors import SdoptError
 
 MANIFEST_NAME = "sdopt.json"
 MANIFEST_FORMAT = "sdopt-artifact"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: unet_deep beside unet, output aliases (Optimum's graph interface)
+READABLE_VERSIONS = (1, 2)  # version 1 artifacts run unchanged (their unet has deep_feature)
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "unet_deep", "unet_shallow", "vae_decoder", "vae_encoder")
@@ -77,6 +78,9 @@ class Component:
     # It holds layouts for one CPU instruction set: used only where `ort_cpu_target` matches.
     ort_cpu_path: str | None = None
     ort_cpu_target: str | None = None
+    # Runtime role -> graph output name, e.g. {"pooled": "text_embeds", "penultimate_hidden_state":
+    # "hidden_states.11"}: the graphs keep Optimum's output names, the runtime reads roles.
+    aliases: dict[str, str] = field(default_factory=dict)
 
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
@@ -180,7 +184,7 @@ def load_manifest(root: str | Path) -> Manifest:
         raise SdoptError(f"{path} is unreadable ({e})", rebuild) from None
     if raw.get("format") != MANIFEST_FORMAT:
         raise SdoptError(f"{path} is not an sdopt manifest", "pass a folder written by `sdopt export`")
-    if raw.get("version") != MANIFEST_VERSION:
+    if raw.get("version") not in READABLE_VERSIONS:
         raise SdoptError(
             f"{path} has manifest version {raw.get('version')}, this sdopt reads version {MANIFEST_VERSION}", rebuild
         )

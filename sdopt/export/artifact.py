@@ -193,7 +193,7 @@ def _export_component(plan: ComponentPlan, root: Path, image: ImageSpec, scale: 
         precision="fp16" if fp16_ops is not None else "fp32",
         inputs=retype(plan.inputs), outputs=retype(plan.outputs), dims=plan.dims, files=files,
         verification=verification, fp32_ops=list(fp16_ops or []), export_seconds=round(time.perf_counter() - t0, 2),
-        ort_cpu_path=ort_cpu_path, ort_cpu_target=ort_cpu_target,
+        ort_cpu_path=ort_cpu_path, ort_cpu_target=ort_cpu_target, aliases=dict(plan.aliases),
     )
     progress(plan.name, "done", f"{verification.max_abs_err:.2e} abs / {verification.max_rel_err:.2e} rel")
     return comp

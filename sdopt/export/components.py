@@ -18,20 +18,23 @@ from sdopt.manifest import DimRange, ImageSpec, TensorSpec
 
 
 class TextEncoderGraph(torch.nn.Module):
-    """CLIP text encoder -> (last hidden state, penultimate hidden state, pooled embedding).
-
-    SD 1.x/2.x condition on the last hidden state, SDXL on the penultimate one, and SDXL's
-    second encoder adds its projected pooled embedding; one graph shape serves all three.
+    """CLIP text encoder with Optimum's outputs, in Optimum's order (diffusers reads some by position):
+    CLIPTextModel -> last_hidden_state, pooler_output; CLIPTextModelWithProjection -> text_embeds,
+    last_hidden_state; with `hidden_states` (SDXL) also hidden_states.0 .. hidden_states.N, of
+    which SDXL conditions on the penultimate. The manifest's `aliases` name the roles the runtime
+    reads (pooled, penultimate_hidden_state).
     """
 
-    def __init__(self, text_encoder: torch.nn.Module) -> None:
+    def __init__(self, text_encoder: torch.nn.Module, hidden_states: bool) -> None:
         super().__init__()
         self.text_encoder = text_encoder
+        self.hidden_states = hidden_states
+        self.projection = hasattr(text_encoder, "text_projection")
 
     def forward(self, input_ids: torch.Tensor):
-        out = self.text_encoder(input_ids, output_hidden_states=True)
-        pooled = out.text_embeds if hasattr(out, "text_embeds") and out.text_embeds is not None else out.pooler_output
-        return out.last_hidden_state, out.hidden_states[-2], pooled
+        out = self.text_encoder(input_ids, output_hidden_states=self.hidden_states)
+        first = (out.text_embeds, out.last_hidden_state) if self.projection else (out.last_hidden_state, out.pooler_output)
+        return (*first, *out.hidden_states) if self.hidden_states else first
 
 
 class UNetGraph(torch.nn.Module):
@@ -130,6 +133,7 @@ class ComponentPlan:
     keep_fp32: bool = False  # the whole graph stays fp32 in --precision fp16 (VAE overflows in fp16)
     fp32_ops: list[str] = field(default_factory=list)  # op types kept fp32 in fp16 mode
     vocab_size: int = 0  # text encoders: range of seeded input ids
+    aliases: dict[str, str] = field(default_factory=dict)  # runtime role -> graph output name
     size_multiple: int = 1  # latent/pixel dims must be multiples (U-Net downsampling)
 
     def example_inputs(self, values: dict[str, int], seed: int) -> dict[str, np.ndarray]:
@@ -167,6 +171,30 @@ def vae_scale(pipe: Any) -> int:
     return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
 
 
+def _text_encoder_plan(pipe: Any, name: str, family: str, image: ImageSpec) -> ComponentPlan:
+    te = getattr(pipe, name)
+    hidden, f32 = te.config.hidden_size, "float32"
+    L = pipe.tokenizer.model_max_length
+    sdxl = family == "sdxl"  # as optimum-cli: every hidden state only where the pipeline reads one
+    states = [TensorSpec(f"hidden_states.{i}", f32, ["batch", L, hidden])
+              for i in range(te.config.num_hidden_layers + 1)] if sdxl else []
+    last = TensorSpec("last_hidden_state", f32, ["batch", L, hidden])
+    if hasattr(te, "text_projection"):
+        outputs, pooled = [TensorSpec("text_embeds", f32, ["batch", te.config.projection_dim]), last], "text_embeds"
+    else:
+        outputs, pooled = [last, TensorSpec("pooler_output", f32, ["batch", hidden])], "pooler_output"
+    aliases = {"pooled": pooled}
+    if sdxl:
+        aliases["penultimate_hidden_state"] = states[-2].name
+    return ComponentPlan(
+        name, TextEncoderGraph(te, hidden_states=sdxl),
+        inputs=[TensorSpec("input_ids", "int64", ["batch", L])], outputs=outputs + states,
+        dims={"batch": DimRange(1, 2, 2 * image.max_batch)},
+        fp32_ops=["LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Softmax"],
+        vocab_size=min(te.config.vocab_size, len(pipe.tokenizer)), aliases=aliases,
+    )
+
+
 def plan_components(pipe: Any, family: str, image: ImageSpec, names: list[str]) -> list[ComponentPlan]:
     """The export plan of the requested components of a loaded diffusers pipeline."""
     scale = vae_scale(pipe)
@@ -177,20 +205,7 @@ def plan_components(pipe: Any, family: str, image: ImageSpec, names: list[str]) 
     plans: list[ComponentPlan] = []
     for name in names:
         if name in ("text_encoder", "text_encoder_2"):
-            te = getattr(pipe, name)
-            hidden = te.config.hidden_size
-            pooled = te.config.projection_dim if hasattr(te, "text_projection") else hidden
-            L = pipe.tokenizer.model_max_length
-            plans.append(ComponentPlan(
-                name, TextEncoderGraph(te),
-                inputs=[TensorSpec("input_ids", "int64", ["batch", L])],
-                outputs=[TensorSpec("last_hidden_state", f32, ["batch", L, hidden]),
-                         TensorSpec("penultimate_hidden_state", f32, ["batch", L, hidden]),
-                         TensorSpec("pooled", f32, ["batch", pooled])],
-                dims={"batch": DimRange(1, 2, 2 * image.max_batch)},
-                fp32_ops=["LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Softmax"],
-                vocab_size=min(te.config.vocab_size, len(pipe.tokenizer)),
-            ))
+            plans.append(_text_encoder_plan(pipe, name, family, image))
         elif name in ("unet", "unet_deep"):
             L = pipe.tokenizer.model_max_length
             inputs = [TensorSpec("sample", f32, ["batch", unet_cfg.in_channels, "latent_height", "latent_width"]),

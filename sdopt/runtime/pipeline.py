@@ -31,6 +31,7 @@ from sdopt.errors import SdoptError, check_image_size
 from sdopt.manifest import Manifest, load_manifest, verify_files
 from sdopt.runtime import images as imageops
 from sdopt.runtime.backends import open_backend
+from sdopt.runtime.io_adapter import adapt
 from sdopt.runtime.schedulers import DIFFUSERS_CLASS_NAMES, SCHEDULER_NAMES, Scheduler, make_scheduler
 from sdopt.runtime.tokenizer import ClipTokenizer
 
@@ -66,7 +67,7 @@ class Pipeline:
         if verify_hashes:
             verify_files(root, manifest, names)
         backend = open_backend(provider, root, manifest, **backend_options)
-        sessions = {name: backend.load(name) for name in names}
+        sessions = {name: adapt(backend.load(name), manifest.components[name]) for name in names}
         tokenizers = [ClipTokenizer(root / t, manifest.text_max_length) for t in manifest.tokenizers]
         scheduler_config = json.loads((root / manifest.scheduler_config).read_text())
         return cls(root, manifest, backend, sessions, tokenizers, scheduler_config)
