@@ -93,12 +93,12 @@ class Component:
 class ImageSpec:
     """Image sizes and batch the exported graphs accept (pixels; latents are /vae scale)."""
 
-    min_size: int
-    max_size: int
+    min_size: int | None  # None: not recorded (an Optimum export: the graphs' sizes are dynamic)
+    max_size: int | None
     multiple: int  # height and width must be multiples (VAE scale x U-Net downsampling)
     default_height: int
     default_width: int
-    max_batch: int  # images per call; the U-Net and text encoders see 2x for CFG
+    max_batch: int | None  # images per call; the U-Net and text encoders see 2x for CFG. None: not recorded
 
 
 @dataclass
@@ -177,6 +177,10 @@ def load_manifest(root: str | Path) -> Manifest:
         raise SdoptError(f"artifact folder {root} does not exist", "run `sdopt export` first, or pass the folder it wrote")
     path = root / MANIFEST_NAME
     if not path.is_file():
+        from sdopt.optimum_layout import is_optimum_folder, optimum_manifest  # imports this module
+
+        if is_optimum_folder(root):
+            return optimum_manifest(root)
         raise SdoptError(f"{root} is not an sdopt artifact (no {MANIFEST_NAME})", "pass a folder written by `sdopt export`")
     try:
         raw = json.loads(path.read_text())

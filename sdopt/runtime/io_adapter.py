@@ -40,7 +40,7 @@ class AdaptedSession:
         groups = [np.flatnonzero((keys == k).all(axis=1)) for k in np.unique(keys, axis=0)]
         parts = []
         for rows in groups:
-            sub = {n: (np.asarray(v)[rows[0]] if n in batched else v[rows]) for n, v in feeds.items()}
+            sub = {n: (np.asarray(v[rows[0]]) if n in batched else v[rows]) for n, v in feeds.items()}
             parts.append(self.session.run(sub))
         order = np.argsort(np.concatenate(groups), kind="stable")
         merged = {n: np.concatenate([p[n] for p in parts])[order] for n in parts[0]}

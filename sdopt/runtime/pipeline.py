@@ -131,7 +131,7 @@ class Pipeline:
         width = width or m.image.default_width
         self._check_size(height, width)
         batch = len(prompts) * num_images_per_prompt
-        if batch > m.image.max_batch:
+        if m.image.max_batch is not None and batch > m.image.max_batch:
             raise SdoptError(f"{batch} images per call exceed the exported maximum batch {m.image.max_batch}",
                              f"generate fewer at once, or re-export with --max-batch {batch}")
         negatives = self._negatives(negative_prompt, len(prompts))
@@ -291,7 +291,7 @@ class Pipeline:
         check_image_size(height, width, 8)
         check_image_size(height, width, spec.multiple)
         for name, v in (("height", height), ("width", width)):
-            if not spec.min_size <= v <= spec.max_size:
+            if spec.min_size is not None and spec.max_size is not None and not spec.min_size <= v <= spec.max_size:
                 raise SdoptError(f"{name} {v} is outside the exported range {spec.min_size}..{spec.max_size}",
                                  f"use a size in range, or re-export with --min-size/--max-size covering {v}")
 
