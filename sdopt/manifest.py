@@ -100,6 +100,50 @@ class ImageSpec:
     default_width: int
     max_batch: int | None  # images per call; the U-Net and text encoders see 2x for CFG. None: not recorded
 
+    def check(self, height: int, width: int, batch: int | None = None, flag: str = "") -> None:
+        """The one image-size rule, for export, runtime, TensorRT builds and the benchmark.
+
+        Sizes must be positive multiples of 8 (the VAE's downsampling) and of `multiple` (the
+        U-Net's), inside the exported range; a batch must be 1..max_batch. Odd sizes would
+        otherwise fail deep inside an engine.
+
+        Args:
+            height: Image height in pixels.
+            width: Image width in pixels.
+            batch: Images per call, or None to skip the batch check.
+            flag: Prefix of the names in messages, e.g. "--" where the values came from CLI flags.
+
+        Raises:
+            SdoptError: naming the first value that breaks the rule and a value that would not.
+        """
+        for name, value in ((f"{flag}height", height), (f"{flag}width", width)):
+            check_multiple(name, value, 8)
+            check_multiple(name, value, self.multiple)
+            if self.min_size is not None and self.max_size is not None and not self.min_size <= value <= self.max_size:
+                raise SdoptError(
+                    f"{name} {value} is outside the exported range {self.min_size}..{self.max_size}",
+                    f"use a size in range, or re-export with --min-size/--max-size covering {value}",
+                )
+        too_many = batch is not None and self.max_batch is not None and batch > self.max_batch
+        if batch is not None and (batch < 1 or too_many):
+            raise SdoptError(
+                f"{batch} images per call exceed the exported maximum batch {self.max_batch}"
+                if too_many
+                else f"images per call must be at least 1, got {batch}",
+                f"generate 1..{self.max_batch} at once, or re-export with --max-batch {max(batch, 1)}"
+                if too_many
+                else "generate at least one image",
+            )
+
+
+def check_multiple(name: str, value: int, multiple: int) -> None:
+    """`value` must be a positive multiple of `multiple`; the error suggests the nearest one."""
+    if value <= 0 or value % multiple:
+        raise SdoptError(
+            f"{name} {value} is not a positive multiple of {multiple}",
+            f"use e.g. {max(multiple, round(value / multiple) * multiple)}",
+        )
+
 
 @dataclass
 class VaeSpec:
@@ -108,6 +152,59 @@ class VaeSpec:
     scale: int  # pixels per latent
     latent_channels: int
     force_upcast: bool = False
+
+
+@dataclass
+class ShapeRange:
+    """One engine input's (min, opt, max) shape in a TensorRT optimization profile."""
+
+    min: list[int]
+    opt: list[int]
+    max: list[int]
+
+    def contains(self, shape: tuple[int, ...] | list[int]) -> bool:
+        return len(shape) == len(self.min) and all(
+            lo <= s <= hi for s, lo, hi in zip(shape, self.min, self.max, strict=True))
+
+
+@dataclass
+class EngineFlags:
+    """How an engine was built (`sdopt build` options). Defaults are what older manifests implied."""
+
+    static: bool = False
+    refittable: bool = False  # BuilderFlag.REFIT: weights can be replaced (sdopt.engines.trt.refit_engine)
+    version_compatible: bool = False  # loads in later TensorRT; embeds a lean runtime (host code)
+    exclude_lean_runtime: bool = False  # no embedded lean runtime; sdopt does not load such engines
+    strongly_typed: bool = True
+    tf32: bool = True  # BuilderFlag.TF32 (TensorRT's default): fp32 matmuls/convs may round to TF32
+    opt_level: int = 3
+    workspace_gb: float | None = None
+
+
+@dataclass
+class EngineEntry:
+    """One TensorRT engine in the artifact, written by `sdopt build`, checked by the runtime before loading."""
+
+    component: str
+    path: str  # relative to the artifact root: engines/<gpu>_sm<cc>_trt<version>/<component>.plan
+    sha256: str
+    bytes: int
+    tensorrt: str  # the TensorRT version that built it
+    gpu: str  # the GPU model it was built (and tuned) on
+    compute_capability: str  # "8.9"
+    profiles: list[dict[str, ShapeRange]]  # input name -> range; the runtime uses profile 0
+    flags: EngineFlags = field(default_factory=EngineFlags)
+    build_seconds: float = 0.0
+    created: str = ""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EngineEntry:
+        """An entry from its JSON form (also reads the untyped dicts of earlier sdopt versions)."""
+        d = dict(d)
+        d["profiles"] = [{k: ShapeRange(**v) for k, v in p.items()} for p in d.get("profiles", [])]
+        flags = d.get("flags") or {}
+        d["flags"] = EngineFlags(**{k: v for k, v in flags.items() if k in EngineFlags.__dataclass_fields__})
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -130,7 +227,7 @@ class Manifest:
     scheduler_config: str = "scheduler/scheduler_config.json"
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
-    engines: list[dict[str, Any]] = field(default_factory=list)  # TensorRT builds
+    engines: list[EngineEntry] = field(default_factory=list)  # TensorRT builds
     format: str = MANIFEST_FORMAT
     version: int = MANIFEST_VERSION
 
@@ -156,6 +253,7 @@ class Manifest:
         d["image"] = ImageSpec(**d["image"])
         d["vae"] = VaeSpec(**d["vae"])
         d["components"] = {k: _component(v) for k, v in d["components"].items()}
+        d["engines"] = [EngineEntry.from_dict(e) for e in d.get("engines", [])]
         return cls(**d)
 
 
@@ -174,18 +272,23 @@ def load_manifest(root: str | Path) -> Manifest:
     root = Path(root)
     rebuild = f"re-export it: sdopt export MODEL --out {root} --force"
     if not root.is_dir():
-        raise SdoptError(f"artifact folder {root} does not exist", "run `sdopt export` first, or pass the folder it wrote")
+        raise SdoptError(
+            f"artifact folder {root} does not exist", "run `sdopt export` first, or pass the folder it wrote"
+        )
     path = root / MANIFEST_NAME
     if not path.is_file():
         from sdopt.optimum_layout import is_optimum_folder, optimum_manifest  # imports this module
 
         if is_optimum_folder(root):
             return optimum_manifest(root)
-        raise SdoptError(f"{root} is not an sdopt artifact (no {MANIFEST_NAME})", "pass a folder written by `sdopt export`")
+        raise SdoptError(
+            f"{root} is not an sdopt artifact (no {MANIFEST_NAME})",
+            "pass a folder written by `sdopt export` or `optimum-cli export onnx`",
+        )
     try:
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise SdoptError(f"{path} is unreadable ({e})", rebuild) from None
+        raise SdoptError(f"{path} is unreadable ({e})", rebuild) from e
     if raw.get("format") != MANIFEST_FORMAT:
         raise SdoptError(f"{path} is not an sdopt manifest", "pass a folder written by `sdopt export`")
     if raw.get("version") not in READABLE_VERSIONS:
@@ -195,7 +298,7 @@ def load_manifest(root: str | Path) -> Manifest:
     try:
         return Manifest.from_dict(raw)
     except (KeyError, TypeError) as e:
-        raise SdoptError(f"{path} is malformed ({e})", rebuild) from None
+        raise SdoptError(f"{path} is malformed ({e})", rebuild) from e
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -209,6 +312,7 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 def verify_files(root: str | Path, manifest: Manifest, names: list[str] | None = None) -> None:
     """Check that every file of the named components exists and has its recorded hash."""
     root = Path(root)
+<<<<<<< HEAD
     files = {rel: digest for name in names or list(manifest.components)
              for rel, digest in manifest.components[name].files.items()}  # a shared weights file: once
     for rel, digest in files.items():
@@ -220,3 +324,17 @@ def verify_files(root: str | Path, manifest: Manifest, names: list[str] | None =
                 f"{p} does not match the hash in {MANIFEST_NAME} (modified or corrupt)",
                 f"re-export: sdopt export MODEL --out {root} --force",
             )
+=======
+    for name in names or list(manifest.components):
+        for rel, digest in manifest.components[name].files.items():
+            p = root / rel
+            if not p.is_file():
+                raise SdoptError(
+                    f"{p} is missing from the artifact", f"re-export: sdopt export MODEL --out {root} --force"
+                )
+            if sha256_file(p) != digest:
+                raise SdoptError(
+                    f"{p} does not match the hash in {MANIFEST_NAME} (modified or corrupt)",
+                    f"re-export: sdopt export MODEL --out {root} --force",
+                )
+>>>>>>> main

@@ -34,7 +34,8 @@ _T_START = time.perf_counter()  # before any heavy import
 STAGES = ("text_encoder", "unet", "vae_decoder")
 # runtime component -> stage it counts towards
 COMPONENT_STAGE = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder", "unet": "unet",
-                   "unet_shallow": "unet", "vae_decoder": "vae_decoder", "vae_encoder": "vae_encoder"}
+                   "unet_deep": "unet", "unet_shallow": "unet", "vae_decoder": "vae_decoder",
+                   "vae_encoder": "vae_encoder"}
 
 
 class Timers:
@@ -269,8 +270,10 @@ class EngineBuildFailed(RuntimeError):
 
 
 def _needs_engines(e: Exception) -> bool:
-    """The artifact lacks engines for this GPU/TensorRT (as sdopt.runtime.backends.tensorrt words it)."""
-    return "TensorRT engine for" in e.problem or "engines fits this host" in e.problem
+    """The artifact lacks engines for this GPU/TensorRT: `sdopt build` would fix it."""
+    from sdopt.errors import EnginesMissingError
+
+    return isinstance(e, EnginesMissingError)
 
 
 def _build_engines(artifact: str, job: dict[str, Any]) -> float:

@@ -114,6 +114,8 @@ def export_artifact(model_id: str, out: Path, opts: ExportOptions, progress: Pro
     image = image_spec(model, opts)
     available = [c for c in COMPONENTS if c != "text_encoder_2" or model.family == "sdxl"]
     names = opts.components or available
+    if "unet_shallow" in names and "unet_deep" not in names:  # fast mode needs the deep feature
+        names = [*names, "unet_deep"]
     if "unet_deep" in names and "unet" not in names:  # the deep graph's weights are the plain graph's file
         names = [*names, "unet"]
     names = [c for c in COMPONENTS if c in names]
@@ -180,7 +182,7 @@ def _export_component(plan: ComponentPlan, root: Path, image: ImageSpec, scale: 
     ort_cpu_path = ort_cpu_target = None
     if opts.ort_optimize:
         progress(plan.name, "optimize", "")
-        from sdopt.runtime.backends.onnxruntime import cpu_target, save_optimized
+        from sdopt.engines.ort import cpu_target, save_optimized
 
         ort_path = path.with_name(path.stem + ".ort-cpu.onnx")
         save_optimized(path, ort_path)
