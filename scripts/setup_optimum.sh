@@ -10,10 +10,13 @@ STAMP="$VENV/.sdopt-requirements"
 if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && cmp -s "$REQ" "$STAMP"; then
   echo "optimum venv up to date ($VENV)"; exit 0
 fi
+pip_install() {  # pip's output less the "Location ... is ignored" lines of this host's index config
+  "$VENV/bin/python" -m pip install -q "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
 rm -rf "$VENV"
 "$PY" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q torch==2.13.0
-"$VENV/bin/python" -m pip install -q -r "$REQ"
+pip_install --upgrade pip
+pip_install torch==2.13.0
+pip_install -r "$REQ"
 cp "$REQ" "$STAMP"
 echo "optimum venv ready ($VENV: $("$VENV/bin/python" -c 'import optimum.version as v, transformers as t; print("optimum", v.__version__, "transformers", t.__version__)'))"

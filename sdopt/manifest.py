@@ -119,7 +119,8 @@ class ImageSpec:
         for name, value in ((f"{flag}height", height), (f"{flag}width", width)):
             check_multiple(name, value, 8)
             check_multiple(name, value, self.multiple)
-            if self.min_size is not None and self.max_size is not None and not self.min_size <= value <= self.max_size:
+            lo, hi = self.min_size, self.max_size  # None: not recorded (an Optimum export)
+            if lo is not None and hi is not None and not lo <= value <= hi:
                 raise SdoptError(
                     f"{name} {value} is outside the exported range {self.min_size}..{self.max_size}",
                     f"use a size in range, or re-export with --min-size/--max-size covering {value}",
@@ -312,29 +313,19 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 def verify_files(root: str | Path, manifest: Manifest, names: list[str] | None = None) -> None:
     """Check that every file of the named components exists and has its recorded hash."""
     root = Path(root)
-<<<<<<< HEAD
-    files = {rel: digest for name in names or list(manifest.components)
-             for rel, digest in manifest.components[name].files.items()}  # a shared weights file: once
+    files = {  # a weights file that several graphs share is checked once
+        rel: digest
+        for name in names or list(manifest.components)
+        for rel, digest in manifest.components[name].files.items()
+    }
     for rel, digest in files.items():
         p = root / rel
         if not p.is_file():
-            raise SdoptError(f"{p} is missing from the artifact", f"re-export: sdopt export MODEL --out {root} --force")
+            raise SdoptError(
+                f"{p} is missing from the artifact", f"re-export: sdopt export MODEL --out {root} --force"
+            )
         if sha256_file(p) != digest:
             raise SdoptError(
                 f"{p} does not match the hash in {MANIFEST_NAME} (modified or corrupt)",
                 f"re-export: sdopt export MODEL --out {root} --force",
             )
-=======
-    for name in names or list(manifest.components):
-        for rel, digest in manifest.components[name].files.items():
-            p = root / rel
-            if not p.is_file():
-                raise SdoptError(
-                    f"{p} is missing from the artifact", f"re-export: sdopt export MODEL --out {root} --force"
-                )
-            if sha256_file(p) != digest:
-                raise SdoptError(
-                    f"{p} does not match the hash in {MANIFEST_NAME} (modified or corrupt)",
-                    f"re-export: sdopt export MODEL --out {root} --force",
-                )
->>>>>>> main

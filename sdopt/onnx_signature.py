@@ -22,8 +22,20 @@ from pathlib import Path
 from sdopt.errors import SdoptError
 
 # onnx TensorProto.DataType -> numpy dtype name
-ELEM_TYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
-              10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 16: "bfloat16"}
+ELEM_TYPES = {
+    1: "float32",
+    2: "uint8",
+    3: "int8",
+    5: "int16",
+    6: "int32",
+    7: "int64",
+    9: "bool",
+    10: "float16",
+    11: "float64",
+    12: "uint32",
+    13: "uint64",
+    16: "bfloat16",
+}
 
 
 @dataclass
@@ -62,7 +74,7 @@ def _fields(buf: memoryview) -> Iterator[tuple[int, int | memoryview]]:
             yield number, value
         elif wire == 2:
             size, pos = _varint(buf, pos)
-            yield number, buf[pos:pos + size]
+            yield number, buf[pos : pos + size]
             pos += size
         elif wire in (1, 5):  # fixed64 / fixed32: skipped
             pos += 8 if wire == 1 else 4

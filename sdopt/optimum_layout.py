@@ -36,7 +36,9 @@ def _json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
-        raise SdoptError(f"{path} is unreadable ({e})", "re-export the folder with `optimum-cli export onnx`") from None
+        raise SdoptError(
+            f"{path} is unreadable ({e})", "re-export the folder with `optimum-cli export onnx`"
+        ) from None
 
 
 def optimum_manifest(root: str | Path) -> Manifest:
@@ -57,8 +59,10 @@ def optimum_manifest(root: str | Path) -> Manifest:
     family = "sdxl" if sdxl else "sd2" if unet_cfg.get("cross_attention_dim") == 1024 else "sd1"
     components = {name: _component(root, name) for name in OPTIMUM_COMPONENTS if (root / name / ONNX_FILE).is_file()}
     if "text_encoder" not in components or "vae_decoder" not in components:
-        raise SdoptError(f"{root} lacks text_encoder/model.onnx or vae_decoder/model.onnx",
-                         "pass a complete `optimum-cli export onnx` folder of a Stable Diffusion model")
+        raise SdoptError(
+            f"{root} lacks text_encoder/model.onnx or vae_decoder/model.onnx",
+            "pass a complete `optimum-cli export onnx` folder of a Stable Diffusion model",
+        )
     scale = 2 ** (len(vae_cfg.get("block_out_channels", [0] * 4)) - 1)
     multiple = scale * 2 ** (len(unet_cfg.get("block_out_channels", [0] * 4)) - 1)
     default = int(unet_cfg.get("sample_size", 64)) * scale
@@ -66,16 +70,27 @@ def optimum_manifest(root: str | Path) -> Manifest:
     max_length = _json(root / "tokenizer" / "tokenizer_config.json").get("model_max_length", 77)
     unet = components["unet"]
     return Manifest(
-        family=family, source={"kind": "optimum", "id": str(root)},
+        family=family,
+        source={"kind": "optimum", "id": str(root)},
         prediction_type=scheduler.get("prediction_type", "epsilon"),
         precision="fp16" if unet.input("sample").dtype == "float16" else "fp32",
-        opset=read_signature(root / unet.path).opset, exporter="optimum",
-        image=ImageSpec(min_size=None, max_size=None, multiple=multiple, default_height=default,
-                        default_width=default, max_batch=None),
-        vae=VaeSpec(scaling_factor=float(vae_cfg.get("scaling_factor", 0.18215)),
-                    shift_factor=None if vae_cfg.get("shift_factor") is None else float(vae_cfg["shift_factor"]),
-                    scale=scale, latent_channels=int(vae_cfg.get("latent_channels", 4)),
-                    force_upcast=bool(vae_cfg.get("force_upcast", False))),
+        opset=read_signature(root / unet.path).opset,
+        exporter="optimum",
+        image=ImageSpec(
+            min_size=None,
+            max_size=None,
+            multiple=multiple,
+            default_height=default,
+            default_width=default,
+            max_batch=None,
+        ),
+        vae=VaeSpec(
+            scaling_factor=float(vae_cfg.get("scaling_factor", 0.18215)),
+            shift_factor=None if vae_cfg.get("shift_factor") is None else float(vae_cfg["shift_factor"]),
+            scale=scale,
+            latent_channels=int(vae_cfg.get("latent_channels", 4)),
+            force_upcast=bool(vae_cfg.get("force_upcast", False)),
+        ),
         components=components,
         text_max_length=int(max_length) if int(max_length) < 10**6 else 77,
         unet_in_channels=int(unet_cfg.get("in_channels", 4)),
@@ -98,5 +113,14 @@ def _component(root: Path, name: str) -> Component:
         if len(hidden) >= 2:  # hidden_states.0 (embeddings) .. hidden_states.N: SDXL reads N - 1
             aliases["penultimate_hidden_state"] = hidden[-2]
     precision = "fp16" if any(t.dtype == "float16" for t in inputs + outputs) else "fp32"
-    return Component(name=name, path=path, precision=precision, inputs=inputs, outputs=outputs, dims={},
-                     files={}, verification=None, aliases=aliases)
+    return Component(
+        name=name,
+        path=path,
+        precision=precision,
+        inputs=inputs,
+        outputs=outputs,
+        dims={},
+        files={},
+        verification=None,
+        aliases=aliases,
+    )

@@ -42,8 +42,15 @@ def generate(artifact: str, latents: str, out: str, prompt: str, steps: int, gui
     pipe = cls.from_pretrained(artifact, provider="CPUExecutionProvider")
     pipe.set_progress_bar_config(disable=True)
     x = torch.from_numpy(np.load(latents))
-    result = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=x.shape[2] * 8,
-                  width=x.shape[3] * 8, latents=x, output_type="np")
+    result = pipe(
+        prompt,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=x.shape[2] * 8,
+        width=x.shape[3] * 8,
+        latents=x,
+        output_type="np",
+    )
     np.savez(out, images=np.asarray(result.images, dtype=np.float32), pipeline=type(pipe).__name__)
 
 

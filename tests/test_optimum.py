@@ -58,8 +58,9 @@ def _diffusers_folder(pipe, out: Path) -> Path:
             save_tokenizer(getattr(pipe, name), out / name)
     for weights in out.glob("text_encoder*/model.safetensors"):
         state = load_file(weights)
-        legacy = {k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v
-                  for k, v in state.items()}
+        legacy = {
+            k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v for k, v in state.items()
+        }
         save_file(legacy, weights, metadata={"format": "pt"})
     return out
 
@@ -80,15 +81,27 @@ def optimum(tiny_artifact, reference_pipeline, tmp_path_factory) -> dict[str, Pa
         paths[f"export-{family}"] = work / f"optimum-export-{family}"
         paths[f"images-{family}"] = work / f"optimum-images-{family}.npz"
         jobs["export"].append({"model": str(paths[f"diffusers-{family}"]), "out": str(paths[f"export-{family}"])})
-        jobs["generate"].append({"artifact": str(tiny_artifact(preset)), "latents": str(work / f"latents-{family}.npy"),
-                                 "out": str(paths[f"images-{family}"]), "prompt": PROMPT, "steps": STEPS,
-                                 "guidance": GUIDANCE})
+        jobs["generate"].append(
+            {
+                "artifact": str(tiny_artifact(preset)),
+                "latents": str(work / f"latents-{family}.npy"),
+                "out": str(paths[f"images-{family}"]),
+                "prompt": PROMPT,
+                "steps": STEPS,
+                "guidance": GUIDANCE,
+            }
+        )
         paths[f"latents-{family}"] = work / f"latents-{family}.npy"
     (work / "jobs.json").write_text(json.dumps(jobs))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["HF_HUB_OFFLINE"] = "1"
-    done = subprocess.run([str(OPTIMUM_PY), str(REPO / "tests" / "optimum_worker.py"), str(work / "jobs.json")],
-                          capture_output=True, text=True, env=env, timeout=900)
+    done = subprocess.run(
+        [str(OPTIMUM_PY), str(REPO / "tests" / "optimum_worker.py"), str(work / "jobs.json")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return paths
 
@@ -97,8 +110,15 @@ def _sdopt_images(root: Path, latents: np.ndarray) -> np.ndarray:
     from sdopt.runtime import Pipeline
 
     pipe = Pipeline.load(root)
-    return pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=SIZE, width=SIZE,
-                latents=latents, output_type="np").images
+    return pipe(
+        PROMPT,
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        height=SIZE,
+        width=SIZE,
+        latents=latents,
+        output_type="np",
+    ).images
 
 
 def _check(case: str, ours: np.ndarray, ref: np.ndarray) -> None:
@@ -111,7 +131,9 @@ def _check(case: str, ours: np.ndarray, ref: np.ndarray) -> None:
 @pytest.mark.parametrize("family", list(PRESETS))
 def test_optimum_generates_from_sdopt_artifact_like_sdopt(family, optimum, tiny_artifact):
     got = np.load(optimum[f"images-{family}"])
-    assert str(got["pipeline"]) == ("ORTStableDiffusionXLPipeline" if family == "sdxl" else "ORTStableDiffusionPipeline")
+    assert str(got["pipeline"]) == (
+        "ORTStableDiffusionXLPipeline" if family == "sdxl" else "ORTStableDiffusionPipeline"
+    )
     ours = _sdopt_images(tiny_artifact(PRESETS[family]), np.load(optimum[f"latents-{family}"]))
     _check(f"{family}: Optimum on the sdopt artifact vs sdopt", got["images"], ours)
 
@@ -131,7 +153,10 @@ def test_unet_has_optimums_interface_and_fast_mode_shares_its_weights(tiny_artif
     external = [dict(v) for v in where(plain).values() if v]  # (tensors under 1 KB stay inline)
     assert where(plain) == where(deep) and external and {e["location"] for e in external} == {"model.onnx.data"}
     # (ONNX Runtime's saved optimised CPU graph of the deep graph holds re-laid-out weights of its own.)
-    assert sorted(p.name for p in (root / "unet").glob("*.data")) == ["model.onnx.data", "model_deep.ort-cpu.onnx.data"]
+    assert sorted(p.name for p in (root / "unet").glob("*.data")) == [
+        "model.onnx.data",
+        "model_deep.ort-cpu.onnx.data",
+    ]
     # ... and one in memory: the runtime loads the deep graph only.
     assert m.runtime_components().count("unet") == 0 and "unet_deep" in m.runtime_components()
 
@@ -141,7 +166,13 @@ def test_tokenizer_folders_carry_transformers_4_and_5_files(preset, tiny_artifac
     root = tiny_artifact(preset)
     for name in load_manifest(root).tokenizers:
         files = {p.name for p in (root / name).iterdir()}
-        assert {"vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"} <= files
+        assert {
+            "vocab.json",
+            "merges.txt",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "tokenizer.json",
+        } <= files
 
 
 # -- 2. sdopt reads Optimum's exports ----------------------------------------------------------
@@ -151,8 +182,15 @@ def test_sdopt_generates_from_optimum_export_like_diffusers(family, optimum, ref
 
     latents = np.load(optimum[f"latents-{family}"])
     ours = _sdopt_images(optimum[f"export-{family}"], latents)
-    ref = reference_pipeline(PRESETS[family])(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=SIZE,
-                                              width=SIZE, latents=torch.from_numpy(latents), output_type="np").images
+    ref = reference_pipeline(PRESETS[family])(
+        PROMPT,
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        height=SIZE,
+        width=SIZE,
+        latents=torch.from_numpy(latents),
+        output_type="np",
+    ).images
     _check(f"{family}: sdopt on the Optimum export vs diffusers", ours, ref)
 
 
@@ -165,8 +203,10 @@ def test_optimum_export_manifest_shows_sdopt_only_figures_as_absent(optimum):
     for c in m.components.values():
         assert c.verification is None and c.files == {} and c.dims == {}, c.name
     assert m.image.min_size is None and m.image.max_size is None and m.image.max_batch is None
-    assert m.components["text_encoder_2"].aliases == {"pooled": "text_embeds",
-                                                      "penultimate_hidden_state": "hidden_states.2"}
+    assert m.components["text_encoder_2"].aliases == {
+        "pooled": "text_embeds",
+        "penultimate_hidden_state": "hidden_states.2",
+    }
     assert m.components["unet"].input("timestep").shape == []  # Optimum's scalar timestep
 
 
@@ -180,13 +220,29 @@ def test_cli_inspect_generate_and_bench_accept_an_optimum_export(optimum, tmp_pa
     shown = CliRunner().invoke(app, ["inspect", root, "--verify"], terminal_width=200)
     assert shown.exit_code == 0, shown.output
     assert "optimum" in shown.output and "not recorded" in shown.output and "—" in shown.output
-    made = CliRunner().invoke(app, ["generate", root, PROMPT, "--steps", "2", "--seed", "1",
-                                    "--out", str(tmp_path / "o.png")])
+    made = CliRunner().invoke(
+        app, ["generate", root, PROMPT, "--steps", "2", "--seed", "1", "--out", str(tmp_path / "o.png")]
+    )
     assert made.exit_code == 0, made.output
     assert Image.open(tmp_path / "o.png").size == (SIZE, SIZE)
     out = tmp_path / "bench"
-    ran = CliRunner().invoke(app, ["bench", root, "--backends", "torch,onnxruntime", "--runs", "1", "--warmup", "0",
-                                   "--steps", "2", "--out", str(out)])
+    ran = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            root,
+            "--backends",
+            "torch,onnxruntime",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+        ],
+    )
     assert ran.exit_code == 0, ran.output
     by = {b["name"]: b for b in json.loads((out / "results.json").read_text())["backends"]}
     assert by["onnxruntime"]["status"] == "ok" and by["torch"]["status"] == "skipped", by

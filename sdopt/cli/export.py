@@ -150,7 +150,8 @@ def inspect(artifact: Path = typer.Argument(..., help="Artifact folder written b
     size = "any size" if m.image.min_size is None else f"{m.image.min_size}..{m.image.max_size} px"
     batch = "batch not recorded" if m.image.max_batch is None else f"batch <= {m.image.max_batch}"
     console.print(f"images {size} (multiple of {m.image.multiple}, default {m.image.default_height}x"
-                  f"{m.image.default_width}), {batch}; VAE scaling {m.vae.scaling_factor}, text length {m.text_max_length}")
+                  f"{m.image.default_width}), {batch}; VAE scaling {m.vae.scaling_factor}, "
+                  f"text length {m.text_max_length}")
     if m.source.get("kind") == "optimum":
         console.print("an Optimum ONNX export: verification errors, file hashes, the size range and the maximum "
                       "batch are not recorded there (shown as —)")

@@ -33,7 +33,10 @@ class TextEncoderGraph(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor):
         out = self.text_encoder(input_ids, output_hidden_states=self.hidden_states)
-        first = (out.text_embeds, out.last_hidden_state) if self.projection else (out.last_hidden_state, out.pooler_output)
+        if self.projection:
+            first = (out.text_embeds, out.last_hidden_state)
+        else:
+            first = (out.last_hidden_state, out.pooler_output)
         return (*first, *out.hidden_states) if self.hidden_states else first
 
 

@@ -66,6 +66,9 @@ def adapt(session: EngineSession, spec: Component) -> EngineSession:
     Returns:
         A session whose `run` takes runtime feeds and returns the runtime's output roles.
     """
-    needs = spec.aliases or any(t.shape == [] for t in spec.inputs) or any(
-        t.name == "latent_parameters" for t in spec.outputs)
+    needs = (
+        spec.aliases
+        or any(t.shape == [] for t in spec.inputs)
+        or any(t.name == "latent_parameters" for t in spec.outputs)
+    )
     return AdaptedSession(session, spec) if needs else session
