@@ -237,10 +237,6 @@ class Manifest:
         the same weights, plus DeepCache's output) is there, so memory holds one U-Net."""
         return [n for n in self.components if not (n == "unet" and "unet_deep" in self.components)]
 
-    def full_unet(self) -> str:
-        """The component that runs the full U-Net: `unet_deep` where the artifact has it."""
-        return "unet_deep" if "unet_deep" in self.components else "unet"
-
     # -- serialisation -------------------------------------------------------------------
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"

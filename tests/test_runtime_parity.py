@@ -272,7 +272,7 @@ def seeded_unet(preset: str, **overrides):
 def with_unet(pipe: Pipeline, unet, **manifest_changes) -> Pipeline:
     variant = copy.copy(pipe)
     variant.manifest = dataclasses.replace(pipe.manifest, **manifest_changes)
-    variant.sessions = {**pipe.sessions, pipe.manifest.full_unet(): TorchUNetSession(unet)}  # unet_deep if present
+    variant.sessions = {**pipe.sessions, "unet": TorchUNetSession(unet)}
     return variant
 
 

@@ -34,8 +34,7 @@ _T_START = time.perf_counter()  # before any heavy import
 STAGES = ("text_encoder", "unet", "vae_decoder")
 # runtime component -> stage it counts towards
 COMPONENT_STAGE = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder", "unet": "unet",
-                   "unet_deep": "unet", "unet_shallow": "unet", "vae_decoder": "vae_decoder",
-                   "vae_encoder": "vae_encoder"}
+                   "unet_shallow": "unet", "vae_decoder": "vae_decoder", "vae_encoder": "vae_encoder"}
 
 
 class Timers:

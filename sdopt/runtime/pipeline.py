@@ -95,7 +95,10 @@ class Pipeline:
         if verify_hashes:
             verify_files(root, manifest, names)
         backend = open_backend(provider, root, manifest, **backend_options)
-        sessions = {name: adapt(backend.load(name), manifest.components[name]) for name in names}
+        # Sessions are keyed by role: "unet" is the full U-Net, whichever graph backs it (unet_deep
+        # has the same inputs and weights as unet, plus the deep_feature output fast mode needs).
+        sessions = {("unet" if name == "unet_deep" else name): adapt(backend.load(name), manifest.components[name])
+                    for name in names}
         tokenizers = [ClipTokenizer(root / t, manifest.text_max_length) for t in manifest.tokenizers]
         scheduler_config = json.loads((root / manifest.scheduler_config).read_text())
         return cls(root, manifest, backend, sessions, tokenizers, scheduler_config)
@@ -217,13 +220,13 @@ class Pipeline:
             yield state
 
     def unet(self, component: str, feeds: Feeds) -> tuple[np.ndarray, np.ndarray | None]:
-        """One U-Net call ("unet" or "unet_shallow") on feeds of any batch. "unet" runs the full
-        U-Net graph the pipeline loaded: `unet_deep` (with DeepCache's output) where there is one.
+        """One U-Net call ("unet" or "unet_shallow") on feeds of any batch. The "unet" session runs
+        the full U-Net graph the pipeline loaded: `unet_deep` (with DeepCache's output) where there is one.
 
         Returns:
             (out_sample, deep_feature); deep_feature is None where the graph has no such output.
         """
-        out = self.run(self.manifest.full_unet() if component == "unet" else component, **feeds)
+        out = self.run(component, **feeds)
         return out["out_sample"], out.get("deep_feature")
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
