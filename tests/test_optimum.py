@@ -210,6 +210,26 @@ def test_optimum_export_manifest_shows_sdopt_only_figures_as_absent(optimum):
     assert m.components["unet"].input("timestep").shape == []  # Optimum's scalar timestep
 
 
+def test_scalar_timestep_unet_takes_a_batch_at_mixed_steps(optimum):
+    """Optimum's U-Net takes one timestep per call; the runtime feeds one per batch item (requests
+    at different steps share a call): the adapter runs one call per distinct timestep."""
+    from sdopt.runtime import Pipeline
+
+    pipe = Pipeline.load(optimum["export-sd1"])
+    rng = np.random.default_rng(0)
+    feeds = {
+        "sample": rng.standard_normal((4, 4, 16, 16), dtype=np.float32),
+        "timestep": np.array([999, 501, 999, 1], np.float32),
+        "encoder_hidden_states": rng.standard_normal((4, 77, 32), dtype=np.float32),
+    }
+    whole, _ = pipe.unet("unet", feeds)
+    for i in range(4):
+        alone, _ = pipe.unet("unet", {k: v[i : i + 1] for k, v in feeds.items()})
+        # Same graph and inputs; only the batch size differs, which can change ONNX Runtime's
+        # kernel blocking and so float32 summation order: ~1e-6 on values of magnitude ~1.
+        np.testing.assert_allclose(whole[i : i + 1], alone, atol=1e-5)
+
+
 def test_cli_inspect_generate_and_bench_accept_an_optimum_export(optimum, tmp_path):
     from PIL import Image
     from typer.testing import CliRunner
