@@ -132,7 +132,7 @@ class ImageSpec:
                 if too_many
                 else f"images per call must be at least 1, got {batch}",
                 f"generate 1..{self.max_batch} at once, or re-export with --max-batch {max(batch, 1)}"
-                if too_many
+                if self.max_batch is not None
                 else "generate at least one image",
             )
 

@@ -93,7 +93,7 @@ class Pipeline:
         manifest = load_manifest(root)
         names = manifest.runtime_components()  # one U-Net graph in memory: unet_deep where there is one
         if verify_hashes:
-            verify_files(root, manifest, names)
+            verify_files(root, manifest)  # every file (a weights file two graphs share: hashed once)
         backend = open_backend(provider, root, manifest, **backend_options)
         # Sessions are keyed by role: "unet" is the full U-Net, whichever graph backs it (unet_deep
         # has the same inputs and weights as unet, plus the deep_feature output fast mode needs).
