@@ -115,15 +115,16 @@ class VaeDecoderGraph(torch.nn.Module):
 
 
 class VaeEncoderGraph(torch.nn.Module):
-    """Image in [-1, 1] -> mean and std of the latent distribution (the runtime draws the sample)."""
+    """Image in [-1, 1] -> `latent_parameters`, Optimum's output: the latent distribution's mean
+    and log-variance stacked on the channel axis (diffusers' DiagonalGaussianDistribution
+    parameters). The runtime derives mean and std as diffusers does and draws the sample."""
 
     def __init__(self, vae: torch.nn.Module) -> None:
         super().__init__()
         self.vae = vae
 
     def forward(self, sample):
-        dist = self.vae.encode(sample).latent_dist
-        return dist.mean, dist.std
+        return self.vae.encode(sample).latent_dist.parameters
 
 
 @dataclass
@@ -245,8 +246,7 @@ def plan_components(pipe: Any, family: str, image: ImageSpec, names: list[str]) 
             plans.append(ComponentPlan(
                 name, VaeEncoderGraph(pipe.vae),
                 inputs=[TensorSpec("sample", f32, ["batch", 3, "height", "width"])],
-                outputs=[TensorSpec("latent_mean", f32, ["batch", latent_c, "latent_height", "latent_width"]),
-                         TensorSpec("latent_std", f32, ["batch", latent_c, "latent_height", "latent_width"])],
+                outputs=[TensorSpec("latent_parameters", f32, ["batch", 2 * latent_c, "latent_height", "latent_width"])],
                 dims={**_dims(image, scale, 1, pixels=True),
                       **{k: v for k, v in _dims(image, scale, 1, pixels=False).items() if k != "batch"}},
                 keep_fp32=True,
