@@ -19,4 +19,5 @@ pip_install --upgrade pip
 pip_install torch==2.13.0
 pip_install -r "$REQ"
 cp "$REQ" "$STAMP"
-echo "optimum venv ready ($VENV: $("$VENV/bin/python" -c 'import optimum.version as v, transformers as t; print("optimum", v.__version__, "transformers", t.__version__)'))"
+versions=$("$VENV/bin/python" -c 'import optimum.version as o, transformers as t; print(o.__version__, t.__version__)')
+echo "optimum venv ready ($VENV: optimum, transformers $versions)"

@@ -246,7 +246,8 @@ def plan_components(pipe: Any, family: str, image: ImageSpec, names: list[str]) 
             plans.append(ComponentPlan(
                 name, VaeEncoderGraph(pipe.vae),
                 inputs=[TensorSpec("sample", f32, ["batch", 3, "height", "width"])],
-                outputs=[TensorSpec("latent_parameters", f32, ["batch", 2 * latent_c, "latent_height", "latent_width"])],
+                outputs=[TensorSpec("latent_parameters", f32,  # mean and log-variance: 2x the latent channels
+                                    ["batch", 2 * latent_c, "latent_height", "latent_width"])],
                 dims={**_dims(image, scale, 1, pixels=True),
                       **{k: v for k, v in _dims(image, scale, 1, pixels=False).items() if k != "batch"}},
                 keep_fp32=True,
