@@ -20,7 +20,7 @@ import torch
 from sdopt.manifest import WeightRef
 
 # Components whose weights LoRA files target (unet_shallow shares the U-Net's weights).
-LORA_COMPONENTS = ("unet", "unet_shallow", "text_encoder", "text_encoder_2")
+LORA_COMPONENTS = ("unet", "unet_deep", "unet_shallow", "text_encoder", "text_encoder_2")
 
 
 def lora_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -100,7 +100,7 @@ def lora_weight_map(plan, path: Path) -> dict[str, WeightRef]:
         return {}
     model = next(plan.module.children())
     refs = map_weights(model, path, partial=plan.name == "unet_shallow")
-    ort_cpu = path.parent / "model.ort-cpu.onnx"
+    ort_cpu = path.with_name(path.stem + ".ort-cpu.onnx")  # where artifact.py saves it
     if ort_cpu.is_file():
         mark_ort_cpu(refs, path, ort_cpu)
     return refs

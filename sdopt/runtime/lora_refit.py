@@ -69,7 +69,7 @@ def refit_sessions(root: Path, manifest: Manifest, sessions: dict[str, Any], ove
     """
     values = refit_values(root, manifest, overrides, refitted)
     for name, weights in sorted(values.items()):
-        session = sessions[name]
+        session = getattr(sessions[name], "session", sessions[name])  # the engine session under any io adapter
         if not hasattr(session, "refit"):
             raise SdoptError(f"the {name} engine cannot change its weights",
                              "use --provider cpu/cuda, or merge the LoRA at export: sdopt export --lora FILE")

@@ -37,7 +37,7 @@ from sdopt.lora.onnx_weights import initializer_locations
 from sdopt.manifest import Manifest
 
 LORA_TARGETS = ("unet", "text_encoder", "text_encoder_2")  # what LoRA files name
-SHARES_WEIGHTS = {"unet_shallow": "unet"}  # graphs computing part of another component
+SHARES_WEIGHTS = {"unet_shallow": "unet", "unet_deep": "unet"}  # graphs over (part of) another's weights
 
 
 @dataclass
@@ -73,7 +73,8 @@ def check_swappable(manifest: Manifest) -> None:
 
 
 def build_overrides(root: Path, manifest: Manifest, deltas: Deltas,
-                    optimised: Callable[[str], bool] = lambda name: False) -> dict[str, Overrides]:
+                    optimised: Callable[[str], bool] = lambda name: False,
+                    names: list[str] | None = None) -> dict[str, Overrides]:
     """component -> its overridden initializers, for every graph a delta touches.
 
     Args:
@@ -83,11 +84,13 @@ def build_overrides(root: Path, manifest: Manifest, deltas: Deltas,
         optimised: whether the backend loads a component from its saved ORT-optimised graph;
             where it does and the export found every changed weight there, the values are
             computed in that graph's names and layouts, from its own (page-cached) file.
+        names: the components to compute (default: those the runtime loads).
     Returns:
         Only components with at least one changed weight.
     """
     out: dict[str, Overrides] = {}
-    for name, comp in manifest.components.items():
+    for name in names if names is not None else manifest.runtime_components():
+        comp = manifest.components[name]
         source = deltas.get(SHARES_WEIGHTS.get(name, name), {})
         refs = {param: comp.weights[param] for param in source if param in comp.weights}
         if not refs:
@@ -99,10 +102,10 @@ def build_overrides(root: Path, manifest: Manifest, deltas: Deltas,
                              "merge this LoRA at export instead: sdopt export --lora FILE")
         fast = bool(comp.ort_cpu_path) and optimised(name) and all(r.ort_cpu for r in refs.values())
         graph = str(comp.ort_cpu_path) if fast else comp.path
-        names = {(r.ort_cpu_initializer or r.initializer) if fast else r.initializer: p for p, r in refs.items()}
-        locations = initializer_locations(root / graph, set(names))
+        by_init = {(r.ort_cpu_initializer or r.initializer) if fast else r.initializer: p for p, r in refs.items()}
+        locations = initializer_locations(root / graph, set(by_init))
         values = {}
-        for init, param in names.items():
+        for init, param in by_init.items():
             ref = refs[param]
             delta = source[param].T if ref.transposed else source[param]
             if fast and ref.ort_cpu_layout:
@@ -212,10 +215,14 @@ class LoraSwapper:
     place with the same merged values while no call runs (`sdopt.runtime.lora_refit`).
     """
 
-    def __init__(self, root: Path, manifest: Manifest, backend: Any) -> None:
+    def __init__(self, root: Path, manifest: Manifest, backend: Any,
+                 entry: Callable[[str, Any], tuple[str, Any]], role: Callable[[str], str] = lambda name: name,
+                 ) -> None:
         self.root = root
         self.manifest = manifest
         self.backend = backend
+        self.entry = entry  # (component, engine session) -> (pipeline role, adapted session)
+        self.role = role  # component -> the pipeline's key for its session
         self.lock = SwapLock()
         self.loras: list[LoraSpec] = []
         self._applied: set[str] = set()  # components whose sessions carry LoRA weights
@@ -242,19 +249,21 @@ class LoraSwapper:
 
     def new_sessions(self, overrides: dict[str, Overrides]) -> dict[str, Any]:
         """Sessions for every component whose weights differ between the applied LoRAs and `overrides`."""
-        new = {}
+        new: dict[str, Any] = {}
         for name in sorted(self._applied | set(overrides)):
             if name in overrides:
-                new[name] = self.backend.load_with_initializers(name, overrides[name].initializers,
-                                                                overrides[name].optimised)
+                session = self.backend.load_with_initializers(name, overrides[name].initializers,
+                                                              overrides[name].optimised)
             else:
-                new[name] = self.backend.load(name)
+                session = self.backend.load(name)
+            new.update([self.entry(name, session)])
         return new
 
     def _refit(self, sessions: dict[str, Any], overrides: dict[str, Overrides]) -> None:
         from sdopt.runtime.lora_refit import refit_sessions
 
-        self._refitted = refit_sessions(self.root, self.manifest, sessions, overrides, self._refitted)
+        by_name = {name: sessions[self.role(name)] for name in set(overrides) | set(self._refitted)}
+        self._refitted = refit_sessions(self.root, self.manifest, by_name, overrides, self._refitted)
 
     def start(self, specs: list[LoraSpec] | list[tuple[str | Path, float]], ignore_unmatched: bool = False,
               ) -> dict[str, Any]:
@@ -269,7 +278,7 @@ class LoraSwapper:
         specs = as_specs(specs)
         overrides = self.overrides(specs, ignore_unmatched)
         if self.refits:
-            sessions = {name: self.backend.load(name) for name in overrides}
+            sessions = dict(self.entry(name, self.backend.load(name)) for name in overrides)
             self._refit(sessions, overrides)
         else:
             sessions = self.new_sessions(overrides)

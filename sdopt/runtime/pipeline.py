@@ -32,6 +32,7 @@ from sdopt.manifest import Manifest, load_manifest, verify_files
 from sdopt.runtime import images as imageops
 from sdopt.runtime import stages
 from sdopt.runtime.backends import Backend, EngineSession, open_backend
+from sdopt.runtime.io_adapter import adapt
 from sdopt.runtime.lora_swap import LoraSwapper
 from sdopt.runtime.request import GenerationRequest, make_request
 from sdopt.runtime.schedulers import DIFFUSERS_CLASS_NAMES, Scheduler, make_scheduler
@@ -74,7 +75,7 @@ class Pipeline:
         self.sessions = sessions
         self.tokenizers = tokenizers
         self.scheduler_config = scheduler_config
-        self.lora = LoraSwapper(root, manifest, backend)  # LoRA hot-swap state and lock
+        self.lora = LoraSwapper(root, manifest, backend, session_entry(manifest), session_role)  # LoRA hot-swap state and lock
 
     @classmethod
     def load(
@@ -85,7 +86,7 @@ class Pipeline:
         """Open an artifact folder and create one engine session per component.
 
         Args:
-            path: The artifact folder written by `sdopt export`.
+            path: The artifact folder written by `sdopt export`, or an `optimum-cli export onnx` folder.
             provider: "cpu" or "cuda" (ONNX Runtime), or "tensorrt".
             verify_hashes: Check every file's sha256 against the manifest first.
             loras: LoRA files to apply, as (path, scale) pairs or LoraSpec (see `set_loras`).
@@ -102,12 +103,16 @@ class Pipeline:
         """
         root = Path(path).expanduser()
         manifest = load_manifest(root)
+        names = manifest.runtime_components()  # one U-Net graph in memory: unet_deep where there is one
         if verify_hashes:
-            verify_files(root, manifest)
+            verify_files(root, manifest)  # every file (a weights file two graphs share: hashed once)
         backend = open_backend(provider, root, manifest, **backend_options)
-        lora = LoraSwapper(root, manifest, backend)  # LoRA'd components get their LoRA sessions directly
-        lora_sessions = lora.start(loras or [], lora_ignore_unmatched)
-        sessions = {name: lora_sessions.get(name) or backend.load(name) for name in manifest.components}
+        entry = session_entry(manifest)
+        lora = LoraSwapper(root, manifest, backend, entry, session_role)  # LoRA'd components get their LoRA sessions directly
+        sessions = lora.start(loras or [], lora_ignore_unmatched)
+        for name in names:
+            if session_role(name) not in sessions:
+                sessions.update([entry(name, backend.load(name))])
         tokenizers = [ClipTokenizer(root / t, manifest.text_max_length) for t in manifest.tokenizers]
         scheduler_config = json.loads((root / manifest.scheduler_config).read_text())
         pipe = cls(root, manifest, backend, sessions, tokenizers, scheduler_config)
@@ -256,7 +261,8 @@ class Pipeline:
             yield state
 
     def unet(self, component: str, feeds: Feeds) -> tuple[np.ndarray, np.ndarray | None]:
-        """One U-Net call ("unet" or "unet_shallow") on feeds of any batch.
+        """One U-Net call ("unet" or "unet_shallow") on feeds of any batch. The "unet" session runs
+        the full U-Net graph the pipeline loaded: `unet_deep` (with DeepCache's output) where there is one.
 
         Returns:
             (out_sample, deep_feature); deep_feature is None where the graph has no such output.
@@ -286,6 +292,17 @@ class Pipeline:
             raise SdoptError(
                 f"scheduler {name} cannot use this model's scheduler config: {e}", "choose another --scheduler"
             ) from e
+
+
+def session_role(name: str) -> str:
+    """Sessions are keyed by role: "unet" is the full U-Net, whichever graph backs it (unet_deep
+    has the same inputs and weights as unet, plus the deep_feature output fast mode needs)."""
+    return "unet" if name == "unet_deep" else name
+
+
+def session_entry(manifest: Manifest) -> Callable[[str, EngineSession], tuple[str, EngineSession]]:
+    """(component, engine session) -> (role, session speaking the runtime's names)."""
+    return lambda name, session: (session_role(name), adapt(session, manifest.components[name]))
 
 
 def default_scheduler_name(config: dict[str, Any]) -> str:
