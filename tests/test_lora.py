@@ -256,20 +256,21 @@ def test_optimised_graph_and_original_graph_swaps_agree(runtime, lora_file):
     from sdopt.runtime.lora_swap import build_overrides
 
     pipe = runtime("tiny")
-    refs = pipe.manifest.components["unet"].weights
+    graph = "unet_deep" if "unet_deep" in pipe.manifest.components else "unet"  # what the runtime loads
+    refs = pipe.manifest.components[graph].weights
     assert all(r.ort_cpu for r in refs.values()) and any(r.ort_cpu_layout for r in refs.values())
     deltas = compute_deltas([LoraSpec(lora_file("tiny"), 1.0)], manifest_targets(pipe.manifest))
-    fast_over = build_overrides(pipe.root, pipe.manifest, deltas, pipe.backend.optimised_graph)["unet"]
-    slow_over = build_overrides(pipe.root, pipe.manifest, deltas)["unet"]
+    fast_over = build_overrides(pipe.root, pipe.manifest, deltas, pipe.backend.optimised_graph, [graph])[graph]
+    slow_over = build_overrides(pipe.root, pipe.manifest, deltas, names=[graph])[graph]
     assert fast_over.optimised and not slow_over.optimised
     assert set(fast_over.initializers) != set(slow_over.initializers)  # NCHWc filters under other names
     rng = np.random.default_rng(0)
     feeds = {"sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
              "timestep": np.array([500.0, 20.0], np.float32),
              "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32)}
-    fast = pipe.backend.load_with_initializers("unet", fast_over.initializers, True).run(feeds)
-    slow = pipe.backend.load_with_initializers("unet", slow_over.initializers, False).run(feeds)
-    base = pipe.sessions["unet"].run(feeds)
+    fast = pipe.backend.load_with_initializers(graph, fast_over.initializers, True).run(feeds)
+    slow = pipe.backend.load_with_initializers(graph, slow_over.initializers, False).run(feeds)
+    base = pipe.backend.load(graph).run(feeds)
     # Same weights; the two graphs differ only in ORT's fused kernels (float rounding).
     assert np.abs(fast["out_sample"] - slow["out_sample"]).max() < 1e-5
     assert np.abs(fast["out_sample"] - base["out_sample"]).max() > MOVES
