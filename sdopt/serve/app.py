@@ -33,6 +33,7 @@ from sdopt.serve.metrics import ServeMetrics
 from sdopt.serve.schema import ImagesRequest, ImagesResponse, encode_png, error_body, pipeline_calls
 
 GENERATIONS = "/v1/images/generations"
+DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
 
 
 @dataclass
@@ -64,13 +65,17 @@ class ReplicaState:
         if config.api_key_env:
             api_key = os.environ.get(config.api_key_env)
             if not api_key:
-                raise SdoptError(f"--api-key-env {config.api_key_env} is not set (or empty) where the replica runs",
-                                 f"export {config.api_key_env}=<key> before `sdopt serve` (on a cluster: in the "
-                                 "workers' environment)")
+                raise SdoptError(
+                    f"--api-key-env {config.api_key_env} is not set (or empty) where the replica runs",
+                    f"export {config.api_key_env}=<key> before `sdopt serve` (on a cluster: in the "
+                    "workers' environment)",
+                )
         options = {"threads": config.threads} if config.threads and config.provider == "cpu" else {}
         pipe = Pipeline.load(config.artifact, provider=config.provider, **options)
         metrics = ServeMetrics()
-        engine = StepBatcher(pipe, config.max_batch, max_waiting=config.max_batch, observer=metrics)
+        engine = StepBatcher(
+            pipe, config.max_batch, max_waiting=2 * config.max_batch * config.limits.max_images, observer=metrics
+        )
         return cls(config, pipe, engine, metrics, api_key)
 
 
@@ -83,15 +88,27 @@ def create_app(state: ReplicaState) -> FastAPI:
     Returns:
         The ASGI app (docs at /docs, schema at /openapi.json).
     """
-    app = FastAPI(title="sdopt", version="1", description="Stable Diffusion images over HTTP (OpenAI Images API "
-                  "shape), step-level continuous batching inside each replica.")
+    app = FastAPI(
+        title="sdopt",
+        version="1",
+        description="Stable Diffusion images over HTTP (OpenAI Images API "
+        "shape), step-level continuous batching inside each replica.",
+    )
     schema = ImagesRequest.model_json_schema()
 
-    @app.post(GENERATIONS, response_model=ImagesResponse, summary="Generate images (OpenAI Images API shape)",
-              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}},
-              responses={400: {"description": "bad parameters"}, 401: {"description": "missing or wrong key"},
-                         413: {"description": "body too large"}, 503: {"description": "queue full (Retry-After)"},
-                         504: {"description": "past the request timeout"}})
+    @app.post(
+        GENERATIONS,
+        response_model=ImagesResponse,
+        summary="Generate images (OpenAI Images API shape)",
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}},
+        responses={
+            400: {"description": "bad parameters"},
+            401: {"description": "missing or wrong key"},
+            413: {"description": "body too large"},
+            503: {"description": "queue full (Retry-After)"},
+            504: {"description": "past the request timeout"},
+        },
+    )
     async def generations(request: Request) -> Response:
         t0 = time.perf_counter()
         try:
@@ -111,8 +128,14 @@ def create_app(state: ReplicaState) -> FastAPI:
     async def ready() -> Response:
         waiting, active = state.engine.load()
         m = state.pipe.manifest
-        body = {"ready": state.engine.alive, "family": m.family, "source": m.source,
-                "max_batch": state.config.max_batch, "waiting": waiting, "active": active}
+        body = {
+            "ready": state.engine.alive,
+            "family": m.family,
+            "source": m.source,
+            "max_batch": state.config.max_batch,
+            "waiting": waiting,
+            "active": active,
+        }
         return JSONResponse(body, status_code=200 if state.engine.alive else 503)
 
     @app.get("/metrics", summary="Prometheus metrics of the replica that answers")
@@ -123,8 +146,13 @@ def create_app(state: ReplicaState) -> FastAPI:
 
 
 def _error(status: int, message: str, fix: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    kind = {401: "authentication_error", 413: "invalid_request_error", 503: "server_busy", 504: "timeout",
-            500: "server_error"}.get(status, "invalid_request_error")
+    kind = {
+        401: "authentication_error",
+        413: "invalid_request_error",
+        503: "server_busy",
+        504: "timeout",
+        500: "server_error",
+    }.get(status, "invalid_request_error")
     return JSONResponse(error_body(status, message, fix, kind), status_code=status, headers=headers)
 
 
@@ -132,19 +160,28 @@ async def _generate(state: ReplicaState, request: Request, t0: float) -> Respons
     """Authenticate, read and validate the body, run it through the engine, answer."""
     config = state.config
     if state.api_key is not None and not _authorized(request, state.api_key):
-        return _error(401, "missing or wrong API key", "send the header 'Authorization: Bearer <key>'",
-                      {"WWW-Authenticate": "Bearer"})
+        return _error(
+            401,
+            "missing or wrong API key",
+            "send the header 'Authorization: Bearer <key>'",
+            {"WWW-Authenticate": "Bearer"},
+        )
     body = await _read_body(request, config.limits.max_body_bytes)
     if body is None:
-        return _error(413, f"request body over the server's limit of {config.limits.max_body_bytes} bytes",
-                      "send smaller images (or fewer)")
+        return _error(
+            413,
+            f"request body over the server's limit of {config.limits.max_body_bytes} bytes",
+            "send smaller images (or fewer)",
+        )
     try:
         parsed = ImagesRequest.model_validate_json(body)
         requests = [state.pipe.make_request(**call) for call in pipeline_calls(parsed, config.limits)]
         for r in requests:
             if max(r.height, r.width) > config.limits.max_size:
-                raise SdoptError(f"{r.width}x{r.height} is over the server's limit of {config.limits.max_size} per side",
-                                 "send a smaller image or size")
+                raise SdoptError(
+                    f"{r.width}x{r.height} is over the server's limit of {config.limits.max_size} per side",
+                    "send a smaller image or size",
+                )
     except ValidationError as e:
         return _error(400, _validation_message(e), "see the request schema at /docs")
     except SdoptError as e:
@@ -158,18 +195,21 @@ async def _generate(state: ReplicaState, request: Request, t0: float) -> Respons
     except SdoptError as e:
         _cancel(state, jobs)
         return _error(400, e.problem, e.fix)
-    return await _await_jobs(state, jobs, t0)
+    return await _await_jobs(state, request, jobs, t0)
 
 
-async def _await_jobs(state: ReplicaState, jobs: list[Job], t0: float) -> Response:
+async def _await_jobs(state: ReplicaState, request: Request, jobs: list[Job], t0: float) -> Response:
     timeout = state.config.request_timeout_s - (time.perf_counter() - t0)
     try:
-        results = await asyncio.wait_for(asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs)), timeout)
-    except asyncio.TimeoutError:
+        results = await _wait(jobs, request, timeout)
+    except TimeoutError:
         _cancel(state, jobs)
-        return _error(504, f"not done within the server's request timeout of {state.config.request_timeout_s:g} s",
-                      "retry later, or with fewer steps or images")
-    except asyncio.CancelledError:
+        return _error(
+            504,
+            f"not done within the server's request timeout of {state.config.request_timeout_s:g} s",
+            "retry later, or with fewer steps or images",
+        )
+    except asyncio.CancelledError:  # Ray Serve cancels the handler when the client disconnects
         _cancel(state, jobs)
         raise
     except SdoptError as e:
@@ -178,11 +218,33 @@ async def _await_jobs(state: ReplicaState, jobs: list[Job], t0: float) -> Respon
     except Exception as e:  # noqa: BLE001 - an engine failure answers 500, the server goes on
         _cancel(state, jobs)
         return _error(500, f"generation failed: {type(e).__name__}: {e}", "retry; report it if it persists")
+    if results is None:
+        _cancel(state, jobs)
+        return _error(499, "client disconnected", None)
     images: list[JobResult] = [r for job_results in results for r in job_results]
     data = await asyncio.to_thread(lambda: [{"b64_json": encode_png(r.image), "seed": r.seed} for r in images])
     stages = {k: max(r.timings.get(k, 0.0) for r in images) for k in images[0].timings}
     stages["total"] = time.perf_counter() - t0
     return JSONResponse({"created": int(time.time()), "data": data, "timings": stages})
+
+
+async def _wait(jobs: list[Job], request: Request, timeout: float) -> list[list[JobResult]] | None:
+    """All jobs' results; None as soon as the client is gone. Raises TimeoutError past `timeout`."""
+    gathered = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs)))
+    deadline = time.perf_counter() + timeout
+    try:
+        while True:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                raise TimeoutError
+            done, _ = await asyncio.wait({gathered}, timeout=min(DISCONNECT_POLL_S, remaining))
+            if done:
+                return gathered.result()
+            if await request.is_disconnected():
+                return None
+    finally:
+        if not gathered.done():
+            gathered.cancel()
 
 
 def _cancel(state: ReplicaState, jobs: list[Job]) -> None:

@@ -72,11 +72,15 @@ class ServeConfig:
         if (self.min_replicas is None) != (self.max_replicas is None):
             raise SdoptError("autoscaling needs both --min-replicas and --max-replicas", "pass both, or --replicas N")
         if self.min_replicas is not None and not 0 <= self.min_replicas <= self.max_replicas >= 1:
-            raise SdoptError(f"bad autoscaling bounds {self.min_replicas}..{self.max_replicas}",
-                             "use 0 <= --min-replicas <= --max-replicas, with --max-replicas >= 1")
+            raise SdoptError(
+                f"bad autoscaling bounds {self.min_replicas}..{self.max_replicas}",
+                "use 0 <= --min-replicas <= --max-replicas, with --max-replicas >= 1",
+            )
         if self.api_key_env is not None and not self.api_key_env.replace("_", "").isalnum():
-            raise SdoptError(f"--api-key-env {self.api_key_env!r} is not an environment variable name",
-                             "pass the variable's NAME (e.g. SDOPT_API_KEY), never the key itself")
+            raise SdoptError(
+                f"--api-key-env {self.api_key_env!r} is not an environment variable name",
+                "pass the variable's NAME (e.g. SDOPT_API_KEY), never the key itself",
+            )
         check_host(self.host)
         self.limits.check()
 
@@ -94,8 +98,9 @@ class ServeConfig:
         limits = args.get("limits") or {}
         limit_names = {f.name for f in fields(ServeLimits)}
         if set(limits) - limit_names:
-            raise SdoptError(f"unknown limit(s) {sorted(set(limits) - limit_names)}",
-                             f"use only: {', '.join(sorted(limit_names))}")
+            raise SdoptError(
+                f"unknown limit(s) {sorted(set(limits) - limit_names)}", f"use only: {', '.join(sorted(limit_names))}"
+            )
         return cls(**{**args, "limits": ServeLimits(**limits)})
 
     def deployment_options(self) -> dict[str, Any]:
@@ -103,7 +108,9 @@ class ServeConfig:
 
         A replica holds up to 2 x max_batch requests: max_batch in the running batch and as many
         waiting to join at the next step boundary. Beyond that, requests wait at the proxy, up to
-        max_queue of them; the next one gets 503 with Retry-After.
+        max_queue of them; the next one gets 503 with Retry-After. Ray Serve counts every request
+        not yet assigned to a replica, so a burst larger than max_queue can see 503s for a moment
+        even while replicas have free slots: size max_queue for the bursts you expect.
         """
         opts: dict[str, Any] = {
             "max_ongoing_requests": 2 * self.max_batch,

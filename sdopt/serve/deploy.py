@@ -58,7 +58,8 @@ def build_app(config: ServeConfig) -> Any:
         A `ray.serve.Application` for `serve.run`.
     """
     return SdoptServer.options(**config.deployment_options(), backpressure_config=config.backpressure()).bind(
-        config.to_args())
+        config.to_args()
+    )
 
 
 def app_builder(args: dict[str, Any]) -> Any:
@@ -83,8 +84,15 @@ def serve_config(config: ServeConfig) -> dict[str, Any]:
     doc = {
         "proxy_location": "EveryNode",
         "http_options": {"host": config.host, "port": config.port},
-        "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH,
-                          "args": config.to_args(), "deployments": [deployment]}],
+        "applications": [
+            {
+                "name": APP_NAME,
+                "route_prefix": "/",
+                "import_path": IMPORT_PATH,
+                "args": config.to_args(),
+                "deployments": [deployment],
+            }
+        ],
     }
     ServeDeploySchema.model_validate(doc)
     return doc
@@ -102,11 +110,13 @@ def write_config(config: ServeConfig, path: Path) -> Path:
     """
     import yaml
 
-    header = ("# Ray Serve config written by `sdopt serve --write-config`.\n"
-              "# Deploy: `serve deploy THIS_FILE` (a running Ray cluster with sdopt[serve] installed on every node,\n"
-              "# and the artifact at the same path on every node), or paste everything from `applications:` into a\n"
-              "# KubeRay RayService's spec.serveConfigV2. The API key (if any) is read from the named variable\n"
-              "# in the workers' environment; it is never written here.\n")
+    header = (
+        "# Ray Serve config written by `sdopt serve --write-config`.\n"
+        "# Deploy: `serve deploy THIS_FILE` (a running Ray cluster with sdopt[serve] installed on every node,\n"
+        "# and the artifact at the same path on every node), or paste everything from `applications:` into a\n"
+        "# KubeRay RayService's spec.serveConfigV2. The API key (if any) is read from the named variable\n"
+        "# in the workers' environment; it is never written here.\n"
+    )
     text = header + yaml.safe_dump(serve_config(config), sort_keys=False)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,15 +149,21 @@ def start(config: ServeConfig, address: str | None = None, object_store_mb: int 
             ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=False)
         else:
             needed = config.cpus_per_replica * (config.max_replicas or config.replicas)
-            ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=False,
-                     object_store_memory=object_store_mb * 1024 * 1024, log_to_driver=False)
+            ray.init(
+                num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
+                include_dashboard=False,
+                object_store_memory=object_store_mb * 1024 * 1024,
+                log_to_driver=False,
+            )
     serve.start(http_options={"host": config.host, "port": config.port})
     try:
         serve.run(build_app(config), name=APP_NAME, route_prefix="/")
     except Exception as e:  # noqa: BLE001 - replica construction errors arrive wrapped by Ray
         detail = str(e).strip().splitlines()
-        raise SdoptError(f"the sdopt application failed to start: {detail[-1] if detail else type(e).__name__}",
-                         "see the replica error above; `sdopt --debug serve ...` shows the whole chain") from e
+        raise SdoptError(
+            f"the sdopt application failed to start: {detail[-1] if detail else type(e).__name__}",
+            "see the replica error above; `sdopt --debug serve ...` shows the whole chain",
+        ) from e
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
     return f"http://{host}:{config.port}"
 

@@ -81,13 +81,14 @@ class Job:
 class StepBatcher:
     """The batching engine of one replica: `submit` jobs, await their futures, `close` at the end."""
 
-    def __init__(self, pipe: StagedPipeline, max_batch: int, max_waiting: int,
-                 observer: EngineObserver | None = None) -> None:
+    def __init__(
+        self, pipe: StagedPipeline, max_batch: int, max_waiting: int, observer: EngineObserver | None = None
+    ) -> None:
         """Args:
-            pipe: A loaded Pipeline (staged API: prepare, unet, decode).
-            max_batch: Images in flight at once (stacked into one U-Net call); 1 = no batching.
-            max_waiting: Jobs allowed to wait for a slot; `submit` raises QueueFull beyond.
-            observer: Metrics hooks, or None.
+        pipe: A loaded Pipeline (staged API: prepare, unet, decode).
+        max_batch: Images in flight at once (stacked into one U-Net call); 1 = no batching.
+        max_waiting: Jobs allowed to wait for a slot; `submit` raises QueueFull beyond.
+        observer: Metrics hooks, or None.
         """
         self.pipe = pipe
         self.max_batch = max_batch
@@ -106,8 +107,10 @@ class StepBatcher:
         """Queue one validated GenerationRequest; its job's future resolves to a list of JobResult."""
         job = Job(request)
         if job.images > self.max_batch:
-            raise SdoptError(f"{job.images} images in one job exceed the server's --max-batch {self.max_batch}",
-                             "send fewer images per request")
+            raise SdoptError(
+                f"{job.images} images in one job exceed the server's --max-batch {self.max_batch}",
+                "send fewer images per request",
+            )
         with self._cond:
             if self._closed or self.error is not None:
                 raise RuntimeError("the engine is shut down")
@@ -214,7 +217,7 @@ class StepBatcher:
         start = 0
         for job, f in members:
             n = f["sample"].shape[0]
-            job.state.advance(pred[start:start + n], None if deep is None else deep[start:start + n])
+            job.state.advance(pred[start : start + n], None if deep is None else deep[start : start + n])
             job.unet_s += seconds
             start += n
         if self.observer:
@@ -235,7 +238,7 @@ class StepBatcher:
             start = 0
             for job in jobs:
                 n = job.images
-                _settle(job.future, self._results(job, images[start:start + n], decode_s))
+                _settle(job.future, self._results(job, images[start : start + n], decode_s))
                 start += n
         finished = {id(j) for j in done}
         with self._cond:
@@ -247,9 +250,14 @@ class StepBatcher:
     @staticmethod
     def _results(job: Job, images: np.ndarray, decode_s: float) -> list[JobResult]:
         now = time.perf_counter()
-        timings = {"queue": job.admitted - job.submitted, **job.state.timings, "unet": job.unet_s,
-                   "unet_per_step": job.unet_s / max(job.state.total, 1), "vae_decoder": decode_s,
-                   "total": now - job.submitted}
+        timings = {
+            "queue": job.admitted - job.submitted,
+            **job.state.timings,
+            "unet": job.unet_s,
+            "unet_per_step": job.unet_s / max(job.state.total, 1),
+            "vae_decoder": decode_s,
+            "total": now - job.submitted,
+        }
         return [JobResult(image, int(job.request.seed), timings) for image in images]
 
     def _report(self) -> None:
@@ -275,4 +283,3 @@ def _settle(future: Future, result: Any = None, error: BaseException | None = No
             future.set_result(result)
     except InvalidStateError:
         pass
-

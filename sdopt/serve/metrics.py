@@ -22,23 +22,31 @@ class ServeMetrics:
 
     def __init__(self, window_s: float = 60.0) -> None:
         """Args:
-            window_s: Span of the sliding window behind the images/s gauge.
+        window_s: Span of the sliding window behind the images/s gauge.
         """
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("sdopt_requests", "HTTP requests to /v1/images/generations by status", ["status"],
-                                registry=r)
-        self.request_seconds = Histogram("sdopt_request_seconds", "Request latency (200s only)",
-                                         buckets=SECONDS_BUCKETS, registry=r)
+        self.requests = Counter(
+            "sdopt_requests", "HTTP requests to /v1/images/generations by status", ["status"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "sdopt_request_seconds", "Request latency (200s only)", buckets=SECONDS_BUCKETS, registry=r
+        )
         self.waiting = Gauge("sdopt_queue_depth", "Requests waiting to join the batch on this replica", registry=r)
         self.active = Gauge("sdopt_active_requests", "Requests in the running batch on this replica", registry=r)
-        self.batch_size = Histogram("sdopt_unet_batch_images", "Images stacked into one U-Net call",
-                                    buckets=BATCH_BUCKETS, registry=r)
-        self.step_seconds = Histogram("sdopt_step_seconds", "Latency of one U-Net call (one denoising step of a batch)",
-                                      buckets=SECONDS_BUCKETS, registry=r)
+        self.batch_size = Histogram(
+            "sdopt_unet_batch_images", "Images stacked into one U-Net call", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.step_seconds = Histogram(
+            "sdopt_step_seconds",
+            "Latency of one U-Net call (one denoising step of a batch)",
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
         self.images = Counter("sdopt_images", "Images generated", registry=r)
-        self.images_per_s = Gauge("sdopt_images_per_second", f"Images generated per second over the last {window_s:g} s",
-                                  registry=r)
+        self.images_per_s = Gauge(
+            "sdopt_images_per_second", f"Images generated per second over the last {window_s:g} s", registry=r
+        )
         self.images_per_s.set_function(self._rate)
         self._window_s = window_s
         self._done: deque[tuple[float, int]] = deque()

@@ -31,17 +31,23 @@ class ImagesRequest(BaseModel):
 
     prompt: str = Field(..., min_length=1, description="What to draw.")
     n: int = Field(1, ge=1, description="Images to generate (each with its own seed: seed, seed+1, ...).")
-    size: str | None = Field(None, description="'WIDTHxHEIGHT', e.g. '512x512'. Default: the artifact's size "
-                                                "(img2img/inpaint: the input image's).")
+    size: str | None = Field(
+        None,
+        description="'WIDTHxHEIGHT', e.g. '512x512'. Default: the artifact's size "
+        "(img2img/inpaint: the input image's).",
+    )
     response_format: Literal["b64_json"] = Field("b64_json", description="Only b64_json: the server keeps no files.")
-    model: str | None = Field(None, description="Accepted for OpenAI clients and ignored: the model is fixed at start.")
+    model: str | None = Field(
+        None, description="Accepted for OpenAI clients and ignored: the model is fixed at start."
+    )
     user: str | None = Field(None, description="Accepted for OpenAI clients and ignored.")
     negative_prompt: str | None = Field(None, description="What not to draw.")
     num_inference_steps: int = Field(30, ge=1, description="Denoising steps.")
     guidance_scale: float = Field(7.5, description="Classifier-free guidance scale (<= 1 turns guidance off).")
     seed: int | None = Field(None, ge=0, lt=2**32, description="Seed of the first image (random when absent).")
-    scheduler: str | None = Field(None, description="ddim, euler, euler-a, dpm++2m, dpm++2m-karras, lcm, pndm, "
-                                                     "unipc. Default: the model's own.")
+    scheduler: str | None = Field(
+        None, description="ddim, euler, euler-a, dpm++2m, dpm++2m-karras, lcm, pndm, unipc. Default: the model's own."
+    )
     image: str | None = Field(None, description="Base64 PNG/JPEG: the init image (img2img), or the image to inpaint.")
     mask: str | None = Field(None, description="Base64 PNG: inpainting mask, white = repaint (needs image).")
     strength: float | None = Field(None, gt=0, le=1, description="img2img/inpaint strength in (0, 1].")
@@ -92,8 +98,10 @@ def decode_image(data: str, what: str, max_side: int) -> Image.Image:
     except (binascii.Error, ValueError, OSError) as e:
         raise SdoptError(f"{what} is not a base64 PNG or JPEG ({e})", f"send {what} as base64 of a PNG file") from None
     if max(image.size) > max_side:
-        raise SdoptError(f"{what} is {image.size[0]}x{image.size[1]}, over the server's limit of {max_side} per side",
-                         f"resize {what} to at most {max_side} pixels per side")
+        raise SdoptError(
+            f"{what} is {image.size[0]}x{image.size[1]}, over the server's limit of {max_side} per side",
+            f"resize {what} to at most {max_side} pixels per side",
+        )
     image.load()
     return image
 
@@ -119,22 +127,39 @@ def pipeline_calls(body: ImagesRequest, limits: ServeLimits) -> list[dict[str, A
         SdoptError: for a value over the server's limits or one that cannot work.
     """
     if body.n > limits.max_images:
-        raise SdoptError(f"n={body.n} is over the server's limit of {limits.max_images} images per request",
-                         f"ask for at most {limits.max_images} images, or send several requests")
+        raise SdoptError(
+            f"n={body.n} is over the server's limit of {limits.max_images} images per request",
+            f"ask for at most {limits.max_images} images, or send several requests",
+        )
     if body.num_inference_steps > limits.max_steps:
-        raise SdoptError(f"num_inference_steps={body.num_inference_steps} is over the server's limit of "
-                         f"{limits.max_steps}", f"use at most {limits.max_steps} steps")
+        raise SdoptError(
+            f"num_inference_steps={body.num_inference_steps} is over the server's limit of {limits.max_steps}",
+            f"use at most {limits.max_steps} steps",
+        )
     height, width = parse_size(body.size)
     for name, value in (("height", height), ("width", width)):
         if value is not None and value > limits.max_size:
-            raise SdoptError(f"{name} {value} is over the server's limit of {limits.max_size}",
-                             f"use at most {limits.max_size} pixels per side")
+            raise SdoptError(
+                f"{name} {value} is over the server's limit of {limits.max_size}",
+                f"use at most {limits.max_size} pixels per side",
+            )
     if body.mask is not None and body.image is None:
         raise SdoptError("a mask needs an image to inpaint", "send image with mask")
     image = decode_image(body.image, "image", limits.max_size * 2) if body.image else None
     mask = decode_image(body.mask, "mask", limits.max_size * 2) if body.mask else None
     seed = secrets.randbits(32) if body.seed is None else body.seed
-    common = dict(prompt=body.prompt, negative_prompt=body.negative_prompt, num_inference_steps=body.num_inference_steps,
-                  guidance_scale=body.guidance_scale, height=height, width=width, num_images_per_prompt=1,
-                  scheduler=body.scheduler, image=image, mask_image=mask, strength=body.strength, output_type="np")
+    common = dict(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        num_inference_steps=body.num_inference_steps,
+        guidance_scale=body.guidance_scale,
+        height=height,
+        width=width,
+        num_images_per_prompt=1,
+        scheduler=body.scheduler,
+        image=image,
+        mask_image=mask,
+        strength=body.strength,
+        output_type="np",
+    )
     return [{**common, "seed": (seed + i) % 2**32} for i in range(body.n)]
