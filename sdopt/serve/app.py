@@ -72,6 +72,12 @@ class ReplicaState:
                 )
         options = {"threads": config.threads} if config.threads and config.provider == "cpu" else {}
         pipe = Pipeline.load(config.artifact, provider=config.provider, **options)
+        if config.provider == "tensorrt" and config.max_batch > pipe.manifest.image.max_batch:
+            # TensorRT engines are built for a batch range; ONNX Runtime graphs take any batch.
+            raise SdoptError(
+                f"--max-batch {config.max_batch} exceeds the engines' maximum batch {pipe.manifest.image.max_batch}",
+                f"use --max-batch {pipe.manifest.image.max_batch} or re-export and rebuild with a larger --max-batch",
+            )
         metrics = ServeMetrics()
         engine = StepBatcher(
             pipe, config.max_batch, max_waiting=2 * config.max_batch * config.limits.max_images, observer=metrics
