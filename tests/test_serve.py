@@ -1,7 +1,7 @@
 """`sdopt serve`: the real server (Ray Serve + FastAPI) on loopback, driven by a real HTTP client.
 
-One local Ray instance and one Serve application (tiny artifact) are shared by the module;
-the last test shuts them down and checks that nothing is left. Every request has a client
+One `sdopt serve` process (its own local Ray instance, tiny artifact) is shared by the module;
+the last test stops it with Ctrl-C and checks that nothing is left. Every request has a client
 timeout, so nothing here can hang.
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,7 +31,7 @@ requests = pytest.importorskip("requests")
 from PIL import Image  # noqa: E402
 
 from sdopt.errors import SdoptError  # noqa: E402
-from sdopt.serve.config import ServeConfig, ServeLimits  # noqa: E402
+from sdopt.serve.config import ServeConfig  # noqa: E402
 
 KEY_ENV = "SDOPT_TEST_SERVE_KEY"
 KEY = "test-key-123"
@@ -42,10 +45,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SERVE_ARGS = [
+    "--max-batch",
+    "4",
+    "--max-queue",
+    "8",
+    "--threads",
+    "1",
+    "--api-key-env",
+    KEY_ENV,
+    "--max-steps",
+    "60",
+    "--max-size",
+    "256",
+    "--max-body-bytes",
+    "300000",
+]
+
+
 @dataclass
 class Server:
     url: str
-    config: ServeConfig
+    proc: subprocess.Popen
+    log: Path
+    artifact: str
 
     def post(self, body, headers=AUTH, timeout=CLIENT_TIMEOUT, **kw):
         return requests.post(self.url + "/v1/images/generations", json=body, headers=headers, timeout=timeout, **kw)
@@ -58,26 +81,43 @@ class Server:
             if line.startswith(name + " ") or line.startswith(name + "{")
         )
 
+    def ray_address(self) -> str:
+        match = re.search(r"local Ray instance (\S+);", self.log.read_text())
+        assert match, self.log.read_text()[-2000:]
+        return match.group(1)
+
 
 @pytest.fixture(scope="module")
-def server(tiny_artifact):
-    from sdopt.serve import deploy
-
-    os.environ[KEY_ENV] = KEY  # the local Ray instance's workers inherit it
-    limits = ServeLimits(max_steps=60, max_size=256, max_images=4, max_body_bytes=300_000)
-    config = ServeConfig(
-        artifact=str(tiny_artifact("tiny")),
-        port=free_port(),
-        max_batch=4,
-        max_queue=8,
-        threads=1,
-        api_key_env=KEY_ENV,
-        limits=limits,
-    )
-    config.check()
-    url = deploy.start(config, object_store_mb=100)
-    yield Server(url, config)
-    deploy.stop()  # no-op when test_zz_clean_shutdown already stopped it
+def server(tiny_artifact, tmp_path_factory):
+    """`sdopt serve ARTIFACT` exactly as a user runs it: a local Ray instance, loopback, Ctrl-C to stop."""
+    artifact = str(tiny_artifact("tiny"))
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = {**os.environ, KEY_ENV: KEY, "PYTHONUNBUFFERED": "1", "COLUMNS": "400"}
+    cmd = [sys.executable, "-m", "sdopt", "serve", artifact, "--port", str(port), *SERVE_ARGS]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", proc, log, artifact)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if requests.get(server.url + "/ready", timeout=5).status_code == 200 and "Ctrl-C" in log.read_text():
+                    break
+            except requests.exceptions.RequestException:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"sdopt serve did not start: {log.read_text()[-3000:]}")
+        yield server
+    finally:
+        if proc.poll() is None:  # test_zz_clean_shutdown normally stopped it already
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
 
 
 def png_pixels(b64: str) -> np.ndarray:
@@ -149,7 +189,11 @@ def test_request_timeout_504_and_cancel(tiny_artifact):
     config = ServeConfig(artifact=str(tiny_artifact("tiny")), threads=1, request_timeout_s=0.5, max_batch=2)
     state = ReplicaState.load(config)
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(
+        uvicorn.Config(
+            create_app(state), host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=2
+        )
+    )
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     try:
@@ -190,7 +234,9 @@ def test_concurrent_requests_match_pipeline(server, tiny_artifact):
     images_before = server.metric("sdopt_unet_batch_images_sum")
     with ThreadPoolExecutor(len(CASES)) as pool:
         responses = list(pool.map(server.post, CASES))
-    assert [r.status_code for r in responses] == [200] * len(CASES), [r.text[:300] for r in responses if r.status_code != 200]
+    assert [r.status_code for r in responses] == [200] * len(CASES), [
+        r.text[:300] for r in responses if r.status_code != 200
+    ]
     calls = server.metric("sdopt_unet_batch_images_count") - calls_before
     stacked = server.metric("sdopt_unet_batch_images_sum") - images_before
     assert stacked > calls, "no U-Net call stacked two requests: batching did not happen"
@@ -312,13 +358,27 @@ def test_client_disconnect_cancels_remaining_steps(server):
     assert server.metric('sdopt_requests_total{status="499"}') >= 1
 
 
+def ray_api(server: Server, code: str) -> str:
+    """Run Ray API calls as a separate driver on the server's Ray instance; returns its stdout.
+
+    Joining by explicit address needs Ray's token mode in the environment before Ray starts
+    (RAY_AUTH_MODE=token; the token is ~/.ray/auth_token, written by the server's ray.init).
+    """
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    prologue = f"import ray\nray.init(address={server.ray_address()!r}, log_to_driver=False)\n"
+    done = subprocess.run(
+        [sys.executable, "-c", prologue + textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done.stdout
+
+
+REPLICAS = "from sdopt.serve.deploy import replica_actor_names\nprint(*replica_actor_names())\n"
+
+
 def test_replica_killed_mid_load(server):
     """Kill the replica through Ray's API under load: its requests end with 5xx, none hangs, it comes back."""
-    import ray
-
-    from sdopt.serve.deploy import replica_actor_names
-
-    names = replica_actor_names()
+    names = ray_api(server, REPLICAS).split()
     assert len(names) == 1
     results: list = []
 
@@ -334,44 +394,70 @@ def test_replica_killed_mid_load(server):
     deadline = time.monotonic() + 20
     while requests.get(server.url + "/ready", timeout=10).json()["active"] == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
-    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    ray_api(server, f"ray.kill(ray.get_actor({names[0]!r}, namespace='serve'), no_restart=True)")
     for t in threads:
         t.join(CLIENT_TIMEOUT + 10)
     assert len(results) == 6 and all(isinstance(r, int) for r in results), results  # all answered, none hung
     assert all(r == 200 or 500 <= r < 600 for r in results), results
-    deadline = time.monotonic() + 60
+    assert any(r >= 500 for r in results), results  # the kill did hit requests in flight
+    deadline = time.monotonic() + 90
     while time.monotonic() < deadline:  # Serve's controller replaces the replica
-        new = replica_actor_names()
-        if new and new != names:
-            try:
-                if server.post({"prompt": "back", "num_inference_steps": 2}, timeout=10).status_code == 200:
-                    break
-            except requests.exceptions.RequestException:
-                pass
+        try:
+            if server.post({"prompt": "back", "num_inference_steps": 2}, timeout=10).status_code == 200:
+                break
+        except requests.exceptions.RequestException:
+            pass
         time.sleep(0.5)
     else:
-        pytest.fail("the replica did not come back within 60 s")
-    assert server.post({"prompt": "again", "num_inference_steps": 2}).status_code == 200
+        pytest.fail("the replica did not come back within 90 s")
+    new = ray_api(server, REPLICAS).split()
+    assert len(new) == 1 and new != names
+
+
+def test_address_deploys_onto_running_cluster(server):
+    """`sdopt serve --address` deploys onto a running Ray cluster (here the server's own) and exits."""
+    args = list(SERVE_ARGS)
+    args[args.index("--max-batch") + 1] = "2"
+    port = server.url.rsplit(":", 1)[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sdopt",
+        "serve",
+        server.artifact,
+        "--address",
+        server.ray_address(),
+        "--port",
+        port,
+        *args,
+    ]
+    env = {**os.environ, KEY_ENV: KEY, "RAY_AUTH_MODE": "token"}  # explicit address: Ray's token mode, see ray_api
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "deployed on the Ray cluster" in done.stdout
+    deadline = time.monotonic() + 60
+    while requests.get(server.url + "/ready", timeout=10).json()["max_batch"] != 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert requests.get(server.url + "/ready", timeout=10).json()["max_batch"] == 2
+    assert server.post({"prompt": "redeployed", "num_inference_steps": 2}).status_code == 200
 
 
 def test_zz_clean_shutdown(server):
-    """Serve and the local Ray instance stop; the port closes; no Ray process is left behind."""
+    """Ctrl-C: Serve and the local Ray instance stop, the port closes, no process is left behind."""
     import psutil
-    import ray
 
-    from sdopt.serve import deploy
+    children = psutil.Process(server.proc.pid).children(recursive=True)
 
-    deploy.stop()
-    assert not ray.is_initialized()
+    def cmdline(p):
+        try:
+            return " ".join(p.cmdline())
+        except psutil.Error:
+            return ""
+
+    assert any("raylet" in cmdline(c) for c in children)  # the local Ray instance belongs to the CLI process
+    server.proc.send_signal(signal.SIGINT)
+    assert server.proc.wait(90) == 0, server.log.read_text()[-3000:]
     with pytest.raises(requests.exceptions.ConnectionError):
         requests.get(server.url + "/health", timeout=5)
-    deadline = time.monotonic() + 20
-    left = ["?"]
-    while left and time.monotonic() < deadline:
-        left = [
-            p.name()
-            for p in psutil.Process().children(recursive=True)
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-        ]
-        time.sleep(0.2)
-    assert not left, left
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, [cmdline(p)[:200] for p in alive]

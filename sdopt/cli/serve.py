@@ -108,12 +108,15 @@ def _run(config: Any, address: Optional[str], deploy: Any) -> None:
     if address:
         console.print(
             f"deployed on the Ray cluster at {address}: {url} (the cluster's HTTP proxy). "
-            "Remove it with `serve shutdown`."
+            "Remove it with `serve shutdown`.",
+            soft_wrap=True,
         )
         return
     console.print(
-        f"sdopt serving {config.artifact} at [bold]{url}[/] (POST {url}/v1/images/generations, "
-        f"docs {url}/docs); Ctrl-C stops"
+        f"sdopt serving {config.artifact} at {url} (POST {url}/v1/images/generations, docs {url}/docs); "
+        f"local Ray instance {deploy.ray_address()}; Ctrl-C stops",
+        soft_wrap=True,
+        highlight=False,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

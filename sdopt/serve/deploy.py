@@ -168,6 +168,13 @@ def start(config: ServeConfig, address: str | None = None, object_store_mb: int 
     return f"http://{host}:{config.port}"
 
 
+def ray_address() -> str:
+    """The GCS address of the Ray instance this process is connected to (for `--address` and `ray status`)."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address if ray.is_initialized() else ""
+
+
 def stop(shutdown_ray: bool = True) -> None:
     """Delete the application and Serve's actors; shut the local Ray instance down too."""
     import ray
