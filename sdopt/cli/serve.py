@@ -5,6 +5,7 @@ Ray, FastAPI and the HTTP client are imported inside the commands (the `[serve]`
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -93,6 +94,10 @@ def serve(
         from sdopt.serve import deploy
     except ImportError as e:
         raise SdoptError(f"serving needs Ray Serve and FastAPI ({e})", "pip install 'sdopt[serve]'") from None
+    if api_key_env and not write_config and not os.environ.get(api_key_env):
+        if not address:  # the local Ray instance's replicas inherit this environment
+            raise SdoptError(f"--api-key-env {api_key_env}: the variable is not set", f"export {api_key_env}=<key>")
+        console.print(f"note: {api_key_env} is not set here; the cluster's workers must have it")
     if write_config:
         path = deploy.write_config(config, write_config)
         console.print(f"wrote {path}: `serve deploy {path}`, or its applications into a RayService's serveConfigV2")
@@ -104,7 +109,12 @@ def _run(config: Any, address: Optional[str], deploy: Any) -> None:
     import signal
     import threading
 
-    url = deploy.start(config, address)
+    try:
+        url = deploy.start(config, address)
+    except BaseException:
+        if not address:  # leave no local Ray instance behind
+            deploy.stop()
+        raise
     if address:
         console.print(
             f"deployed on the Ray cluster at {address}: {url} (the cluster's HTTP proxy). "

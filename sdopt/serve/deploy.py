@@ -159,13 +159,29 @@ def start(config: ServeConfig, address: str | None = None, object_store_mb: int 
     try:
         serve.run(build_app(config), name=APP_NAME, route_prefix="/")
     except Exception as e:  # noqa: BLE001 - replica construction errors arrive wrapped by Ray
-        detail = str(e).strip().splitlines()
-        raise SdoptError(
-            f"the sdopt application failed to start: {detail[-1] if detail else type(e).__name__}",
-            "see the replica error above; `sdopt --debug serve ...` shows the whole chain",
-        ) from e
+        raise _startup_error(e) from e
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
     return f"http://{host}:{config.port}"
+
+
+def _startup_error(error: Exception) -> SdoptError:
+    """One readable line from Ray's wrapped replica-constructor failure (its SdoptError if there is one)."""
+    text = str(error)
+    try:  # the replica's own traceback is in the deployment's status message
+        app = serve.status().applications.get(APP_NAME)
+        if app is not None:
+            text += "\n" + app.message + "\n" + "\n".join(d.message for d in app.deployments.values())
+    except Exception:  # noqa: BLE001 - best effort: the generic line below still explains
+        pass
+    for line in reversed(text.splitlines()):
+        if "SdoptError: " in line:
+            problem, _, fix = line.split("SdoptError: ", 1)[1].partition(" — ")
+            return SdoptError(f"a replica failed to start: {problem}", fix or None)
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return SdoptError(
+        f"the sdopt application failed to start: {lines[-1] if lines else type(error).__name__}",
+        "`sdopt --debug serve ...` shows Ray's whole error",
+    )
 
 
 def ray_address() -> str:
