@@ -184,8 +184,9 @@ def main() -> None:
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out = args.out or ROOT / "benchmarks" / "results" / f"serve-{args.model.split(':')[-1]}-{args.size}-cpu-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
+    source = json.loads((artifact / "sdopt.json").read_text()).get("source", {})
     record = {
-        "model": args.model,
+        "model": source.get("id", args.model),
         "artifact": str(artifact),
         "args": {k: str(v) for k, v in vars(args).items()},
         "machine": {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()},
