@@ -198,14 +198,10 @@ def load_manifest(root: str | Path) -> Manifest:
     root = Path(root)
     rebuild = f"re-export it: sdopt export MODEL --out {root} --force"
     if not root.is_dir():
-        raise SdoptError(
-            f"artifact folder {root} does not exist", "run `sdopt export` first, or pass the folder it wrote"
-        )
+        raise SdoptError(f"artifact folder {root} does not exist", "run `sdopt export` first, or pass the folder it wrote")
     path = root / MANIFEST_NAME
     if not path.is_file():
-        raise SdoptError(
-            f"{root} is not an sdopt artifact (no {MANIFEST_NAME})", "pass a folder written by `sdopt export`"
-        )
+        raise SdoptError(f"{root} is not an sdopt artifact (no {MANIFEST_NAME})", "pass a folder written by `sdopt export`")
     try:
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -237,9 +233,7 @@ def verify_files(root: str | Path, manifest: Manifest, names: list[str] | None =
         for rel, digest in manifest.components[name].files.items():
             p = root / rel
             if not p.is_file():
-                raise SdoptError(
-                    f"{p} is missing from the artifact", f"re-export: sdopt export MODEL --out {root} --force"
-                )
+                raise SdoptError(f"{p} is missing from the artifact", f"re-export: sdopt export MODEL --out {root} --force")
             if sha256_file(p) != digest:
                 raise SdoptError(
                     f"{p} does not match the hash in {MANIFEST_NAME} (modified or corrupt)",

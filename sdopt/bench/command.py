@@ -20,13 +20,10 @@ from sdopt.bench.config import BACKENDS
 
 def bench_command(
     model: Optional[str] = typer.Argument(
-        None,
-        help="Artifact folder (written by `sdopt export`) or model id (synthetic:tiny, a diffusers folder, a hub "
-        "id; exported once and cached). Default: the --config's model, else synthetic:tiny.",
-    ),
+        None, help="Artifact folder (written by `sdopt export`) or model id (synthetic:tiny, a diffusers folder, a hub "
+                   "id; exported once and cached). Default: the --config's model, else synthetic:tiny."),
     backends: Optional[str] = typer.Option(
-        None, "--backends", "-b", help=f"Comma-separated, from: {', '.join(BACKENDS)}. Default: torch,onnxruntime."
-    ),
+        None, "--backends", "-b", help=f"Comma-separated, from: {', '.join(BACKENDS)}. Default: torch,onnxruntime."),
     runs: Optional[int] = typer.Option(None, "--runs", "-n", help="Measured runs per backend (default 3)."),
     warmup: Optional[int] = typer.Option(None, "--warmup", help="Unmeasured runs per backend first (default 1)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (default 20)."),
@@ -38,35 +35,19 @@ def bench_command(
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt (a fixed default otherwise)."),
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the shared initial latents (default 0)."),
-    threads: Optional[int] = typer.Option(
-        None, "--threads", help="CPU threads per backend (default: physical cores)."
-    ),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads per backend (default: physical cores)."),
     use_compile: Optional[bool] = typer.Option(
-        None, "--compile/--no-compile", help="Also run torch-compile: torch.compile on the U-Net and VAE decoder."
-    ),
+        None, "--compile/--no-compile", help="Also run torch-compile: torch.compile on the U-Net and VAE decoder."),
     fast: Optional[bool] = typer.Option(
-        None,
-        "--fast/--no-fast",
-        help="Also run onnxruntime-fast: the runtime's DeepCache fast mode (fidelity vs exact reported).",
-    ),
-    deepcache: Optional[int] = typer.Option(
-        None, "--deepcache", help="Fast mode's interval: a full U-Net pass every N steps (default 3)."
-    ),
-    precision: Optional[str] = typer.Option(
-        None, "--precision", help="Export precision for a model id: fp32 or fp16."
-    ),
+        None, "--fast/--no-fast", help="Also run onnxruntime-fast: the runtime's DeepCache fast mode (fidelity vs exact reported)."),
+    deepcache: Optional[int] = typer.Option(None, "--deepcache", help="Fast mode's interval: a full U-Net pass every N steps (default 3)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Export precision for a model id: fp32 or fp16."),
     config: Optional[str] = typer.Option(
-        None,
-        "--config",
-        "-c",
-        help="Named config in benchmarks/configs (e.g. tiny-cpu) or a .json path; flags override it.",
-    ),
+        None, "--config", "-c", help="Named config in benchmarks/configs (e.g. tiny-cpu) or a .json path; flags override it."),
     out: Optional[Path] = typer.Option(
-        None, "--out", "-o", help="Results folder (default benchmarks/results/<config-or-model>-<date>/)."
-    ),
+        None, "--out", "-o", help="Results folder (default benchmarks/results/<config-or-model>-<date>/)."),
     cache_dir: Optional[Path] = typer.Option(
-        None, "--cache-dir", help="Where exports of model ids are cached (default ~/.cache/sdopt/artifacts)."
-    ),
+        None, "--cache-dir", help="Where exports of model ids are cached (default ~/.cache/sdopt/artifacts)."),
 ) -> None:
     """Benchmark torch (diffusers), torch.compile, ONNX Runtime and TensorRT on the same job.
 
@@ -76,59 +57,22 @@ def bench_command(
     """
     from sdopt.bench.config import make_config
 
-    cfg = make_config(
-        config,
-        model=model,
-        backends=backends,
-        runs=runs,
-        warmup=warmup,
-        steps=steps,
-        height=height,
-        width=width,
-        batch=batch,
-        guidance=guidance,
-        scheduler=scheduler,
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        seed=seed,
-        threads=threads,
-        compile=use_compile,
-        fast=fast,
-        deepcache=deepcache,
-        precision=precision,
-    )
+    cfg = make_config(config, model=model, backends=backends, runs=runs, warmup=warmup, steps=steps, height=height,
+                      width=width, batch=batch, guidance=guidance, scheduler=scheduler, prompt=prompt,
+                      negative_prompt=negative_prompt, seed=seed, threads=threads, compile=use_compile,
+                      fast=fast, deepcache=deepcache, precision=precision)
     console = Console()
     if not console.is_terminal:  # piped or logged: no terminal width to squeeze the table into
         console = Console(width=max(console.width, 150))
     from sdopt.bench import report
     from sdopt.bench.runner import run_benchmark
 
-    command = _command_line(
-        locals_for_command(
-            model,
-            backends=backends,
-            runs=runs,
-            warmup=warmup,
-            steps=steps,
-            height=height,
-            width=width,
-            batch=batch,
-            guidance=guidance,
-            scheduler=scheduler,
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            seed=seed,
-            threads=threads,
-            compile=use_compile,
-            fast=fast,
-            deepcache=deepcache,
-            precision=precision,
-            config=config,
-            out=out,
-            cache_dir=cache_dir,
-        )
-    )
-
+    command = _command_line(locals_for_command(model, backends=backends, runs=runs, warmup=warmup, steps=steps,
+                                               height=height, width=width, batch=batch, guidance=guidance,
+                                               scheduler=scheduler, prompt=prompt, negative_prompt=negative_prompt,
+                                               seed=seed, threads=threads, compile=use_compile, fast=fast,
+                                               deepcache=deepcache, precision=precision,
+                                               config=config, out=out, cache_dir=cache_dir))
     def log(message: str) -> None:
         console.print(f"[dim]{escape(message)}[/]", highlight=False)
 

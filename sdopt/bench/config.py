@@ -55,11 +55,8 @@ class BenchConfig:
 
     def backend_list(self) -> list[str]:
         """The backends to run, in table order, torch-compile added by `compile`, onnxruntime-fast by `fast`."""
-        wanted = (
-            set(self.backends)
-            | ({"torch-compile"} if self.compile else set())
-            | ({"onnxruntime-fast"} if self.fast else set())
-        )
+        wanted = set(self.backends) | ({"torch-compile"} if self.compile else set()) | (
+            {"onnxruntime-fast"} if self.fast else set())
         return [b for b in BACKENDS if b in wanted]
 
 
@@ -88,21 +85,18 @@ def load_config_file(name: str) -> dict[str, Any]:
         path = configs_dir() / f"{name}.json"
     if not path.is_file():
         known = ", ".join(named_configs()) or "none found"
-        raise SdoptError(
-            f"no benchmark config {name!r} ({path} does not exist)",
-            f"use one of: {known}; or pass a path to a .json config",
-        )
+        raise SdoptError(f"no benchmark config {name!r} ({path} does not exist)",
+                         f"use one of: {known}; or pass a path to a .json config")
     try:
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise SdoptError(f"benchmark config {path} is unreadable ({e})", "fix the JSON") from None
     if not isinstance(raw, dict):
-        raise SdoptError(f"benchmark config {path} is not a JSON object", 'write {"model": ..., "steps": ...}')
+        raise SdoptError(f"benchmark config {path} is not a JSON object", "write {\"model\": ..., \"steps\": ...}")
     unknown = sorted(set(raw) - FIELDS)
     if unknown:
-        raise SdoptError(
-            f"benchmark config {path} has unknown keys: {', '.join(unknown)}", f"use only: {', '.join(sorted(FIELDS))}"
-        )
+        raise SdoptError(f"benchmark config {path} has unknown keys: {', '.join(unknown)}",
+                         f"use only: {', '.join(sorted(FIELDS))}")
     if isinstance(raw.get("backends"), str):
         raw["backends"] = parse_backends(raw["backends"])
     raw.setdefault("name", path.stem)
@@ -158,9 +152,7 @@ def validate(config: BenchConfig) -> None:
             fix = max(8, round(value / 8) * 8) if isinstance(value, (int, float)) else 512
             raise SdoptError(f"--{name} {value} is not a positive multiple of 8", f"use e.g. --{name} {fix}")
     if not isinstance(config.guidance, (int, float)) or config.guidance < 0:
-        raise SdoptError(
-            f"--guidance {config.guidance} must be a number >= 0", "use e.g. 7.5 (1 or less disables CFG)"
-        )
+        raise SdoptError(f"--guidance {config.guidance} must be a number >= 0", "use e.g. 7.5 (1 or less disables CFG)")
     if config.scheduler is not None and config.scheduler not in SCHEDULER_NAMES:
         raise SdoptError(f"unknown scheduler {config.scheduler!r}", f"choose one of: {', '.join(SCHEDULER_NAMES)}")
     if config.precision not in PRECISIONS:

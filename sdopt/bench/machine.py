@@ -17,19 +17,8 @@ import time
 from importlib import metadata
 from typing import Any
 
-LIBRARIES = (
-    "sdopt",
-    "numpy",
-    "onnxruntime",
-    "onnxruntime-gpu",
-    "onnx",
-    "torch",
-    "diffusers",
-    "transformers",
-    "tensorrt",
-    "matplotlib",
-    "psutil",
-)
+LIBRARIES = ("sdopt", "numpy", "onnxruntime", "onnxruntime-gpu", "onnx", "torch", "diffusers", "transformers",
+             "tensorrt", "matplotlib", "psutil")
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -43,11 +32,7 @@ def cpu_model() -> str:
     from sdopt.runtime.backends.onnxruntime import cpuinfo_fields
 
     names = ("model name", "hardware", "cpu model")
-    return (
-        next((v for k, v in cpuinfo_fields() if k.lower() in names), None)
-        or platform.processor()
-        or platform.machine()
-    )
+    return next((v for k, v in cpuinfo_fields() if k.lower() in names), None) or platform.processor() or platform.machine()
 
 
 def ram_bytes() -> int | None:
@@ -125,12 +110,8 @@ def versions() -> dict[str, str]:
 def machine_info(threads: int) -> dict[str, Any]:
     """Cheap facts (no child process, no heavy import)."""
     return {
-        "cpu": {
-            "model": cpu_model(),
-            "physical_cores": physical_cores(),
-            "logical_cores": os.cpu_count(),
-            "arch": platform.machine(),
-        },
+        "cpu": {"model": cpu_model(), "physical_cores": physical_cores(), "logical_cores": os.cpu_count(),
+                "arch": platform.machine()},
         "threads": threads,
         "ram_bytes": ram_bytes(),
         "gpus": gpus(),

@@ -65,11 +65,8 @@ def export_settings(model: str, config: BenchConfig) -> dict[str, Any]:
     """What the cached export depends on: the model, the export options, the sdopt version."""
     if not model.startswith("synthetic:") and Path(model).expanduser().exists():
         model = str(Path(model).expanduser().resolve())
-    return {
-        "model": model,
-        "options": {"precision": config.precision, "max_batch": max(4, config.batch)},
-        "sdopt": __version__,
-    }
+    return {"model": model, "options": {"precision": config.precision, "max_batch": max(4, config.batch)},
+            "sdopt": __version__}
 
 
 def cache_key(settings: dict[str, Any]) -> str:
@@ -82,42 +79,32 @@ def preset_image_limits(model: str) -> dict[str, int] | None:
         return None
     from sdopt.export.synthetic import load_preset
 
-    preset = load_preset(model[len("synthetic:") :])
+    preset = load_preset(model[len("synthetic:"):])
     lo, hi = preset["size_range"]
-    multiple = 2 ** (len(preset["vae"]["block_out_channels"]) - 1) * 2 ** (
-        len(preset["unet"]["block_out_channels"]) - 1
-    )
+    multiple = 2 ** (len(preset["vae"]["block_out_channels"]) - 1) * 2 ** (len(preset["unet"]["block_out_channels"]) - 1)
     return {"min_size": lo, "max_size": hi, "multiple": multiple, "default": preset["default_size"]}
 
 
-def check_image(
-    config: BenchConfig, min_size: int, max_size: int, multiple: int, max_batch: int | None, where: str
-) -> None:
+def check_image(config: BenchConfig, min_size: int, max_size: int, multiple: int, max_batch: int | None,
+                where: str) -> None:
     for name in ("height", "width"):
         value = getattr(config, name)
         if value is None:
             continue
         if value % multiple:
-            raise SdoptError(
-                f"--{name} {value} is not a multiple of {multiple}, which {where} needs",
-                f"use e.g. --{name} {max(multiple, round(value / multiple) * multiple)}",
-            )
+            raise SdoptError(f"--{name} {value} is not a multiple of {multiple}, which {where} needs",
+                             f"use e.g. --{name} {max(multiple, round(value / multiple) * multiple)}")
         if not min_size <= value <= max_size:
-            raise SdoptError(
-                f"--{name} {value} is outside {where}'s range {min_size}..{max_size}",
-                f"use a size in {min_size}..{max_size}",
-            )
+            raise SdoptError(f"--{name} {value} is outside {where}'s range {min_size}..{max_size}",
+                             f"use a size in {min_size}..{max_size}")
     if max_batch is not None and config.batch > max_batch:
-        raise SdoptError(
-            f"--batch {config.batch} exceeds {where}'s maximum batch {max_batch}",
-            f"use --batch {max_batch} or less, or benchmark the model id so the harness exports "
-            f"with --max-batch {config.batch}",
-        )
+        raise SdoptError(f"--batch {config.batch} exceeds {where}'s maximum batch {max_batch}",
+                         f"use --batch {max_batch} or less, or benchmark the model id so the harness exports "
+                         f"with --max-batch {config.batch}")
 
 
 def unavailable_reason(backend: str) -> str | None:
     """Why `backend` cannot run here (None if it may). Cheap: no heavy import."""
-
     def missing(*modules: str) -> list[str]:
         return [m for m in modules if importlib.util.find_spec(m) is None]
 
@@ -153,34 +140,22 @@ def plan(config: BenchConfig, cache_dir: Path | None = None) -> Plan:
     skipped = {b: r for b in wanted if (r := unavailable_reason(b)) is not None}
     runnable = [b for b in wanted if b not in skipped]
     if not runnable:
-        raise SdoptError(
-            "no requested backend can run here: " + "; ".join(f"{b}: {r}" for b, r in skipped.items()),
-            "install what is missing, or choose other --backends (e.g. torch,onnxruntime)",
-        )
+        raise SdoptError("no requested backend can run here: " + "; ".join(f"{b}: {r}" for b, r in skipped.items()),
+                         "install what is missing, or choose other --backends (e.g. torch,onnxruntime)")
     model = config.model or DEFAULT_MODEL
     artifact = None
     if is_artifact(model):
         artifact = Path(model).expanduser().resolve()
         m = load_manifest(artifact)
-        check_image(
-            config,
-            m.image.min_size,
-            m.image.max_size,
-            m.image.multiple,
-            m.image.max_batch,
-            f"the artifact {artifact.name}",
-        )
+        check_image(config, m.image.min_size, m.image.max_size, m.image.multiple, m.image.max_batch,
+                    f"the artifact {artifact.name}")
         if config.precision != "fp32" and config.precision != m.precision:
-            raise SdoptError(
-                f"--precision {config.precision} but the artifact is {m.precision}",
-                "leave --precision out when benchmarking an artifact folder",
-            )
+            raise SdoptError(f"--precision {config.precision} but the artifact is {m.precision}",
+                             "leave --precision out when benchmarking an artifact folder")
     else:
         if Path(model).expanduser().is_dir() and not (Path(model).expanduser() / "model_index.json").is_file():
-            raise SdoptError(
-                f"{model} is neither an sdopt artifact (no {MANIFEST_NAME}) nor a diffusers model folder",
-                "pass a folder written by `sdopt export`, a model id, or e.g. synthetic:tiny",
-            )
+            raise SdoptError(f"{model} is neither an sdopt artifact (no {MANIFEST_NAME}) nor a diffusers model folder",
+                             "pass a folder written by `sdopt export`, a model id, or e.g. synthetic:tiny")
         limits = preset_image_limits(model)
         if limits:
             check_image(config, limits["min_size"], limits["max_size"], limits["multiple"], None, model)
@@ -206,9 +181,8 @@ def ensure_artifact(p: Plan, log: Log) -> tuple[Path, dict[str, Any]]:
     log(f"exporting {p.model} ({p.config.precision}) to the cache {out} (once; later runs reuse it)")
     from sdopt.export.artifact import ExportOptions, export_artifact
 
-    result = export_artifact(
-        p.model, out, ExportOptions(precision=p.config.precision, max_batch=max(4, p.config.batch), force=True)
-    )
+    result = export_artifact(p.model, out, ExportOptions(precision=p.config.precision, max_batch=max(4, p.config.batch),
+                                                         force=True))
     seconds = result.seconds
     del result
     gc.collect()
@@ -247,24 +221,15 @@ class BackendRun:
 def _run_entry(reply: dict[str, Any]) -> dict[str, Any]:
     stages = {s: float(reply["stages"].get(s, 0.0)) for s in STAGE_NAMES}
     calls = int(reply.get("calls", {}).get("unet", 0))
-    return {
-        "e2e_s": float(reply["e2e_s"]),
-        "stages_s": stages,
-        "unet_calls": calls,
-        "unet_per_step_s": stages["unet"] / calls if calls else None,
-        "other_s": max(0.0, float(reply["e2e_s"]) - sum(stages.values())),
-    }
+    return {"e2e_s": float(reply["e2e_s"]), "stages_s": stages, "unet_calls": calls,
+            "unet_per_step_s": stages["unet"] / calls if calls else None,
+            "other_s": max(0.0, float(reply["e2e_s"]) - sum(stages.values()))}
 
 
 # -- the benchmark -------------------------------------------------------------------------------
-def run_benchmark(
-    config: BenchConfig,
-    out_dir: Path | None = None,
-    cache_dir: Path | None = None,
-    log: Log | None = None,
-    command: str | None = None,
-    faults: dict[str, dict[str, Any]] | None = None,
-) -> dict[str, Any]:
+def run_benchmark(config: BenchConfig, out_dir: Path | None = None, cache_dir: Path | None = None,
+                  log: Log | None = None, command: str | None = None,
+                  faults: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Run the benchmark and write its reports to `out_dir`; returns the results dict.
 
     `faults` (tests only) makes a backend's worker fail on purpose: {"onnxruntime": {"fault": "run"}}.
@@ -276,20 +241,12 @@ def run_benchmark(
     out.mkdir(parents=True, exist_ok=True)
     manifest = load_manifest(artifact)
     if p.artifact is None:  # checks that needed the exported manifest (non-synthetic models)
-        check_image(
-            config,
-            manifest.image.min_size,
-            manifest.image.max_size,
-            manifest.image.multiple,
-            manifest.image.max_batch,
-            f"the export of {p.model}",
-        )
+        check_image(config, manifest.image.min_size, manifest.image.max_size, manifest.image.multiple,
+                    manifest.image.max_batch, f"the export of {p.model}")
     job = make_job(config, manifest, artifact, p.threads)
     job["build_engines"] = p.artifact is None  # TensorRT engines: built on demand into the harness's cached export
-    log(
-        f"job: {job['height']}x{job['width']}, {job['steps']} steps, batch {job['batch']}, "
-        f"scheduler {job['scheduler']}, guidance {job['guidance']}, {p.threads} threads"
-    )
+    log(f"job: {job['height']}x{job['width']}, {job['steps']} steps, batch {job['batch']}, "
+        f"scheduler {job['scheduler']}, guidance {job['guidance']}, {p.threads} threads")
 
     machine = machine_info(p.threads)
     log("measuring the fp32 matmul peak ...")
@@ -325,31 +282,14 @@ def make_job(config: BenchConfig, manifest: Manifest, artifact: Path, threads: i
     scheduler_config = json.loads((artifact / manifest.scheduler_config).read_text())
     scheduler = config.scheduler or default_scheduler_name(scheduler_config)
     scale = manifest.vae.scale
-    return {
-        "prompt": config.prompt,
-        "negative_prompt": config.negative_prompt,
-        "steps": config.steps,
-        "guidance": float(config.guidance),
-        "height": height,
-        "width": width,
-        "batch": config.batch,
-        "seed": config.seed,
-        "scheduler": scheduler,
-        "threads": threads,
-        "deepcache": config.deepcache,
-        "latent_shape": [config.batch, manifest.vae.latent_channels, height // scale, width // scale],
-    }
+    return {"prompt": config.prompt, "negative_prompt": config.negative_prompt, "steps": config.steps,
+            "guidance": float(config.guidance), "height": height, "width": width, "batch": config.batch,
+            "seed": config.seed, "scheduler": scheduler, "threads": threads, "deepcache": config.deepcache,
+            "latent_shape": [config.batch, manifest.vae.latent_channels, height // scale, width // scale]}
 
 
-def _load_all(
-    backends: list[str],
-    runs: dict[str, BackendRun],
-    artifact: Path,
-    job: dict[str, Any],
-    out: Path,
-    faults: dict[str, dict[str, Any]],
-    log: Log,
-) -> None:
+def _load_all(backends: list[str], runs: dict[str, BackendRun], artifact: Path, job: dict[str, Any], out: Path,
+              faults: dict[str, dict[str, Any]], log: Log) -> None:
     """Start the workers one at a time, so each cold start is timed without the others' load."""
     for b in backends:
         r = runs[b]
@@ -386,7 +326,7 @@ def _measure(runs: dict[str, BackendRun], config: BenchConfig, log: Log) -> None
     for i in range(total):
         warm = i < config.warmup
         label = f"warm-up {i + 1}/{config.warmup}" if warm else f"run {i - config.warmup + 1}/{config.runs}"
-        for b in order if i % 2 == 0 else order[::-1]:
+        for b in (order if i % 2 == 0 else order[::-1]):
             r = runs[b]
             if r.status != "ok":
                 continue
@@ -433,16 +373,9 @@ def _load_images(runs: dict[str, BackendRun]) -> dict[str, Any]:
 
 
 # -- results -------------------------------------------------------------------------------------
-def build_results(
-    config: BenchConfig,
-    job: dict[str, Any],
-    manifest: Manifest,
-    artifact_info: dict[str, Any],
-    machine: dict[str, Any],
-    runs: dict[str, BackendRun],
-    images: dict[str, Any],
-    command: str | None = None,
-) -> dict[str, Any]:
+def build_results(config: BenchConfig, job: dict[str, Any], manifest: Manifest, artifact_info: dict[str, Any],
+                  machine: dict[str, Any], runs: dict[str, BackendRun], images: dict[str, Any],
+                  command: str | None = None) -> dict[str, Any]:
     reference = runs.get(REFERENCE)
     ref_ok = reference is not None and reference.status == "ok"
     flops = reference.unet_flops_per_call if ref_ok else None
@@ -451,42 +384,28 @@ def build_results(
     for s in backends:
         s["speedup_vs_torch"] = _speedups(s, ref_stats)
     cfg = config.to_dict()
-    return stats.finite_or_none(
-        {
-            "schema_version": SCHEMA_VERSION,
-            "kind": "sdopt-bench",
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),  # API use: this process's
-            "config": cfg,
-            "job": {k: v for k, v in job.items()},
-            "artifact": {
-                **artifact_info,
-                "family": manifest.family,
-                "source": manifest.source,
-                "precision": manifest.precision,
-                "opset": manifest.opset,
-                "created": manifest.created,
-            },
-            "machine": machine,
-            "reference": REFERENCE,
-            "unet": {
-                "flops_per_call": flops,
-                "calls_per_step": 1,
-                "batch": job["batch"] * (2 if job["guidance"] > 1.0 else 1),
-                "method": "torch.utils.flop_counter on one eager U-Net call (2 FLOPs per multiply-add, "
-                "attention via the math SDPA path)"
-                if flops
-                else None,
-            },
-            "stages_help": STAGES_HELP,
-            "backends": backends,
-        }
-    )
+    return stats.finite_or_none({
+        "schema_version": SCHEMA_VERSION,
+        "kind": "sdopt-bench",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),  # API use: this process's
+        "config": cfg,
+        "job": {k: v for k, v in job.items()},
+        "artifact": {**artifact_info, "family": manifest.family, "source": manifest.source,
+                     "precision": manifest.precision, "opset": manifest.opset, "created": manifest.created},
+        "machine": machine,
+        "reference": REFERENCE,
+        "unet": {"flops_per_call": flops, "calls_per_step": 1,
+                 "batch": job["batch"] * (2 if job["guidance"] > 1.0 else 1),
+                 "method": "torch.utils.flop_counter on one eager U-Net call (2 FLOPs per multiply-add, "
+                           "attention via the math SDPA path)" if flops else None},
+        "stages_help": STAGES_HELP,
+        "backends": backends,
+    })
 
 
-def _backend_stats(
-    r: BackendRun, job: dict[str, Any], machine: dict[str, Any], images: dict[str, Any], flops: int | None
-) -> dict[str, Any]:
+def _backend_stats(r: BackendRun, job: dict[str, Any], machine: dict[str, Any], images: dict[str, Any],
+                   flops: int | None) -> dict[str, Any]:
     ok = r.status == "ok"
     e2e = stats.summarize(x["e2e_s"] for x in r.runs) if ok else None
     stages: dict[str, Any] = {}
@@ -498,14 +417,10 @@ def _backend_stats(
     cold: dict[str, Any] = {}
     if r.spawn_to_ready_s is not None:
         build_s = r.info.get("engine_build_s") or 0.0
-        cold = {
-            "spawn_to_ready_s": r.spawn_to_ready_s - build_s,
-            "import_s": r.info.get("import_s"),
-            "load_s": r.info.get("load_s"),
-            "first_image_s": r.first_image_s,
-            "total_s": r.spawn_to_ready_s - build_s + r.first_image_s if r.first_image_s is not None else None,
-            "verify_hashes": False,
-        }
+        cold = {"spawn_to_ready_s": r.spawn_to_ready_s - build_s, "import_s": r.info.get("import_s"),
+                "load_s": r.info.get("load_s"), "first_image_s": r.first_image_s,
+                "total_s": r.spawn_to_ready_s - build_s + r.first_image_s if r.first_image_s is not None else None,
+                "verify_hashes": False}
         if r.info.get("engine_build_s") is not None:
             cold["engine_build_s"] = build_s  # one-off, like the export: not part of the cold start
         if e2e and r.first_image_s is not None:
@@ -544,25 +459,13 @@ def _backend_stats(
         "stages_s": stages or None,
         "images_per_s": stats.images_per_second(job["batch"], e2e["median"]) if e2e else None,
         "cold_start": cold or None,
-        "memory": {
-            "peak_rss_bytes": r.rss_peak_bytes,
-            "device_peak_bytes": r.device_peak_bytes,
-            "device_method": (
-                "torch.cuda.max_memory_allocated"
-                if r.name.startswith("torch")
-                else "nvidia-smi per-process, sampled after load and each run"
-            )
-            if r.device_peak_bytes is not None
-            else None,
-        },
+        "memory": {"peak_rss_bytes": r.rss_peak_bytes, "device_peak_bytes": r.device_peak_bytes,
+                   "device_method": ("torch.cuda.max_memory_allocated" if r.name.startswith("torch")
+                                     else "nvidia-smi per-process, sampled after load and each run")
+                   if r.device_peak_bytes is not None else None},
         "parity": parity,
-        "unet_throughput": {
-            "gflops_per_s": gflops,
-            "matmul_peak_gflops": peak,
-            "fraction_of_matmul_peak": gflops / peak if gflops and peak else None,
-        }
-        if gflops
-        else None,
+        "unet_throughput": {"gflops_per_s": gflops, "matmul_peak_gflops": peak,
+                            "fraction_of_matmul_peak": gflops / peak if gflops and peak else None} if gflops else None,
         "runs": r.runs,
         "warmup_runs": r.warmup,
         "log": r.log,

@@ -33,14 +33,8 @@ _T_START = time.perf_counter()  # before any heavy import
 
 STAGES = ("text_encoder", "unet", "vae_decoder")
 # runtime component -> stage it counts towards
-COMPONENT_STAGE = {
-    "text_encoder": "text_encoder",
-    "text_encoder_2": "text_encoder",
-    "unet": "unet",
-    "unet_shallow": "unet",
-    "vae_decoder": "vae_decoder",
-    "vae_encoder": "vae_encoder",
-}
+COMPONENT_STAGE = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder", "unet": "unet",
+                   "unet_shallow": "unet", "vae_decoder": "vae_decoder", "vae_encoder": "vae_encoder"}
 
 
 class Timers:
@@ -126,8 +120,7 @@ class TorchWorker:
         pipe.to(self.device, self.dtype)
         name = job["scheduler"]
         pipe.scheduler = getattr(diffusers, DIFFUSERS_CLASS_NAMES[name]).from_config(
-            pipe.scheduler.config, **scheduler_overrides(name)
-        )
+            pipe.scheduler.config, **scheduler_overrides(name))
         self.timers = Timers(torch.cuda.synchronize if cuda else None)
         unet, decode = pipe.unet, pipe.vae.decode
         if self.compile:
@@ -137,26 +130,19 @@ class TorchWorker:
         # Proxies time each call; object.__setattr__ keeps diffusers from re-registering components.
         for attr in ("text_encoder", "text_encoder_2"):
             if getattr(pipe, attr, None) is not None:
-                object.__setattr__(
-                    pipe,
-                    attr,
-                    _TimedModule(getattr(pipe, attr), self.timers.wrap("text_encoder", getattr(pipe, attr))),
-                )
+                object.__setattr__(pipe, attr, _TimedModule(getattr(pipe, attr), self.timers.wrap("text_encoder",
+                                                                                                   getattr(pipe, attr))))
         object.__setattr__(pipe, "unet", _TimedModule(pipe.unet, self.timers.wrap("unet", self._record_unet(unet))))
         pipe.vae.decode = self.timers.wrap("vae_decoder", decode)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
         self.latents = torch.from_numpy(initial_latents(job)).to(self.device, self.dtype)
         self.job = job
-        return {
-            "import_s": import_s,
-            "load_s": time.perf_counter() - t0,
-            "device": self.device,
-            "precision": "fp16" if self.dtype == torch.float16 else "fp32",
-            "provider": f"torch-{self.device}" + ("+inductor" if self.compile else ""),
-            "engine": f"torch {torch.__version__}, diffusers {diffusers.__version__}",
-            "device_name": torch.cuda.get_device_name() if cuda else None,
-        }
+        return {"import_s": import_s, "load_s": time.perf_counter() - t0, "device": self.device,
+                "precision": "fp16" if self.dtype == torch.float16 else "fp32",
+                "provider": f"torch-{self.device}" + ("+inductor" if self.compile else ""),
+                "engine": f"torch {torch.__version__}, diffusers {diffusers.__version__}",
+                "device_name": torch.cuda.get_device_name() if cuda else None}
 
     def _record_unet(self, unet: Callable) -> Callable:
         def call(*args: Any, **kwargs: Any) -> Any:
@@ -169,17 +155,9 @@ class TorchWorker:
     def run(self) -> tuple[Any, dict[str, float], dict[str, int]]:
         job = self.job
         self.timers.reset()
-        out = self.pipe(
-            job["prompt"],
-            negative_prompt=job["negative_prompt"],
-            num_inference_steps=job["steps"],
-            guidance_scale=job["guidance"],
-            height=job["height"],
-            width=job["width"],
-            num_images_per_prompt=job["batch"],
-            latents=self.latents,
-            output_type="np",
-        )
+        out = self.pipe(job["prompt"], negative_prompt=job["negative_prompt"], num_inference_steps=job["steps"],
+                        guidance_scale=job["guidance"], height=job["height"], width=job["width"],
+                        num_images_per_prompt=job["batch"], latents=self.latents, output_type="np")
         return out.images, dict(self.timers.seconds), dict(self.timers.calls)
 
     def device_peak_bytes(self) -> int | None:
@@ -249,9 +227,8 @@ class RuntimeWorker:
             self.pipe = Pipeline.load(artifact, provider=provider, verify_hashes=False, **options)
         self.timers = Timers()
         for name, session in list(self.pipe.sessions.items()):
-            self.pipe.sessions[name] = _TimedSession(
-                session, self.timers.wrap(COMPONENT_STAGE.get(name, name), session.run)
-            )
+            self.pipe.sessions[name] = _TimedSession(session, self.timers.wrap(COMPONENT_STAGE.get(name, name),
+                                                                                session.run))
         self.latents = initial_latents(job)
         self.job = job
         self.provider = provider
@@ -262,34 +239,18 @@ class RuntimeWorker:
                 engine = f"tensorrt {tensorrt.__version__}"
             except ImportError:  # pragma: no cover - the load above would have failed
                 pass
-        return {
-            "import_s": import_s,
-            "load_s": time.perf_counter() - t0,
-            "device": "cpu" if provider == "cpu" else "cuda",
-            "precision": self.pipe.manifest.precision,
-            "provider": provider,
-            "engine": engine,
-            "device_name": None,
-            "engine_build_s": build_s,
-        }
+        return {"import_s": import_s, "load_s": time.perf_counter() - t0, "device": "cpu" if provider == "cpu" else "cuda",
+                "precision": self.pipe.manifest.precision, "provider": provider, "engine": engine, "device_name": None,
+                "engine_build_s": build_s}
 
     def run(self) -> tuple[Any, dict[str, float], dict[str, int]]:
         job = self.job
         self.timers.reset()
-        out = self.pipe(
-            job["prompt"],
-            negative_prompt=job["negative_prompt"],
-            num_inference_steps=job["steps"],
-            guidance_scale=job["guidance"],
-            height=job["height"],
-            width=job["width"],
-            num_images_per_prompt=job["batch"],
-            seed=job["seed"],
-            scheduler=job["scheduler"],
-            latents=self.latents,
-            output_type="np",
-            deepcache=job["deepcache"] if self.backend == "onnxruntime-fast" else 1,
-        )
+        out = self.pipe(job["prompt"], negative_prompt=job["negative_prompt"], num_inference_steps=job["steps"],
+                        guidance_scale=job["guidance"], height=job["height"], width=job["width"],
+                        num_images_per_prompt=job["batch"], seed=job["seed"], scheduler=job["scheduler"],
+                        latents=self.latents, output_type="np",
+                        deepcache=job["deepcache"] if self.backend == "onnxruntime-fast" else 1)
         return out.images, dict(self.timers.seconds), dict(self.timers.calls)
 
     def device_peak_bytes(self) -> int | None:
@@ -338,13 +299,8 @@ def _gpu_visible() -> bool:
     return has_gpu()
 
 
-WORKERS = {
-    "torch": TorchWorker,
-    "torch-compile": TorchWorker,
-    "onnxruntime": RuntimeWorker,
-    "onnxruntime-fast": RuntimeWorker,
-    "tensorrt": RuntimeWorker,
-}
+WORKERS = {"torch": TorchWorker, "torch-compile": TorchWorker, "onnxruntime": RuntimeWorker,
+           "onnxruntime-fast": RuntimeWorker, "tensorrt": RuntimeWorker}
 
 
 # -- the request loop ---------------------------------------------------------------------------
@@ -395,14 +351,8 @@ class Session:
         self.runs += 1
         self.images = images
         self._sample_device()
-        return {
-            "ok": True,
-            "e2e_s": e2e,
-            "stages": seconds,
-            "calls": calls,
-            "rss_peak_bytes": peak_rss_bytes(),
-            "device_peak_bytes": self.device_peak,
-        }
+        return {"ok": True, "e2e_s": e2e, "stages": seconds, "calls": calls, "rss_peak_bytes": peak_rss_bytes(),
+                "device_peak_bytes": self.device_peak}
 
     def finish(self, msg: dict[str, Any]) -> dict[str, Any]:
         import numpy as np

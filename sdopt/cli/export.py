@@ -15,47 +15,27 @@ from sdopt.errors import SdoptError
 @app.command()
 @friendly_errors
 def export(
-    model: str = typer.Argument(
-        "synthetic:tiny", help="synthetic:PRESET, a diffusers folder, a .safetensors file, or a hub id."
-    ),
+    model: str = typer.Argument("synthetic:tiny", help="synthetic:PRESET, a diffusers folder, a .safetensors file, or a hub id."),
     out: Path = typer.Option(Path("artifacts/tiny"), "--out", "-o", help="Artifact folder to write (atomically)."),
     precision: str = typer.Option("fp32", help="fp32, or fp16 (fp32 islands where fp16 overflows: VAE, norms)."),
-    components: Optional[str] = typer.Option(
-        None, help="Comma-separated subset, e.g. text_encoder,unet. Default: all."
-    ),
+    components: Optional[str] = typer.Option(None, help="Comma-separated subset, e.g. text_encoder,unet. Default: all."),
     min_size: Optional[int] = typer.Option(None, help="Smallest image side the graphs accept (pixels)."),
     max_size: Optional[int] = typer.Option(None, help="Largest image side the graphs accept (pixels)."),
     max_batch: int = typer.Option(4, help="Most images per call (the U-Net sees twice this for guidance)."),
     opset: int = typer.Option(18, help="ONNX opset."),
     exporter: str = typer.Option("torchscript", help="torchscript (fast, fusable) or dynamo (torch.export)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-    allow_verify_failure: bool = typer.Option(
-        False, help="Keep the export even if ONNX differs from PyTorch beyond tolerance."
-    ),
+    allow_verify_failure: bool = typer.Option(False, help="Keep the export even if ONNX differs from PyTorch beyond tolerance."),
     seed: int = typer.Option(0, help="Seed of synthetic weights and of verification inputs."),
-    backend: str = typer.Option(
-        "onnx", help="onnx, or tensorrt to also build engines (default dynamic profiles; see `sdopt build`)."
-    ),
-    ort_optimize: bool = typer.Option(
-        True, help="Also save ONNX Runtime's optimised CPU graph (sessions start in seconds)."
-    ),
+    backend: str = typer.Option("onnx", help="onnx, or tensorrt to also build engines (default dynamic profiles; see `sdopt build`)."),
+    ort_optimize: bool = typer.Option(True, help="Also save ONNX Runtime's optimised CPU graph (sessions start in seconds)."),
 ) -> None:
     """Export a Stable Diffusion model to verified ONNX in one artifact folder."""
     from sdopt.export.artifact import ExportOptions, check_options
 
-    opts = ExportOptions(
-        precision=precision,
-        components=split_list(components),
-        min_size=min_size,
-        max_size=max_size,
-        max_batch=max_batch,
-        opset=opset,
-        exporter=exporter,
-        force=force,
-        allow_verify_failure=allow_verify_failure,
-        seed=seed,
-        ort_optimize=ort_optimize,
-    )
+    opts = ExportOptions(precision=precision, components=split_list(components), min_size=min_size, max_size=max_size,
+                         max_batch=max_batch, opset=opset, exporter=exporter, force=force,
+                         allow_verify_failure=allow_verify_failure, seed=seed, ort_optimize=ort_optimize)
     check_options(out.expanduser().resolve(), opts)  # fail before the slow imports
     if backend not in ("onnx", "tensorrt"):
         raise SdoptError(f"unknown backend {backend!r}", "use onnx or tensorrt")
@@ -67,15 +47,10 @@ def export(
 
     from sdopt.export.artifact import export_artifact
 
-    stages = {
-        "export": "tracing to ONNX",
-        "clean": "folding / shape inference",
-        "verify": "verifying vs PyTorch",
-        "optimize": "saving ONNX Runtime's optimised CPU graph",
-    }
-    with Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=False
-    ) as bar:
+    stages = {"export": "tracing to ONNX", "clean": "folding / shape inference", "verify": "verifying vs PyTorch",
+              "optimize": "saving ONNX Runtime's optimised CPU graph"}
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=False) as bar:
         tasks: dict[str, int] = {}
         load = bar.add_task(f"loading {model}", total=None)
 
@@ -99,50 +74,27 @@ def export(
 @app.command()
 @friendly_errors
 def build(
-    artifact: Path = typer.Argument(
-        ..., help="Artifact folder written by `sdopt export` (fp16 export for fp16 engines)."
-    ),
-    static: bool = typer.Option(
-        False, "--static", help="One fixed batch and size (fastest); default: the exported ranges."
-    ),
+    artifact: Path = typer.Argument(..., help="Artifact folder written by `sdopt export` (fp16 export for fp16 engines)."),
+    static: bool = typer.Option(False, "--static", help="One fixed batch and size (fastest); default: the exported ranges."),
     batch: Optional[int] = typer.Option(None, help="Images per call (static), or the profile's opt batch (dynamic)."),
     height: Optional[int] = typer.Option(None, help="Image height (static), or the profile's opt height."),
     width: Optional[int] = typer.Option(None, help="Image width (static), or the profile's opt width."),
     opt_level: int = typer.Option(3, help="TensorRT builder optimization level 0..5."),
     workspace_gb: Optional[float] = typer.Option(None, help="Workspace memory pool limit in GiB."),
-    timing_cache: Optional[Path] = typer.Option(
-        None, help="Timing cache file (default ARTIFACT/engines/timing.cache)."
-    ),
+    timing_cache: Optional[Path] = typer.Option(None, help="Timing cache file (default ARTIFACT/engines/timing.cache)."),
     refittable: bool = typer.Option(False, "--refittable", help="Engines whose weights can be refitted (LoRA)."),
-    version_compatible: bool = typer.Option(
-        False, "--version-compatible", help="Engines for later TensorRT versions (embed host code)."
-    ),
-    exclude_lean_runtime: bool = typer.Option(
-        False, "--exclude-lean-runtime", help="With --version-compatible: smaller plans."
-    ),
+    version_compatible: bool = typer.Option(False, "--version-compatible", help="Engines for later TensorRT versions (embed host code)."),
+    exclude_lean_runtime: bool = typer.Option(False, "--exclude-lean-runtime", help="With --version-compatible: smaller plans."),
     components: Optional[str] = typer.Option(None, help="Comma-separated subset. Default: all."),
     force: bool = typer.Option(False, "--force", help="Rebuild engines that exist for this GPU and TensorRT version."),
 ) -> None:
     """Build TensorRT engines from an artifact's ONNX (strongly typed; needs tensorrt and a GPU)."""
     from sdopt.export.tensorrt_build import BuildOptions
 
-    _build(
-        artifact,
-        BuildOptions(
-            static=static,
-            batch=batch,
-            height=height,
-            width=width,
-            opt_level=opt_level,
-            workspace_gb=workspace_gb,
-            timing_cache=timing_cache,
-            refittable=refittable,
-            version_compatible=version_compatible,
-            exclude_lean_runtime=exclude_lean_runtime,
-            components=split_list(components),
-            force=force,
-        ),
-    )
+    _build(artifact, BuildOptions(static=static, batch=batch, height=height, width=width, opt_level=opt_level,
+                                  workspace_gb=workspace_gb, timing_cache=timing_cache, refittable=refittable,
+                                  version_compatible=version_compatible, exclude_lean_runtime=exclude_lean_runtime,
+                                  components=split_list(components), force=force))
 
 
 def _build(artifact: Path, options) -> None:
@@ -159,32 +111,22 @@ def _build(artifact: Path, options) -> None:
 
 @app.command()
 @friendly_errors
-def inspect(
-    artifact: Path = typer.Argument(..., help="Artifact folder written by `sdopt export`."),
-    verify: bool = typer.Option(False, "--verify", help="Also check every file's sha256."),
-) -> None:
+def inspect(artifact: Path = typer.Argument(..., help="Artifact folder written by `sdopt export`."),
+            verify: bool = typer.Option(False, "--verify", help="Also check every file's sha256.")) -> None:
     """Print an artifact's manifest readably."""
     from sdopt.manifest import load_manifest, verify_files
 
     m = load_manifest(artifact)
-    console.print(
-        f"[bold]{artifact}[/]: {m.family} ({m.prediction_type}) from {m.source.get('kind')} "
-        f"{m.source.get('id')}, {m.precision}, opset {m.opset}, {m.exporter} exporter, created {m.created}"
-    )
-    console.print(
-        f"images {m.image.min_size}..{m.image.max_size} px (multiple of {m.image.multiple}, default "
-        f"{m.image.default_height}x{m.image.default_width}), batch <= {m.image.max_batch}; VAE scaling "
-        f"{m.vae.scaling_factor}, text length {m.text_max_length}"
-    )
+    console.print(f"[bold]{artifact}[/]: {m.family} ({m.prediction_type}) from {m.source.get('kind')} "
+                  f"{m.source.get('id')}, {m.precision}, opset {m.opset}, {m.exporter} exporter, created {m.created}")
+    console.print(f"images {m.image.min_size}..{m.image.max_size} px (multiple of {m.image.multiple}, default "
+                  f"{m.image.default_height}x{m.image.default_width}), batch <= {m.image.max_batch}; VAE scaling "
+                  f"{m.vae.scaling_factor}, text length {m.text_max_length}")
     io = Table("component", "inputs", "outputs", "dims")
     for c in m.components.values():
         fmt = lambda specs: "\n".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in specs)  # noqa: E731
-        io.add_row(
-            c.name,
-            fmt(c.inputs),
-            fmt(c.outputs),
-            "\n".join(f"{k} {d.min}..{d.max} (opt {d.opt})" for k, d in c.dims.items()),
-        )
+        io.add_row(c.name, fmt(c.inputs), fmt(c.outputs),
+                   "\n".join(f"{k} {d.min}..{d.max} (opt {d.opt})" for k, d in c.dims.items()))
     console.print(io)
     _print_components(m)
     console.print("versions: " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
@@ -199,13 +141,6 @@ def _print_components(m) -> None:
     table = Table("component", "precision", "export s", "max abs err", "max rel err", "tolerance", "verified")
     for c in m.components.values():
         v = c.verification
-        table.add_row(
-            c.name,
-            c.precision,
-            f"{c.export_seconds:.1f}",
-            f"{v.max_abs_err:.2e}",
-            f"{v.max_rel_err:.2e}",
-            f"{v.tolerance:.0e}",
-            "[green]ok[/]" if v.passed else "[red]FAILED[/]",
-        )
+        table.add_row(c.name, c.precision, f"{c.export_seconds:.1f}", f"{v.max_abs_err:.2e}", f"{v.max_rel_err:.2e}",
+                      f"{v.tolerance:.0e}", "[green]ok[/]" if v.passed else "[red]FAILED[/]")
     console.print(table)

@@ -16,16 +16,12 @@ from sdopt.cli.common import app, console, err_console, friendly_errors
 def generate(
     artifact: Path = typer.Argument(..., help="Artifact folder written by `sdopt export`."),
     prompt: str = typer.Argument(..., help="What to draw."),
-    out: Path = typer.Option(
-        Path("out.png"), "--out", "-o", help="Image file; with --batch N: out-0.png ... out-(N-1).png."
-    ),
+    out: Path = typer.Option(Path("out.png"), "--out", "-o", help="Image file; with --batch N: out-0.png ... out-(N-1).png."),
     negative: Optional[str] = typer.Option(None, "--negative", help="Negative prompt."),
     steps: int = typer.Option(30, help="Denoising steps."),
     guidance: float = typer.Option(7.5, help="Classifier-free guidance scale (1.0 turns guidance off)."),
     seed: Optional[int] = typer.Option(None, help="Seed (printed when drawn at random)."),
-    scheduler: Optional[str] = typer.Option(
-        None, help="ddim, euler, euler-a, dpm++2m, dpm++2m-karras, lcm, pndm, unipc. Default: the model's own."
-    ),
+    scheduler: Optional[str] = typer.Option(None, help="ddim, euler, euler-a, dpm++2m, dpm++2m-karras, lcm, pndm, unipc. Default: the model's own."),
     height: Optional[int] = typer.Option(None, help="Image height in pixels (default: the artifact's)."),
     width: Optional[int] = typer.Option(None, help="Image width in pixels (default: the artifact's)."),
     batch: int = typer.Option(1, help="Images to generate."),
@@ -33,16 +29,10 @@ def generate(
     strength: Optional[float] = typer.Option(None, help="img2img/inpaint strength in (0, 1]."),
     mask: Optional[Path] = typer.Option(None, help="Inpainting mask: white = repaint."),
     provider: str = typer.Option("cpu", help="cpu, cuda (onnxruntime-gpu) or tensorrt."),
-    fast: bool = typer.Option(
-        False, "--fast", help="Fast mode: DeepCache with a full U-Net pass every 3 steps (see --deepcache)."
-    ),
+    fast: bool = typer.Option(False, "--fast", help="Fast mode: DeepCache with a full U-Net pass every 3 steps (see --deepcache)."),
     deepcache: int = typer.Option(1, help="Full U-Net pass every N steps, the last layer only between (1 = exact)."),
-    cuda_graph: bool = typer.Option(
-        False, "--cuda-graph", help="TensorRT: replay the U-Net as a CUDA graph (static shapes)."
-    ),
-    allow_host_code: bool = typer.Option(
-        False, "--allow-host-code", help="TensorRT: trust version-compatible engines' embedded code."
-    ),
+    cuda_graph: bool = typer.Option(False, "--cuda-graph", help="TensorRT: replay the U-Net as a CUDA graph (static shapes)."),
+    allow_host_code: bool = typer.Option(False, "--allow-host-code", help="TensorRT: trust version-compatible engines' embedded code."),
 ) -> None:
     """Generate images from an artifact with the lean runtime (no torch)."""
     import time
@@ -56,41 +46,21 @@ def generate(
     trt_options = {"use_cuda_graph": cuda_graph, "allow_host_code": allow_host_code} if provider == "tensorrt" else {}
     pipe = Pipeline.load(artifact, provider=provider, **trt_options)
     load_s = time.perf_counter() - t0
-    with (
-        Progress("denoising", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar,
-        warnings.catch_warnings(record=True) as caught,
-    ):
+    with Progress("denoising", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar, \
+            warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         task = bar.add_task("steps", total=None)
-        result = pipe(
-            prompt,
-            negative_prompt=negative,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=height,
-            width=width,
-            num_images_per_prompt=batch,
-            seed=seed,
-            scheduler=scheduler,
-            image=image,
-            mask_image=mask,
-            strength=strength,
-            deepcache=3 if fast and deepcache == 1 else deepcache,
-            callback=lambda done, total: bar.update(task, completed=done, total=total),
-        )
+        result = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
+                      height=height, width=width, num_images_per_prompt=batch, seed=seed, scheduler=scheduler,
+                      image=image, mask_image=mask, strength=strength, deepcache=3 if fast and deepcache == 1 else deepcache,
+                      callback=lambda done, total: bar.update(task, completed=done, total=total))
     for w in caught:
         err_console.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False)
-    paths = (
-        [out]
-        if len(result.images) == 1
-        else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(result.images))]
-    )
+    paths = [out] if len(result.images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(result.images))]
     for im, path in zip(result.images, paths):
         path.parent.mkdir(parents=True, exist_ok=True)
         im.save(path)
     t = result.timings
     console.print(f"seed {result.seed}; wrote {', '.join(map(str, paths))}")
-    console.print(
-        f"load {load_s:.2f} s, text encoder {t['text_encoder']:.2f} s, U-Net {t['unet']:.2f} s "
-        f"({t['unet_per_step'] * 1000:.0f} ms/step), VAE decode {t['vae_decoder']:.2f} s, total {t['total']:.2f} s"
-    )
+    console.print(f"load {load_s:.2f} s, text encoder {t['text_encoder']:.2f} s, U-Net {t['unet']:.2f} s "
+                  f"({t['unet_per_step'] * 1000:.0f} ms/step), VAE decode {t['vae_decoder']:.2f} s, total {t['total']:.2f} s")

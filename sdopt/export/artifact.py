@@ -26,6 +26,7 @@ from sdopt.export.verify import TOLERANCE, verify_component
 from sdopt.manifest import COMPONENTS, MANIFEST_NAME, Component, ImageSpec, Manifest, TensorSpec, VaeSpec, sha256_file
 
 
+
 @dataclass
 class ExportOptions:
     precision: str = "fp32"  # fp32 | fp16
@@ -82,11 +83,8 @@ def image_spec(model: LoadedModel, opts: ExportOptions) -> ImageSpec:
     lo, hi = opts.min_size or lo, opts.max_size or hi
     for label, size in (("--min-size", lo), ("--max-size", hi)):
         if size % multiple:
-            raise SdoptError(
-                f"{label} {size} is not a multiple of {multiple}, which this U-Net needs "
-                f"(VAE x{scale}, U-Net x{multiple // scale})",
-                f"use {max(multiple, size // multiple * multiple)}",
-            )
+            raise SdoptError(f"{label} {size} is not a multiple of {multiple}, which this U-Net needs "
+                             f"(VAE x{scale}, U-Net x{multiple // scale})", f"use {max(multiple, size // multiple * multiple)}")
     if lo > hi:
         raise SdoptError(f"min size {lo} is larger than max size {hi}", "pass both --min-size and --max-size")
     default = min(max(default, lo), hi) // multiple * multiple
@@ -119,14 +117,10 @@ def export_artifact(model_id: str, out: Path, opts: ExportOptions, progress: Pro
             comp = _export_component(plan, tmp, image, vae_scale(model.pipe), opts, tolerance, progress)
             components[plan.name] = comp
             if not comp.verification.passed:
-                failures.append(
-                    f"{plan.name}: max relative error {comp.verification.max_rel_err:.2e} > {tolerance:.0e}"
-                )
+                failures.append(f"{plan.name}: max relative error {comp.verification.max_rel_err:.2e} > {tolerance:.0e}")
         if failures and not opts.allow_verify_failure:
-            raise SdoptError(
-                "verification failed: " + "; ".join(failures),
-                "inspect the model, or pass --allow-verify-failure to keep the export anyway",
-            )
+            raise SdoptError("verification failed: " + "; ".join(failures),
+                             "inspect the model, or pass --allow-verify-failure to keep the export anyway")
         manifest = _manifest(model, image, opts, components)
         _write_support_files(model, tmp, names)
         manifest.write(tmp)
@@ -137,50 +131,26 @@ def export_artifact(model_id: str, out: Path, opts: ExportOptions, progress: Pro
     return ExportResult(manifest, out, time.perf_counter() - t0, load_seconds, failures)
 
 
-def _export_component(
-    plan: ComponentPlan,
-    root: Path,
-    image: ImageSpec,
-    scale: int,
-    opts: ExportOptions,
-    tolerance: float,
-    progress: Progress,
-) -> Component:
+def _export_component(plan: ComponentPlan, root: Path, image: ImageSpec, scale: int, opts: ExportOptions,
+                      tolerance: float, progress: Progress) -> Component:
     t0 = time.perf_counter()
     folder = root / plan.name
     raw_dir = folder / "_raw"
     raw_dir.mkdir(parents=True)
-    small = {
-        "batch": 2,
-        "height": image.min_size,
-        "width": image.min_size,
-        "latent_height": image.min_size // scale,
-        "latent_width": image.min_size // scale,
-    }
-    opt = {
-        "batch": 1,
-        "height": image.default_height,
-        "width": image.default_width,
-        "latent_height": image.default_height // scale,
-        "latent_width": image.default_width // scale,
-    }
+    small = {"batch": 2, "height": image.min_size, "width": image.min_size,
+             "latent_height": image.min_size // scale, "latent_width": image.min_size // scale}
+    opt = {"batch": 1, "height": image.default_height, "width": image.default_width,
+           "latent_height": image.default_height // scale, "latent_width": image.default_width // scale}
     progress(plan.name, "export", "")
-    onnx_graph.export_raw(
-        plan, raw_dir / "model.onnx", plan.example_inputs(small, opts.seed), opts.opset, opts.exporter
-    )
+    onnx_graph.export_raw(plan, raw_dir / "model.onnx", plan.example_inputs(small, opts.seed), opts.opset, opts.exporter)
     progress(plan.name, "clean", "")
     fp16_ops = None if opts.precision == "fp32" or plan.keep_fp32 else plan.fp32_ops
     path = folder / "model.onnx"
     onnx_graph.finalize(raw_dir / "model.onnx", path, fp16_ops)
     onnx_graph.remove(raw_dir)
     progress(plan.name, "verify", "")
-    verification = verify_component(
-        plan,
-        path,
-        [small, opt],
-        tolerance if fp16_ops is not None else min(tolerance, TOLERANCE["fp32"]),
-        seed=opts.seed + 1,
-    )
+    verification = verify_component(plan, path, [small, opt], tolerance if fp16_ops is not None else min(
+        tolerance, TOLERANCE["fp32"]), seed=opts.seed + 1)
     ort_cpu_path = ort_cpu_target = None
     if opts.ort_optimize:
         progress(plan.name, "optimize", "")
@@ -192,18 +162,11 @@ def _export_component(
     retype = lambda specs: [TensorSpec(s.name, io_types[s.name], s.shape) for s in specs]  # noqa: E731
     files = {str(p.relative_to(root)): sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
     comp = Component(
-        name=plan.name,
-        path=f"{plan.name}/model.onnx",
+        name=plan.name, path=f"{plan.name}/model.onnx",
         precision="fp16" if fp16_ops is not None else "fp32",
-        inputs=retype(plan.inputs),
-        outputs=retype(plan.outputs),
-        dims=plan.dims,
-        files=files,
-        verification=verification,
-        fp32_ops=list(fp16_ops or []),
-        export_seconds=round(time.perf_counter() - t0, 2),
-        ort_cpu_path=ort_cpu_path,
-        ort_cpu_target=ort_cpu_target,
+        inputs=retype(plan.inputs), outputs=retype(plan.outputs), dims=plan.dims, files=files,
+        verification=verification, fp32_ops=list(fp16_ops or []), export_seconds=round(time.perf_counter() - t0, 2),
+        ort_cpu_path=ort_cpu_path, ort_cpu_target=ort_cpu_target,
     )
     progress(plan.name, "done", f"{verification.max_abs_err:.2e} abs / {verification.max_rel_err:.2e} rel")
     return comp
@@ -219,35 +182,22 @@ def _manifest(model: LoadedModel, image: ImageSpec, opts: ExportOptions, compone
     pipe = model.pipe
     vae_cfg = pipe.vae.config
     return Manifest(
-        family=model.family,
-        source=model.source,
+        family=model.family, source=model.source,
         prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
-        precision=opts.precision,
-        opset=opts.opset,
-        exporter=opts.exporter,
-        image=image,
-        vae=VaeSpec(
-            scaling_factor=float(vae_cfg.scaling_factor),
-            shift_factor=None if vae_cfg.get("shift_factor") is None else float(vae_cfg.shift_factor),
-            scale=vae_scale(pipe),
-            latent_channels=vae_cfg.latent_channels,
-            force_upcast=bool(vae_cfg.get("force_upcast", False)),
-        ),
+        precision=opts.precision, opset=opts.opset, exporter=opts.exporter, image=image,
+        vae=VaeSpec(scaling_factor=float(vae_cfg.scaling_factor),
+                    shift_factor=None if vae_cfg.get("shift_factor") is None else float(vae_cfg.shift_factor),
+                    scale=vae_scale(pipe), latent_channels=vae_cfg.latent_channels,
+                    force_upcast=bool(vae_cfg.get("force_upcast", False))),
         components=components,
         text_max_length=pipe.tokenizer.model_max_length,
         unet_in_channels=pipe.unet.config.in_channels,
         force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", False)),
         requires_aesthetics_score=bool(pipe.config.get("requires_aesthetics_score", False)),
         tokenizers=["tokenizer", "tokenizer_2"] if model.family == "sdxl" else ["tokenizer"],
-        versions={
-            "sdopt": __version__,
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__,
-            "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "python": platform.python_version(),
-        },
+        versions={"sdopt": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                  "transformers": transformers.__version__, "onnx": onnx.__version__,
+                  "onnxruntime": onnxruntime.__version__, "python": platform.python_version()},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
 
@@ -266,11 +216,8 @@ def _write_support_files(model: LoadedModel, root: Path, names: list[str]) -> No
         else:
             getattr(pipe, name).config.to_json_file(root / name / "config.json")
     cls = "ORTStableDiffusionXLPipeline" if model.family == "sdxl" else "ORTStableDiffusionPipeline"
-    index = {
-        "_class_name": cls,
-        "_diffusers_version": pipe.config.get("_diffusers_version", ""),
-        "scheduler": ["diffusers", type(pipe.scheduler).__name__],
-    }
+    index = {"_class_name": cls, "_diffusers_version": pipe.config.get("_diffusers_version", ""),
+             "scheduler": ["diffusers", type(pipe.scheduler).__name__]}
     for tok in ("tokenizer", "tokenizer_2"):
         if (root / tok).is_dir():
             index[tok] = ["transformers", "CLIPTokenizer"]
@@ -289,9 +236,7 @@ def _write_scheduler_config(scheduler, folder: Path) -> None:
     defaults = set(config.pop("_use_default_values", []))
     kept = {k: v for k, v in config.items() if k not in defaults and not k.startswith("_")}
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "scheduler_config.json").write_text(
-        json.dumps({"_class_name": type(scheduler).__name__, **kept}, indent=2) + "\n"
-    )
+    (folder / "scheduler_config.json").write_text(json.dumps({"_class_name": type(scheduler).__name__, **kept}, indent=2) + "\n")
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

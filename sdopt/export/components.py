@@ -51,8 +51,7 @@ class UNetGraph(torch.nn.Module):
         added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.sdxl else None
         captured: list[torch.Tensor] = []
         handle = _penultimate_layer(self.unet).register_forward_hook(
-            lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out)
-        )
+            lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
         try:
             out = self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
         finally:
@@ -179,94 +178,56 @@ def plan_components(pipe: Any, family: str, image: ImageSpec, names: list[str]) 
             hidden = te.config.hidden_size
             pooled = te.config.projection_dim if hasattr(te, "text_projection") else hidden
             L = pipe.tokenizer.model_max_length
-            plans.append(
-                ComponentPlan(
-                    name,
-                    TextEncoderGraph(te),
-                    inputs=[TensorSpec("input_ids", "int64", ["batch", L])],
-                    outputs=[
-                        TensorSpec("last_hidden_state", f32, ["batch", L, hidden]),
-                        TensorSpec("penultimate_hidden_state", f32, ["batch", L, hidden]),
-                        TensorSpec("pooled", f32, ["batch", pooled]),
-                    ],
-                    dims={"batch": DimRange(1, 2, 2 * image.max_batch)},
-                    fp32_ops=["LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Softmax"],
-                    vocab_size=min(te.config.vocab_size, len(pipe.tokenizer)),
-                )
-            )
+            plans.append(ComponentPlan(
+                name, TextEncoderGraph(te),
+                inputs=[TensorSpec("input_ids", "int64", ["batch", L])],
+                outputs=[TensorSpec("last_hidden_state", f32, ["batch", L, hidden]),
+                         TensorSpec("penultimate_hidden_state", f32, ["batch", L, hidden]),
+                         TensorSpec("pooled", f32, ["batch", pooled])],
+                dims={"batch": DimRange(1, 2, 2 * image.max_batch)},
+                fp32_ops=["LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Softmax"],
+                vocab_size=min(te.config.vocab_size, len(pipe.tokenizer)),
+            ))
         elif name == "unet":
             L = pipe.tokenizer.model_max_length
-            inputs = [
-                TensorSpec("sample", f32, ["batch", unet_cfg.in_channels, "latent_height", "latent_width"]),
-                TensorSpec("timestep", f32, ["batch"]),
-                TensorSpec("encoder_hidden_states", f32, ["batch", L, unet_cfg.cross_attention_dim]),
-            ]
+            inputs = [TensorSpec("sample", f32, ["batch", unet_cfg.in_channels, "latent_height", "latent_width"]),
+                      TensorSpec("timestep", f32, ["batch"]),
+                      TensorSpec("encoder_hidden_states", f32, ["batch", L, unet_cfg.cross_attention_dim])]
             if family == "sdxl":
-                inputs += [
-                    TensorSpec("text_embeds", f32, ["batch", pipe.text_encoder_2.config.projection_dim]),
-                    TensorSpec("time_ids", f32, ["batch", 6]),
-                ]
-            deep = TensorSpec(
-                "deep_feature", f32, ["batch", unet_cfg.block_out_channels[0], "latent_height", "latent_width"]
-            )
+                inputs += [TensorSpec("text_embeds", f32, ["batch", pipe.text_encoder_2.config.projection_dim]),
+                           TensorSpec("time_ids", f32, ["batch", 6])]
+            deep = TensorSpec("deep_feature", f32, ["batch", unet_cfg.block_out_channels[0], "latent_height", "latent_width"])
             out = TensorSpec("out_sample", f32, ["batch", unet_cfg.out_channels, "latent_height", "latent_width"])
-            plans.append(
-                ComponentPlan(
-                    name,
-                    UNetGraph(pipe.unet, family == "sdxl"),
-                    inputs=inputs,
-                    outputs=[out, deep],
-                    dims=_dims(image, scale, 2, pixels=False),
-                    size_multiple=unet_multiple,
-                )
-            )
+            plans.append(ComponentPlan(name, UNetGraph(pipe.unet, family == "sdxl"), inputs=inputs, outputs=[out, deep],
+                                       dims=_dims(image, scale, 2, pixels=False), size_multiple=unet_multiple))
         elif name == "unet_shallow":
             unet_plan = plan_components(pipe, family, image, ["unet"])[0]
             inputs = [*unet_plan.inputs[:3], unet_plan.outputs[1], *unet_plan.inputs[3:]]
             if not getattr(pipe.unet.up_blocks[-1], "attentions", None):  # SDXL: no cross-attention there
                 inputs = [t for t in inputs if t.name != "encoder_hidden_states"]
             shallow = UNetShallowGraph(pipe.unet, family == "sdxl", [t.name for t in inputs])
-            plans.append(
-                ComponentPlan(
-                    name,
-                    shallow,
-                    inputs=inputs,
-                    outputs=unet_plan.outputs[:1],
-                    dims=unet_plan.dims,
-                    size_multiple=unet_plan.size_multiple,
-                )
-            )
+            plans.append(ComponentPlan(name, shallow, inputs=inputs,
+                                       outputs=unet_plan.outputs[:1], dims=unet_plan.dims,
+                                       size_multiple=unet_plan.size_multiple))
         elif name == "vae_decoder":
-            plans.append(
-                ComponentPlan(
-                    name,
-                    VaeDecoderGraph(pipe.vae),
-                    inputs=[TensorSpec("latent_sample", f32, ["batch", latent_c, "latent_height", "latent_width"])],
-                    outputs=[TensorSpec("sample", f32, ["batch", 3, "height", "width"])],
-                    dims={
-                        **_dims(image, scale, 1, pixels=False),
-                        **{k: v for k, v in _dims(image, scale, 1, pixels=True).items() if k != "batch"},
-                    },
-                    keep_fp32=True,
-                )
-            )
+            plans.append(ComponentPlan(
+                name, VaeDecoderGraph(pipe.vae),
+                inputs=[TensorSpec("latent_sample", f32, ["batch", latent_c, "latent_height", "latent_width"])],
+                outputs=[TensorSpec("sample", f32, ["batch", 3, "height", "width"])],
+                dims={**_dims(image, scale, 1, pixels=False),
+                      **{k: v for k, v in _dims(image, scale, 1, pixels=True).items() if k != "batch"}},
+                keep_fp32=True,
+            ))
         elif name == "vae_encoder":
-            plans.append(
-                ComponentPlan(
-                    name,
-                    VaeEncoderGraph(pipe.vae),
-                    inputs=[TensorSpec("sample", f32, ["batch", 3, "height", "width"])],
-                    outputs=[
-                        TensorSpec("latent_mean", f32, ["batch", latent_c, "latent_height", "latent_width"]),
-                        TensorSpec("latent_std", f32, ["batch", latent_c, "latent_height", "latent_width"]),
-                    ],
-                    dims={
-                        **_dims(image, scale, 1, pixels=True),
-                        **{k: v for k, v in _dims(image, scale, 1, pixels=False).items() if k != "batch"},
-                    },
-                    keep_fp32=True,
-                )
-            )
+            plans.append(ComponentPlan(
+                name, VaeEncoderGraph(pipe.vae),
+                inputs=[TensorSpec("sample", f32, ["batch", 3, "height", "width"])],
+                outputs=[TensorSpec("latent_mean", f32, ["batch", latent_c, "latent_height", "latent_width"]),
+                         TensorSpec("latent_std", f32, ["batch", latent_c, "latent_height", "latent_width"])],
+                dims={**_dims(image, scale, 1, pixels=True),
+                      **{k: v for k, v in _dims(image, scale, 1, pixels=False).items() if k != "batch"}},
+                keep_fp32=True,
+            ))
         else:
             raise ValueError(name)
     return plans

@@ -56,14 +56,11 @@ class BuildOptions:
 def check_build_options(options: BuildOptions) -> None:
     """What can be checked without the artifact (before a long `export --backend tensorrt`)."""
     if options.opt_level not in OPT_LEVELS:
-        raise SdoptError(
-            f"--opt-level {options.opt_level} is not in 0..5",
-            "use 3 (the default), or 5 for the slowest, most thorough search",
-        )
+        raise SdoptError(f"--opt-level {options.opt_level} is not in 0..5",
+                         "use 3 (the default), or 5 for the slowest, most thorough search")
     if options.workspace_gb is not None and options.workspace_gb <= 0:
-        raise SdoptError(
-            f"--workspace-gb {options.workspace_gb} must be positive", "omit it to let TensorRT use what it needs"
-        )
+        raise SdoptError(f"--workspace-gb {options.workspace_gb} must be positive",
+                         "omit it to let TensorRT use what it needs")
     if options.exclude_lean_runtime and not options.version_compatible:
         raise SdoptError("--exclude-lean-runtime needs --version-compatible", "add --version-compatible, or drop it")
 
@@ -71,33 +68,21 @@ def check_build_options(options: BuildOptions) -> None:
 def _check_request(manifest: Manifest, batch: int | None, height: int | None, width: int | None) -> None:
     img = manifest.image
     if batch is not None and not 1 <= batch <= img.max_batch:
-        raise SdoptError(
-            f"--batch {batch} is outside this artifact's 1..{img.max_batch} images per call",
-            f"use --batch {min(max(batch, 1), img.max_batch)}, or re-export with --max-batch {batch}",
-        )
+        raise SdoptError(f"--batch {batch} is outside this artifact's 1..{img.max_batch} images per call",
+                         f"use --batch {min(max(batch, 1), img.max_batch)}, or re-export with --max-batch {batch}")
     for label, size in (("--height", height), ("--width", width)):
         if size is None:
             continue
         if size % img.multiple:
             nearest = max(img.multiple, round(size / img.multiple) * img.multiple)
-            raise SdoptError(
-                f"{label} {size} is not a multiple of {img.multiple}, which this model needs", f"use {nearest}"
-            )
+            raise SdoptError(f"{label} {size} is not a multiple of {img.multiple}, which this model needs", f"use {nearest}")
         if not img.min_size <= size <= img.max_size:
-            raise SdoptError(
-                f"{label} {size} is outside this artifact's {img.min_size}..{img.max_size} px",
-                "choose a size in that range, or re-export with --min-size/--max-size",
-            )
+            raise SdoptError(f"{label} {size} is outside this artifact's {img.min_size}..{img.max_size} px",
+                             "choose a size in that range, or re-export with --min-size/--max-size")
 
 
-def dim_ranges(
-    manifest: Manifest,
-    component: str,
-    static: bool = False,
-    batch: int | None = None,
-    height: int | None = None,
-    width: int | None = None,
-) -> dict[str, tuple[int, int, int]]:
+def dim_ranges(manifest: Manifest, component: str, static: bool = False, batch: int | None = None,
+               height: int | None = None, width: int | None = None) -> dict[str, tuple[int, int, int]]:
     """(min, opt, max) of each named dim of `component`.
 
     Dynamic: the manifest's ranges, with opt moved to the requested batch/size. Static: the
@@ -108,22 +93,15 @@ def dim_ranges(
     img, comp = manifest.image, manifest.components[component]
     images, h, w = batch or 1, height or img.default_height, width or img.default_width
     factor = max(1, comp.dims["batch"].max // img.max_batch) if "batch" in comp.dims else 1
-    values = {
-        "batch": images * factor,
-        "height": h,
-        "width": w,
-        "latent_height": h // manifest.vae.scale,
-        "latent_width": w // manifest.vae.scale,
-    }
+    values = {"batch": images * factor, "height": h, "width": w,
+              "latent_height": h // manifest.vae.scale, "latent_width": w // manifest.vae.scale}
     given = {"batch": batch, "height": height, "width": width, "latent_height": height, "latent_width": width}
     out: dict[str, tuple[int, int, int]] = {}
     for name, r in comp.dims.items():
         v = values.get(name, r.opt)
         if not r.contains(v):
-            raise SdoptError(
-                f"{component} {name} {v} is outside the exported range {r.min}..{r.max}",
-                "choose a batch and size inside the artifact's ranges (`sdopt inspect`)",
-            )
+            raise SdoptError(f"{component} {name} {v} is outside the exported range {r.min}..{r.max}",
+                             "choose a batch and size inside the artifact's ranges (`sdopt inspect`)")
         if static and name == "batch" and component in CALLER_BATCH:
             out[name] = (r.min, min(max(images, r.min), v), v)
         elif static:
@@ -133,14 +111,8 @@ def dim_ranges(
     return out
 
 
-def engine_profiles(
-    manifest: Manifest,
-    component: str,
-    static: bool = False,
-    batch: int | None = None,
-    height: int | None = None,
-    width: int | None = None,
-) -> list[Profile]:
+def engine_profiles(manifest: Manifest, component: str, static: bool = False, batch: int | None = None,
+                    height: int | None = None, width: int | None = None) -> list[Profile]:
     """The optimization profile(s) of one component: (min, opt, max) shape per graph input."""
     if component not in manifest.components:
         raise SdoptError(f"the artifact has no {component}", f"choose from {', '.join(manifest.components)}")
@@ -191,26 +163,21 @@ def preflight() -> tuple[Any, GpuFacts]:
     return trt, gpu_facts(0)  # TensorRT builds on the current CUDA device (0 unless CUDA_VISIBLE_DEVICES)
 
 
-def build_engines(
-    artifact_dir: str | Path, options: BuildOptions, progress: Progress | None = None
-) -> list[dict[str, Any]]:
+def build_engines(artifact_dir: str | Path, options: BuildOptions, progress: Progress | None = None) -> list[dict[str, Any]]:
     """Build one engine per component into the artifact and record them in its manifest."""
     root = Path(artifact_dir).expanduser().resolve()
     progress = progress or (lambda *_: None)
     check_build_options(options)
     manifest = load_manifest(root)
     names = options.components or list(manifest.components)
-    profiles = {
-        n: engine_profiles(manifest, n, options.static, options.batch, options.height, options.width) for n in names
-    }
+    profiles = {n: engine_profiles(manifest, n, options.static, options.batch, options.height, options.width)
+                for n in names}
     trt, gpu = preflight()
     folder = engine_dir(trt.__version__, gpu.name, gpu.compute_capability)
     clash = [e["component"] for e in manifest.engines if e.get("path") in {f"{folder}/{n}.plan" for n in names}]
     if clash and not options.force:
-        raise SdoptError(
-            f"{root} already has {', '.join(clash)} engines for this GPU and TensorRT {trt.__version__}",
-            f"pass --force to rebuild them: sdopt build {root} --force",
-        )
+        raise SdoptError(f"{root} already has {', '.join(clash)} engines for this GPU and TensorRT {trt.__version__}",
+                         f"pass --force to rebuild them: sdopt build {root} --force")
     verify_files(root, manifest, names)  # build only from the ONNX the manifest vouches for
 
     builder = trt.Builder(trt_logger(trt))
@@ -221,11 +188,8 @@ def build_engines(
         config = builder.create_builder_config()
         if cache is None:
             cache = _load_timing_cache(config, cache_path)
-        entries.append(
-            _build_one(
-                trt, builder, config, cache, root, manifest, name, profiles[name], folder, gpu, options, progress
-            )
-        )
+        entries.append(_build_one(trt, builder, config, cache, root, manifest, name, profiles[name],
+                                  folder, gpu, options, progress))
         _atomic_write(cache_path, cache.serialize())  # after each engine: a later failure keeps the timings
     _record(root, entries)
     return entries
@@ -243,20 +207,9 @@ def _load_timing_cache(config: Any, path: Path) -> Any:
     return cache
 
 
-def _build_one(
-    trt: Any,
-    builder: Any,
-    config: Any,
-    cache: Any,
-    root: Path,
-    manifest: Manifest,
-    name: str,
-    profiles: list[Profile],
-    folder: str,
-    gpu: GpuFacts,
-    options: BuildOptions,
-    progress: Progress,
-) -> dict[str, Any]:
+def _build_one(trt: Any, builder: Any, config: Any, cache: Any, root: Path, manifest: Manifest,
+               name: str, profiles: list[Profile], folder: str, gpu: GpuFacts, options: BuildOptions,
+               progress: Progress) -> dict[str, Any]:
     t0 = time.perf_counter()
     onnx_path = root / manifest.components[name].path
     progress(name, "parse", str(onnx_path))
@@ -268,10 +221,8 @@ def _build_one(
         parser.set_flag(trt.OnnxParserFlag.NATIVE_INSTANCENORM)  # no plugin: version-compatible engines allow none
     if not parser.parse_from_file(str(onnx_path)):  # from the file, so external weight data is found
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise SdoptError(
-            f"TensorRT {trt.__version__} could not parse {onnx_path}: {errors[:500]}",
-            "re-export with a supported opset (`sdopt export --opset 17`), or update TensorRT",
-        )
+        raise SdoptError(f"TensorRT {trt.__version__} could not parse {onnx_path}: {errors[:500]}",
+                         "re-export with a supported opset (`sdopt export --opset 17`), or update TensorRT")
     for shapes in profiles:
         profile = builder.create_optimization_profile()
         for i in range(network.num_inputs):
@@ -284,11 +235,8 @@ def _build_one(
     config.builder_optimization_level = options.opt_level
     if options.workspace_gb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * 2**30))
-    for enabled, flag_name in (
-        (options.refittable, "REFIT"),
-        (options.version_compatible, "VERSION_COMPATIBLE"),
-        (options.exclude_lean_runtime, "EXCLUDE_LEAN_RUNTIME"),
-    ):
+    for enabled, flag_name in ((options.refittable, "REFIT"), (options.version_compatible, "VERSION_COMPATIBLE"),
+                               (options.exclude_lean_runtime, "EXCLUDE_LEAN_RUNTIME")):
         if enabled:
             config.set_flag(getattr(trt.BuilderFlag, flag_name))
     config.set_timing_cache(cache, ignore_mismatch=False)
@@ -296,46 +244,24 @@ def _build_one(
     progress(name, "build", f"opt level {options.opt_level}")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise SdoptError(
-            f"TensorRT failed to build the {name} engine (see its log above)",
-            "try --workspace-gb with more memory, a lower --opt-level, or a narrower size range (--static)",
-        )
+        raise SdoptError(f"TensorRT failed to build the {name} engine (see its log above)",
+                         "try --workspace-gb with more memory, a lower --opt-level, or a narrower size range (--static)")
     rel = f"{folder}/{name}.plan"
     _atomic_write(root / rel, serialized)
     seconds = round(time.perf_counter() - t0, 2)
     progress(name, "done", f"{seconds:.1f} s")
     return {
-        "component": name,
-        "path": rel,
-        "sha256": sha256_file(root / rel),
-        "bytes": (root / rel).stat().st_size,
-        "tensorrt": trt.__version__,
-        "gpu": gpu.name,
-        "compute_capability": gpu.compute_capability,
-        "profiles": [
-            {k: {"min": list(lo), "opt": list(opt), "max": list(hi)} for k, (lo, opt, hi) in p.items()}
-            for p in profiles
-        ],
-        "flags": {
-            "static": options.static,
-            "refittable": options.refittable,
-            "version_compatible": options.version_compatible,
-            "exclude_lean_runtime": options.exclude_lean_runtime,
-            "strongly_typed": True,
-            "opt_level": options.opt_level,
-            "workspace_gb": options.workspace_gb,
-        },
-        "build_seconds": seconds,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "component": name, "path": rel, "sha256": sha256_file(root / rel), "bytes": (root / rel).stat().st_size,
+        "tensorrt": trt.__version__, "gpu": gpu.name, "compute_capability": gpu.compute_capability,
+        "profiles": [{k: {"min": list(lo), "opt": list(opt), "max": list(hi)} for k, (lo, opt, hi) in p.items()}
+                     for p in profiles],
+        "flags": {"static": options.static, "refittable": options.refittable,
+                  "version_compatible": options.version_compatible,
+                  "exclude_lean_runtime": options.exclude_lean_runtime, "strongly_typed": True,
+                  "opt_level": options.opt_level, "workspace_gb": options.workspace_gb},
+        "build_seconds": seconds, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-__all__ = [
-    "BuildOptions",
-    "build_engines",
-    "check_build_options",
-    "dim_ranges",
-    "engine_dir",
-    "engine_profiles",
-    "preflight",
-]
+__all__ = ["BuildOptions", "build_engines", "check_build_options", "dim_ranges", "engine_dir", "engine_profiles",
+           "preflight"]

@@ -17,9 +17,8 @@ from sdopt.manifest import Verification
 TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}
 
 
-def verify_component(
-    plan: ComponentPlan, onnx_path: Path, shapes: list[dict[str, int]], tolerance: float, seed: int = 0
-) -> Verification:
+def verify_component(plan: ComponentPlan, onnx_path: Path, shapes: list[dict[str, int]], tolerance: float,
+                     seed: int = 0) -> Verification:
     """Run the graph and the module on seeded inputs of each dim-value set in `shapes`."""
     import onnxruntime as ort
 
@@ -47,8 +46,5 @@ def verify_component(
 
 
 def _np_dtype(ort_type: str) -> np.dtype:
-    return np.dtype(
-        {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32"}[
-            ort_type
-        ]
-    )
+    return np.dtype({"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+                     "tensor(int32)": "int32"}[ort_type])

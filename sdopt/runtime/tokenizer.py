@@ -31,11 +31,7 @@ class ClipTokenizer:
         config = _read_json(folder / "tokenizer_config.json")
         special = {**_read_json(folder / "special_tokens_map.json"), **config}
         self.tokenizer = _load(folder)
-        self.max_length = (
-            int(config.get("model_max_length", max_length))
-            if config.get("model_max_length", 0) < 10**6
-            else max_length
-        )
+        self.max_length = int(config.get("model_max_length", max_length)) if config.get("model_max_length", 0) < 10**6 else max_length
         self.bos_id = self._id(_token(special.get("bos_token"), "<|startoftext|>"))
         self.eos_id = self._id(_token(special.get("eos_token"), "<|endoftext|>"))
         self.pad_id = self._id(_token(special.get("pad_token"), "<|endoftext|>"))
@@ -53,12 +49,8 @@ class ClipTokenizer:
         for row, prompt in enumerate(prompts):
             ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
             if len(ids) > room:
-                warnings.warn(
-                    f"prompt is {len(ids)} tokens; the text encoder takes {room}: "
-                    f"{len(ids) - room} tokens were dropped from the end",
-                    PromptTruncatedWarning,
-                    stacklevel=3,
-                )
+                warnings.warn(f"prompt is {len(ids)} tokens; the text encoder takes {room}: "
+                              f"{len(ids) - room} tokens were dropped from the end", PromptTruncatedWarning, stacklevel=3)
                 ids = ids[:room]
             seq = [self.bos_id, *ids, self.eos_id]
             out[row, : len(seq)] = seq
@@ -91,26 +83,13 @@ def clip_bpe_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]]):
     """CLIP's tokenizer pipeline (as transformers' CLIPConverter builds it) from vocab + merges."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-    tok = Tokenizer(
-        models.BPE(
-            vocab=vocab,
-            merges=merges,
-            dropout=None,
-            continuing_subword_prefix="",
-            end_of_word_suffix="</w>",
-            fuse_unk=False,
-            unk_token="<|endoftext|>",
-        )
-    )
-    tok.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-    )
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
-    )
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                               end_of_word_suffix="</w>", fuse_unk=False, unk_token="<|endoftext|>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     return tok
 

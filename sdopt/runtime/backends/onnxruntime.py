@@ -33,20 +33,8 @@ def physical_cores() -> int:
 
 # CPU features MLAS picks kernels and NCHWc block sizes by; an optimised graph saved on one
 # of these feature sets may not run (or not run well) on another.
-_ISA_FLAGS = (
-    "avx2",
-    "fma",
-    "avx512f",
-    "avx512bw",
-    "avx512vl",
-    "avx512_vnni",
-    "avx_vnni",
-    "avx512_bf16",
-    "avx512_fp16",
-    "amx_tile",
-    "amx_int8",
-    "amx_bf16",
-)
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16",
+              "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16")
 
 
 def cpu_target() -> str:
@@ -100,9 +88,7 @@ class OnnxRuntimeBackend:
         try:
             import onnxruntime as ort
         except ImportError:
-            raise SdoptError(
-                "onnxruntime is not installed", "pip install onnxruntime (or sdopt[gpu] for CUDA)"
-            ) from None
+            raise SdoptError("onnxruntime is not installed", "pip install onnxruntime (or sdopt[gpu] for CUDA)") from None
         self.ort = ort
         self.root = Path(root)
         self.manifest = manifest
@@ -111,10 +97,8 @@ class OnnxRuntimeBackend:
         self.threads = threads or physical_cores()
         self.cpu_target = cpu_target()
         if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise SdoptError(
-                "provider 'cuda' needs onnxruntime-gpu and an NVIDIA GPU, which this install lacks",
-                "pip install 'sdopt[gpu]' on a CUDA host, or use --provider cpu",
-            )
+            raise SdoptError("provider 'cuda' needs onnxruntime-gpu and an NVIDIA GPU, which this install lacks",
+                             "pip install 'sdopt[gpu]' on a CUDA host, or use --provider cpu")
 
     def load(self, component: str) -> OnnxRuntimeSession:
         ort = self.ort
@@ -127,17 +111,13 @@ class OnnxRuntimeBackend:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        providers = (
-            ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" else ["CPUExecutionProvider"]
-        )
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" else ["CPUExecutionProvider"]
         path = spec.path
         if self.device == "cpu" and spec.ort_cpu_path and spec.ort_cpu_target == self.cpu_target:
             path = spec.ort_cpu_path
         try:
             session = ort.InferenceSession(str(self.root / path), options, providers=providers)
         except Exception as e:  # noqa: BLE001 - corrupt or foreign graph: one readable line
-            raise SdoptError(
-                f"ONNX Runtime could not load {spec.path}: {str(e).splitlines()[0][:300]}",
-                "re-export the artifact with `sdopt export --force`",
-            ) from None
+            raise SdoptError(f"ONNX Runtime could not load {spec.path}: {str(e).splitlines()[0][:300]}",
+                             "re-export the artifact with `sdopt export --force`") from None
         return OnnxRuntimeSession(session, self.device)

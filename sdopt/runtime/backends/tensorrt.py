@@ -36,15 +36,8 @@ from sdopt.manifest import Manifest, sha256_file
 INSTALL_FIX = "pip install 'sdopt[tensorrt]' on a host with an NVIDIA GPU (TensorRT wheels come from NVIDIA's index)"
 
 # TensorRT DataType member name -> numpy dtype (types numpy lacks, BF16/FP8/INT4/FP4, are unsupported).
-NUMPY_DTYPES = {
-    "FLOAT": np.float32,
-    "HALF": np.float16,
-    "INT8": np.int8,
-    "UINT8": np.uint8,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "BOOL": np.bool_,
-}
+NUMPY_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "UINT8": np.uint8,
+                "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_}
 
 
 # -- imports and device facts -----------------------------------------------------------------
@@ -81,10 +74,8 @@ def cuda_check(cudart: ModuleType, result: Any, what: str) -> Any:
     """cuda-python returns (error, *values): raise on error, return the value(s)."""
     err, *values = result if isinstance(result, tuple) else (result,)
     if err != cudart.cudaError_t.cudaSuccess:
-        raise SdoptError(
-            f"CUDA {what} failed: {getattr(err, 'name', err)}",
-            "check the GPU with `nvidia-smi` (driver, memory in use)",
-        )
+        raise SdoptError(f"CUDA {what} failed: {getattr(err, 'name', err)}",
+                         "check the GPU with `nvidia-smi` (driver, memory in use)")
     return values[0] if len(values) == 1 else tuple(values) or None
 
 
@@ -123,26 +114,21 @@ def gpu_facts(device: int = 0) -> GpuFacts:
         try:
             prop = cuda_check(cudart, cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
         except SdoptError as e:
-            raise SdoptError(
-                f"no NVIDIA GPU {device} is usable ({e.problem})", "run on a host with an NVIDIA GPU and driver"
-            ) from None
+            raise SdoptError(f"no NVIDIA GPU {device} is usable ({e.problem})",
+                             "run on a host with an NVIDIA GPU and driver") from None
         name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
         return GpuFacts(name.rstrip("\x00").strip(), f"{prop.major}.{prop.minor}")
     smi = shutil.which("nvidia-smi")
     if smi is None:
-        raise SdoptError(
-            "no NVIDIA GPU found (no cuda-python and no nvidia-smi)", "run on a host with an NVIDIA GPU and driver"
-        )
+        raise SdoptError("no NVIDIA GPU found (no cuda-python and no nvidia-smi)",
+                         "run on a host with an NVIDIA GPU and driver")
     # nvidia-smi ignores CUDA_VISIBLE_DEVICES, so ask for the physical GPU that CUDA calls `device`.
     visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
     ident = visible[device] if device < len(visible) else str(device)
-    proc = subprocess.run(
-        [smi, "-i", ident, "--query-gpu=name,compute_cap", "--format=csv,noheader"], capture_output=True, text=True
-    )
+    proc = subprocess.run([smi, "-i", ident, "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+                          capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SdoptError(
-            f"nvidia-smi found no GPU {ident}: {proc.stderr.strip()[:200]}", "run on a host with an NVIDIA GPU"
-        )
+        raise SdoptError(f"nvidia-smi found no GPU {ident}: {proc.stderr.strip()[:200]}", "run on a host with an NVIDIA GPU")
     return parse_nvidia_smi(proc.stdout)
 
 
@@ -155,14 +141,8 @@ def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", version)[:3])
 
 
-def check_engine_compatible(
-    entry: dict[str, Any],
-    trt_version: str,
-    gpu_name: str,
-    compute_capability: str,
-    artifact: str | Path = "ARTIFACT",
-    lean: bool = False,
-) -> None:
+def check_engine_compatible(entry: dict[str, Any], trt_version: str, gpu_name: str, compute_capability: str,
+                            artifact: str | Path = "ARTIFACT", lean: bool = False) -> None:
     """Raise unless this GPU and TensorRT can deserialize the engine of `entry`.
 
     Engines are specific to the compute capability and tuned per GPU model, and by default load
@@ -173,37 +153,24 @@ def check_engine_compatible(
     """
     what, fix = f"the {entry['component']} engine", rebuild_fix(artifact)
     if entry["compute_capability"] != compute_capability:
-        raise SdoptError(
-            f"{what} was built for compute capability {entry['compute_capability']} ({entry['gpu']}), "
-            f"this GPU ({gpu_name}) is {compute_capability}",
-            fix,
-        )
+        raise SdoptError(f"{what} was built for compute capability {entry['compute_capability']} ({entry['gpu']}), "
+                         f"this GPU ({gpu_name}) is {compute_capability}", fix)
     if entry["gpu"] != gpu_name:
-        raise SdoptError(
-            f"{what} was built on a {entry['gpu']}, this GPU is a {gpu_name} (TensorRT tunes engines per GPU model)",
-            fix,
-        )
+        raise SdoptError(f"{what} was built on a {entry['gpu']}, this GPU is a {gpu_name} "
+                         "(TensorRT tunes engines per GPU model)", fix)
     flags = entry.get("flags", {})
     portable = flags.get("version_compatible", False) and not flags.get("exclude_lean_runtime", False)
     if lean and not flags.get("version_compatible", False):
-        raise SdoptError(
-            f"{what} is not version-compatible, and only tensorrt_lean (which runs version-compatible "
-            "engines only) is installed",
-            f"install the full runtime ({INSTALL_FIX}), or {fix} --version-compatible",
-        )
+        raise SdoptError(f"{what} is not version-compatible, and only tensorrt_lean (which runs version-compatible "
+                         "engines only) is installed",
+                         f"install the full runtime ({INSTALL_FIX}), or {fix} --version-compatible")
     if portable:
         if version_tuple(trt_version) < version_tuple(entry["tensorrt"]):
-            raise SdoptError(
-                f"{what} was built with TensorRT {entry['tensorrt']}; version-compatible engines load in "
-                f"that or a later TensorRT, and this host has {trt_version}",
-                fix,
-            )
+            raise SdoptError(f"{what} was built with TensorRT {entry['tensorrt']}; version-compatible engines load in "
+                             f"that or a later TensorRT, and this host has {trt_version}", fix)
     elif entry["tensorrt"] != trt_version:
-        raise SdoptError(
-            f"{what} was built with TensorRT {entry['tensorrt']}, this host has TensorRT {trt_version} "
-            "(engines load only in the TensorRT version that built them)",
-            fix,
-        )
+        raise SdoptError(f"{what} was built with TensorRT {entry['tensorrt']}, this host has TensorRT {trt_version} "
+                         "(engines load only in the TensorRT version that built them)", fix)
 
 
 def check_host_code(entry: dict[str, Any], allow_host_code: bool, artifact: str | Path = "ARTIFACT") -> None:
@@ -214,25 +181,15 @@ def check_host_code(entry: dict[str, Any], allow_host_code: bool, artifact: str 
             f"the {entry['component']} engine is version-compatible: loading it executes host code embedded in "
             f"{entry['path']}, which sdopt does not do by default",
             "if you trust this artifact, load it with allow_host_code=True (CLI: --allow-host-code); "
-            f"otherwise {rebuild_fix(artifact)} (without --version-compatible)",
-        )
+            f"otherwise {rebuild_fix(artifact)} (without --version-compatible)")
 
 
-def select_engine(
-    manifest: Manifest,
-    component: str,
-    trt_version: str,
-    gpu_name: str,
-    compute_capability: str,
-    artifact: str | Path = "ARTIFACT",
-    lean: bool = False,
-) -> dict[str, Any]:
+def select_engine(manifest: Manifest, component: str, trt_version: str, gpu_name: str, compute_capability: str,
+                  artifact: str | Path = "ARTIFACT", lean: bool = False) -> dict[str, Any]:
     """The newest engine of `component` this GPU + TensorRT can load, else the closest one's error."""
     entries = [e for e in manifest.engines if e.get("component") == component]
     if not entries:
-        raise SdoptError(
-            f"{artifact} has no TensorRT engine for {component}", f"build them: sdopt build {artifact} --force"
-        )
+        raise SdoptError(f"{artifact} has no TensorRT engine for {component}", f"build them: sdopt build {artifact} --force")
     errors: list[tuple[tuple[bool, bool], SdoptError]] = []
     for entry in reversed(entries):
         try:
@@ -242,9 +199,7 @@ def select_engine(
             errors.append(((entry["compute_capability"] == compute_capability, entry["gpu"] == gpu_name), e))
     best = max(errors, key=lambda t: t[0])[1]  # prefer the error of an engine for this very GPU
     if len(entries) > 1:
-        raise SdoptError(
-            f"none of the {len(entries)} {component} engines fits this host; closest: {best.problem}", best.fix
-        )
+        raise SdoptError(f"none of the {len(entries)} {component} engines fits this host; closest: {best.problem}", best.fix)
     raise best
 
 
@@ -256,17 +211,10 @@ def check_shapes(entry: dict[str, Any], shapes: dict[str, tuple[int, ...]], arti
         problem = _outside(profile, shapes)
         if not problem:
             return
-    how = (
-        (
-            "the engine is static: generate at its batch and size, or rebuild for this one: "
-            f"sdopt build {artifact} --force --static --batch B --height H --width W"
-        )
-        if static
-        else (
-            f"rebuild with this shape in range: sdopt build {artifact} --force (re-export with --min-size/--max-size/"
-            "--max-batch first if it is outside the artifact's range)"
-        )
-    )
+    how = ("the engine is static: generate at its batch and size, or rebuild for this one: "
+           f"sdopt build {artifact} --force --static --batch B --height H --width W") if static else (
+        f"rebuild with this shape in range: sdopt build {artifact} --force (re-export with --min-size/--max-size/"
+        "--max-batch first if it is outside the artifact's range)")
     raise SdoptError(f"the {entry['component']} engine cannot run this call: {problem}", how)
 
 
@@ -284,9 +232,7 @@ def numpy_dtype(trt_dtype: Any) -> np.dtype:
     """numpy dtype of a TensorRT DataType (by member name, which tensorrt and tensorrt_lean share)."""
     name = getattr(trt_dtype, "name", str(trt_dtype)).split(".")[-1]
     if name not in NUMPY_DTYPES:
-        raise SdoptError(
-            f"engine tensor type {name} has no numpy equivalent", "re-export with fp32 or fp16 graph inputs"
-        )
+        raise SdoptError(f"engine tensor type {name} has no numpy equivalent", "re-export with fp32 or fp16 graph inputs")
     return np.dtype(NUMPY_DTYPES[name])
 
 
@@ -296,14 +242,8 @@ class TensorRTBackend:
 
     name = "tensorrt"
 
-    def __init__(
-        self,
-        root: Path,
-        manifest: Manifest,
-        use_cuda_graph: bool = False,
-        allow_host_code: bool = False,
-        device: int = 0,
-    ) -> None:
+    def __init__(self, root: Path, manifest: Manifest, use_cuda_graph: bool = False, allow_host_code: bool = False,
+                 device: int = 0) -> None:
         self.root = Path(root)
         self.manifest = manifest
         self.use_cuda_graph = use_cuda_graph
@@ -324,15 +264,8 @@ class TensorRTBackend:
     def load(self, component: str) -> TensorRTSession:
         if component not in self.manifest.components:
             raise SdoptError(f"the artifact has no {component}", "re-export with that component included")
-        entry = select_engine(
-            self.manifest,
-            component,
-            self.trt_version,
-            self.gpu.name,
-            self.gpu.compute_capability,
-            self.root,
-            self.lean,
-        )
+        entry = select_engine(self.manifest, component, self.trt_version, self.gpu.name, self.gpu.compute_capability,
+                              self.root, self.lean)
         check_host_code(entry, self.allow_host_code, self.root)
         path = self.root / entry["path"]
         if not path.is_file() or sha256_file(path) != entry["sha256"]:
@@ -341,9 +274,8 @@ class TensorRTBackend:
             self.runtime.engine_host_code_allowed = True  # trusted by the caller (check_host_code)
         engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
-            raise SdoptError(
-                f"TensorRT {self.trt_version} could not deserialize {path} (see its log above)", rebuild_fix(self.root)
-            )
+            raise SdoptError(f"TensorRT {self.trt_version} could not deserialize {path} (see its log above)",
+                             rebuild_fix(self.root))
         self.entries[component] = entry
         return TensorRTSession(self, component, engine)
 
@@ -385,9 +317,8 @@ class TensorRTSession:
         spec = backend.manifest.components[component]
         declared = {t.name for t in spec.inputs}, {t.name for t in spec.outputs}
         if (set(self.input_names), set(self.output_names)) != declared:
-            raise SdoptError(
-                f"the {component} engine's tensors {names} do not match the manifest", rebuild_fix(backend.root)
-            )
+            raise SdoptError(f"the {component} engine's tensors {names} do not match the manifest",
+                             rebuild_fix(backend.root))
         self.stream = self._cuda(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
         self._binding: _Binding | None = None
         self._lock = threading.Lock()
@@ -405,16 +336,13 @@ class TensorRTSession:
             self._cuda(cudart.cudaSetDevice(self.backend.device), "cudaSetDevice")
             b = self._bind(tuple((n, arrays[n].shape) for n in self.input_names))
             for n, a in arrays.items():
-                self._cuda(
-                    cudart.cudaMemcpyAsync(b.pointers[n], a.ctypes.data, a.nbytes, h2d, self.stream), "copy to GPU"
-                )
+                self._cuda(cudart.cudaMemcpyAsync(b.pointers[n], a.ctypes.data, a.nbytes, h2d, self.stream),
+                           "copy to GPU")
             self._enqueue(b)
             outputs = {n: np.empty(b.output_shapes[n], self.dtypes[n]) for n in self.output_names}
             for n, out in outputs.items():
-                self._cuda(
-                    cudart.cudaMemcpyAsync(out.ctypes.data, b.pointers[n], out.nbytes, d2h, self.stream),
-                    "copy to host",
-                )
+                self._cuda(cudart.cudaMemcpyAsync(out.ctypes.data, b.pointers[n], out.nbytes, d2h, self.stream),
+                           "copy to host")
             self._cuda(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         return outputs
 
@@ -425,27 +353,22 @@ class TensorRTSession:
         ctx = self.context
         for name, shape in signature:
             if not ctx.set_input_shape(name, shape):
-                raise SdoptError(
-                    f"TensorRT rejected {self.component} input {name} shape {list(shape)}",
-                    rebuild_fix(self.backend.root),
-                )
+                raise SdoptError(f"TensorRT rejected {self.component} input {name} shape {list(shape)}",
+                                 rebuild_fix(self.backend.root))
         shapes = dict(signature)
         for name in self.output_names:
             shapes[name] = tuple(ctx.get_tensor_shape(name))
             if any(d < 0 for d in shapes[name]):
-                raise SdoptError(
-                    f"{self.component} output {name} has no static shape {shapes[name]}",
-                    rebuild_fix(self.backend.root),
-                )
+                raise SdoptError(f"{self.component} output {name} has no static shape {shapes[name]}",
+                                 rebuild_fix(self.backend.root))
         b = self._binding = _Binding(signature, {}, {n: shapes[n] for n in self.output_names})
         try:
             for name, shape in shapes.items():
                 nbytes = max(1, int(np.prod(shape, dtype=np.int64)) * self.dtypes[name].itemsize)
                 b.pointers[name] = self._cuda(self.cudart.cudaMalloc(nbytes), "cudaMalloc")
                 if not ctx.set_tensor_address(name, b.pointers[name]):
-                    raise SdoptError(
-                        f"TensorRT rejected the {self.component} buffer of {name}", rebuild_fix(self.backend.root)
-                    )
+                    raise SdoptError(f"TensorRT rejected the {self.component} buffer of {name}",
+                                     rebuild_fix(self.backend.root))
         except BaseException:
             self._release()  # never keep a half-bound signature
             raise
@@ -457,10 +380,8 @@ class TensorRTSession:
             self._cuda(cudart.cudaGraphLaunch(b.graph[1], stream), "cudaGraphLaunch")
             return
         if not self.context.execute_async_v3(int(stream)):
-            raise SdoptError(
-                f"TensorRT failed to run the {self.component} engine (see its log above)",
-                rebuild_fix(self.backend.root),
-            )
+            raise SdoptError(f"TensorRT failed to run the {self.component} engine (see its log above)",
+                             rebuild_fix(self.backend.root))
         if not self.backend.use_cuda_graph:
             return
         # The warm-up enqueue above ran the call; capture the next one for later calls to replay.
@@ -471,10 +392,9 @@ class TensorRTSession:
         if not enqueued or err != cudart.cudaError_t.cudaSuccess:
             if err == cudart.cudaError_t.cudaSuccess:
                 cudart.cudaGraphDestroy(graph)
-            raise SdoptError(
-                f"the {self.component} engine cannot be captured in a CUDA graph ({getattr(err, 'name', err)})",
-                "load the pipeline with use_cuda_graph=False",
-            )
+            raise SdoptError(f"the {self.component} engine cannot be captured in a CUDA graph "
+                             f"({getattr(err, 'name', err)})",
+                             "load the pipeline with use_cuda_graph=False")
         b.graph = (graph, self._cuda(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate"))
 
     def _release(self) -> None:

@@ -15,9 +15,7 @@ import numpy as np
 from .betas import F32, sigma_to_alpha_sigma_t
 
 
-def resolve_config(
-    defaults: dict[str, Any], config: dict[str, Any] | None, overrides: dict[str, Any]
-) -> dict[str, Any]:
+def resolve_config(defaults: dict[str, Any], config: dict[str, Any] | None, overrides: dict[str, Any]) -> dict[str, Any]:
     """What ``XScheduler.from_config(config, **overrides)`` passes to ``__init__``.
 
     Keys of the class's ``__init__`` (``defaults``) are taken from the config, unknown and private
@@ -104,11 +102,11 @@ def per_sample(coeff: np.ndarray, ndim: int) -> np.ndarray:
     return coeff.reshape((-1,) + (1,) * max(ndim - 1, 0))
 
 
+
 # The training noise schedule every diffusers scheduler takes, with diffusers' defaults.
 TRAINING_DEFAULTS: dict[str, Any] = dict(
     num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None
 )
-
 
 class Scheduler:
     """Numpy port of a diffusers scheduler (protocol used by the runtime pipelines).
@@ -216,9 +214,7 @@ class Scheduler:
         """Input scaling of the denoiser; identity except for the sigma-space (Euler) schedulers."""
         return sample
 
-    def step(
-        self, model_output: np.ndarray, timestep: float, sample: np.ndarray, noise: np.ndarray | None = None
-    ) -> np.ndarray:  # pragma: no cover
+    def step(self, model_output: np.ndarray, timestep: float, sample: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
 
     def add_noise(self, original: np.ndarray, noise: np.ndarray, timestep) -> np.ndarray:  # pragma: no cover

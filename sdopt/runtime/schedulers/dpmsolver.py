@@ -66,13 +66,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         self._require("solver_order", 1, 2)
         self._require("solver_type", "midpoint", "heun")
         self._require_prediction("epsilon", "sample", "v_prediction")
-        for key in (
-            "use_exponential_sigmas",
-            "use_beta_sigmas",
-            "use_lu_lambdas",
-            "use_flow_sigmas",
-            "use_dynamic_shifting",
-        ):
+        for key in ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting"):
             self._require(key, False, None)
         self._require("final_sigmas_type", "zero", "sigma_min")
 
@@ -95,11 +89,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
     def set_timesteps(self, num_inference_steps: int) -> None:
         cfg = self.config
         timesteps = multistep_timesteps(
-            cfg["timestep_spacing"],
-            cfg["num_train_timesteps"],
-            num_inference_steps,
-            cfg["steps_offset"],
-            self._last_timestep(),
+            cfg["timestep_spacing"], cfg["num_train_timesteps"], num_inference_steps, cfg["steps_offset"], self._last_timestep()
         )
         sigmas = train_sigmas(self.alphas_cumprod)
         if cfg["use_karras_sigmas"]:
@@ -123,10 +113,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
 
     def _convert_model_output(self, model_output, sample):
         """Data prediction x0_theta(x_t, t) that DPM-Solver++ integrates."""
-        if self.config["prediction_type"] == "epsilon" and self.config["variance_type"] in (
-            "learned",
-            "learned_range",
-        ):
+        if self.config["prediction_type"] == "epsilon" and self.config["variance_type"] in ("learned", "learned_range"):
             model_output = model_output[:, :3]
         alpha_t, sigma_t, _ = log_snr(self.sigmas[self._step_index])
         x0 = predict_x0(self.config["prediction_type"], model_output, sample, alpha_t, sigma_t)

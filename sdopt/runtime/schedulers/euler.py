@@ -156,9 +156,7 @@ class EulerAncestralDiscreteScheduler(EulerDiscreteScheduler):
 
     def _validate(self) -> None:
         if self.config["prediction_type"] == "sample":
-            raise NotImplementedError(
-                "EulerAncestralDiscreteScheduler: prediction_type='sample' is not implemented (as in diffusers)"
-            )
+            raise NotImplementedError("EulerAncestralDiscreteScheduler: prediction_type='sample' is not implemented (as in diffusers)")
         self._require_prediction("epsilon", "v_prediction")
 
     @property

@@ -48,11 +48,7 @@ class LCMScheduler(AlphaScheduler):
         """Evenly skip through the distillation schedule of ``original_inference_steps`` timesteps
         (k = T // original_steps; t = k*j - 1). ``strength`` < 1 truncates that schedule (LCM img2img)."""
         T = self.config["num_train_timesteps"]
-        original_steps = (
-            original_inference_steps
-            if original_inference_steps is not None
-            else self.config["original_inference_steps"]
-        )
+        original_steps = original_inference_steps if original_inference_steps is not None else self.config["original_inference_steps"]
         if original_steps > T:
             raise ValueError(f"original_inference_steps={original_steps} cannot exceed num_train_timesteps={T}")
         if num_inference_steps > T:

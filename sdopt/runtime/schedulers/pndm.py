@@ -26,9 +26,7 @@ class PNDMScheduler(AlphaScheduler):
     def __init__(self, config=None, **overrides) -> None:
         super().__init__(config, **overrides)
         if self.config["prediction_type"] not in ("epsilon", "v_prediction"):
-            raise ValueError(
-                f"prediction_type={self.config['prediction_type']!r} must be one of 'epsilon' or 'v_prediction'"
-            )
+            raise ValueError(f"prediction_type={self.config['prediction_type']!r} must be one of 'epsilon' or 'v_prediction'")
         self.alphas_cumprod = make_alphas_cumprod(make_betas(self.config))
         self.final_alpha_cumprod = F32(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
         self.prk_timesteps = np.array([], dtype=np.int64)
