@@ -377,10 +377,12 @@ REPLICAS = "from sdopt.serve.deploy import replica_actor_names\nprint(*replica_a
 
 
 def test_replica_killed_mid_load(server):
-    """Kill the replica through Ray's API under load: its requests end with 5xx, none hangs, it comes back."""
+    """Kill the replica through Ray's API under load: the requests it held end with a 5xx, none hangs,
+    the requests still queued at Ray's proxy are served by the replacement replica."""
     names = ray_api(server, REPLICAS).split()
     assert len(names) == 1
     results: list = []
+    held = 2 * 4  # the replica holds 2 x --max-batch requests; the 2 beyond wait at the proxy
 
     def one(i):
         try:
@@ -388,7 +390,7 @@ def test_replica_killed_mid_load(server):
         except requests.exceptions.RequestException as e:  # a hang would show as ReadTimeout
             results.append(type(e).__name__)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(held + 2)]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 20
@@ -397,9 +399,10 @@ def test_replica_killed_mid_load(server):
     ray_api(server, f"ray.kill(ray.get_actor({names[0]!r}, namespace='serve'), no_restart=True)")
     for t in threads:
         t.join(CLIENT_TIMEOUT + 10)
-    assert len(results) == 6 and all(isinstance(r, int) for r in results), results  # all answered, none hung
+    print("statuses after the kill:", results)
+    assert len(results) == held + 2 and all(isinstance(r, int) for r in results), results  # all answered
     assert all(r == 200 or 500 <= r < 600 for r in results), results
-    assert any(r >= 500 for r in results), results  # the kill did hit requests in flight
+    assert 1 <= sum(r >= 500 for r in results) <= held, results  # only requests the dead replica held failed
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:  # Serve's controller replaces the replica
         try:
