@@ -179,22 +179,16 @@ async def _generate(state: ReplicaState, request: Request, t0: float) -> Respons
             f"request body over the server's limit of {config.limits.max_body_bytes} bytes",
             "send smaller images (or fewer)",
         )
-    try:
-        parsed = ImagesRequest.model_validate_json(body)
-        requests = [state.pipe.make_request(**call) for call in pipeline_calls(parsed, config.limits)]
-        for r in requests:
-            if max(r.height, r.width) > config.limits.max_size:
-                raise SdoptError(
-                    f"{r.width}x{r.height} is over the server's limit of {config.limits.max_size} per side",
-                    "send a smaller image or size",
-                )
+    try:  # image decoding and resizing run off the event loop
+        requests = await asyncio.to_thread(_validate, state, body)
     except ValidationError as e:
         return _error(400, _validation_message(e), "see the request schema at /docs")
     except SdoptError as e:
         return _error(400, e.problem, e.fix)
     jobs: list[Job] = []
     try:
-        jobs = [state.engine.submit(r) for r in requests]
+        for r in requests:
+            jobs.append(state.engine.submit(r))
     except QueueFull as e:
         _cancel(state, jobs)
         return _error(503, e.problem, e.fix, {"Retry-After": str(config.retry_after_s)})
@@ -202,6 +196,20 @@ async def _generate(state: ReplicaState, request: Request, t0: float) -> Respons
         _cancel(state, jobs)
         return _error(400, e.problem, e.fix)
     return await _await_jobs(state, request, jobs, t0)
+
+
+def _validate(state: ReplicaState, body: bytes) -> list[Any]:
+    """The body as validated single-image GenerationRequests (raises ValidationError or SdoptError)."""
+    limits = state.config.limits
+    parsed = ImagesRequest.model_validate_json(body)
+    requests = [state.pipe.make_request(**call) for call in pipeline_calls(parsed, limits)]
+    for r in requests:
+        if max(r.height, r.width) > limits.max_size:
+            raise SdoptError(
+                f"{r.width}x{r.height} is over the server's limit of {limits.max_size} per side",
+                "send a smaller image or size",
+            )
+    return requests
 
 
 async def _await_jobs(state: ReplicaState, request: Request, jobs: list[Job], t0: float) -> Response:
