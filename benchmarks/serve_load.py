@@ -17,6 +17,7 @@ A model id is exported once into the same cache `sdopt bench` uses (~/.cache/sdo
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import signal
@@ -28,6 +29,7 @@ import urllib.request
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -132,12 +134,10 @@ def run_setting(artifact: Path, args: argparse.Namespace, replicas: int, max_bat
             proc.wait(10)
 
 
-def batching_tolerance(artifact: Path, size: int, steps: int, count: int) -> dict:
+def batching_tolerance(pipe: Any, size: int, steps: int, count: int) -> dict:
     """Max |Δ| on [0, 1] pixels between step-batched images and Pipeline alone, same requests."""
-    from sdopt.runtime import Pipeline
     from sdopt.serve.engine import StepBatcher
 
-    pipe = Pipeline.load(artifact)
     calls = [
         dict(
             prompt=f"a harbour at dawn {i}",
@@ -172,6 +172,25 @@ def batching_tolerance(artifact: Path, size: int, steps: int, count: int) -> dic
     }
 
 
+def unet_scaling(pipe: Any, size: int, batches: tuple[int, ...] = (1, 2, 4, 8), reps: int = 2) -> dict:
+    """Seconds per U-Net call (guided: 2 rows per image) and per image-step, by images stacked."""
+    state = pipe.prepare(pipe.make_request("a harbour at dawn", height=size, width=size, seed=0, output_type="np"))
+    component, feeds = state.unet_inputs()
+    out = {}
+    for n in batches:
+        stacked = {k: np.concatenate([v] * n) for k, v in feeds.items()}
+        pipe.unet(component, stacked)  # warm-up (ORT allocations for this shape)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            pipe.unet(component, stacked)
+            times.append(time.perf_counter() - t0)
+        best = min(times)
+        out[str(n)] = {"call_s": best, "per_image_step_s": best / n}
+        print(f"  U-Net, {n} image(s) stacked: {best:.3f} s per call, {best / n:.3f} s per image-step", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="synthetic:tiny")
@@ -197,9 +216,15 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()},
         "settings": [],
     }
+    from sdopt.runtime import Pipeline
+
+    pipe = Pipeline.load(artifact)
     print(f"batching tolerance on {args.tolerance_images} images ...", flush=True)
-    record["tolerance"] = batching_tolerance(artifact, args.size, args.steps, args.tolerance_images)
+    record["tolerance"] = batching_tolerance(pipe, args.size, args.steps, args.tolerance_images)
     print(f"  max |Δ| {record['tolerance']['max_abs_diff']:.3g}", flush=True)
+    record["unet_scaling"] = unet_scaling(pipe, args.size)
+    del pipe
+    gc.collect()  # the servers below load their own copies
     for i, (label, replicas, max_batch, threads) in enumerate(SETTINGS):
         if args.only and i not in args.only:
             continue
@@ -233,6 +258,15 @@ def markdown(record: dict) -> str:
             f"{lat.get('p90', float('nan')):.2f} | {lat.get('p99', float('nan')):.2f} | {s['statuses']} | "
             f"{s['server_timings_s'].get('unet', float('nan')):.2f} | {s['server_start_s']:.0f} |"
         )
+    lines += [
+        "",
+        "U-Net call time by images stacked (guided: 2 rows per image), in-process, best of 2:",
+        "",
+        "| images stacked | s per call | s per image-step |",
+        "|---|---|---|",
+    ]
+    for n, v in record.get("unet_scaling", {}).items():
+        lines.append(f"| {n} | {v['call_s']:.3f} | {v['per_image_step_s']:.3f} |")
     lines += [
         "",
         f"Batching tolerance: max |Δ| {tol['max_abs_diff']:.3g} on [0, 1] pixels between step-batched "
