@@ -30,7 +30,7 @@ from sdopt.errors import SdoptError
 from sdopt.serve.config import ServeConfig
 from sdopt.serve.engine import Job, JobResult, QueueFull, StepBatcher
 from sdopt.serve.metrics import ServeMetrics
-from sdopt.serve.schema import ImagesRequest, ImagesResponse, encode_png, error_body, pipeline_calls
+from sdopt.serve.schema import ErrorBody, ImagesRequest, ImagesResponse, encode_png, error_body, pipeline_calls
 
 GENERATIONS = "/v1/images/generations"
 DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
@@ -108,11 +108,11 @@ def create_app(state: ReplicaState) -> FastAPI:
         summary="Generate images (OpenAI Images API shape)",
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}},
         responses={
-            400: {"description": "bad parameters"},
-            401: {"description": "missing or wrong key"},
-            413: {"description": "body too large"},
-            503: {"description": "queue full (Retry-After)"},
-            504: {"description": "past the request timeout"},
+            400: {"model": ErrorBody, "description": "bad parameters"},
+            401: {"model": ErrorBody, "description": "missing or wrong key"},
+            413: {"model": ErrorBody, "description": "body too large"},
+            503: {"model": ErrorBody, "description": "queue full (Retry-After)"},
+            504: {"model": ErrorBody, "description": "past the request timeout"},
         },
     )
     async def generations(request: Request) -> Response:
