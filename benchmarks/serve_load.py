@@ -201,6 +201,8 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=900.0)
     parser.add_argument("--start-timeout", type=float, default=600.0)
     parser.add_argument("--tolerance-images", type=int, default=4)
+    parser.add_argument("--scaling-batches", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--scaling-reps", type=int, default=2)
     parser.add_argument("--only", type=int, nargs="*", help="indices of SETTINGS to run (default: all)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -222,7 +224,7 @@ def main() -> None:
     print(f"batching tolerance on {args.tolerance_images} images ...", flush=True)
     record["tolerance"] = batching_tolerance(pipe, args.size, args.steps, args.tolerance_images)
     print(f"  max |Δ| {record['tolerance']['max_abs_diff']:.3g}", flush=True)
-    record["unet_scaling"] = unet_scaling(pipe, args.size)
+    record["unet_scaling"] = unet_scaling(pipe, args.size, tuple(args.scaling_batches), args.scaling_reps)
     del pipe
     gc.collect()  # the servers below load their own copies
     for i, (label, replicas, max_batch, threads) in enumerate(SETTINGS):
@@ -260,7 +262,8 @@ def markdown(record: dict) -> str:
         )
     lines += [
         "",
-        "U-Net call time by images stacked (guided: 2 rows per image), in-process, best of 2:",
+        "U-Net call time by images stacked (guided: 2 rows per image), in-process, best of "
+        f"{record['args']['scaling_reps']}:",
         "",
         "| images stacked | s per call | s per image-step |",
         "|---|---|---|",
