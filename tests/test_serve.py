@@ -164,9 +164,10 @@ def test_bench_serve_refuses_non_loopback():
 
 
 def test_serving_path_imports_no_torch(tiny_artifact):
-    """The replica's modules (app, engine, runtime) stay torch-free."""
+    """The replica's modules (Ray Serve deployment, app, engine, runtime) stay torch-free."""
     code = textwrap.dedent(f"""
         import sys
+        import sdopt.serve.deploy  # the replica's module: Ray Serve + the app
         from sdopt.serve.app import ReplicaState, create_app
         from sdopt.serve.config import ServeConfig
         state = ReplicaState.load(ServeConfig(artifact={str(tiny_artifact("tiny"))!r}, threads=1))
