@@ -103,6 +103,8 @@ def run_setting(artifact: Path, args: argparse.Namespace, replicas: int, max_bat
         str(args.requests),
         "--max-size",
         str(args.size),
+        "--provider",
+        args.provider,
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     t0 = time.monotonic()
@@ -201,6 +203,7 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=900.0)
     parser.add_argument("--start-timeout", type=float, default=600.0)
     parser.add_argument("--tolerance-images", type=int, default=4)
+    parser.add_argument("--provider", default="cpu", help="cpu, cuda or tensorrt (on a GPU host)")
     parser.add_argument("--scaling-batches", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--scaling-reps", type=int, default=2)
     parser.add_argument("--only", type=int, nargs="*", help="indices of SETTINGS to run (default: all)")
@@ -220,7 +223,7 @@ def main() -> None:
     }
     from sdopt.runtime import Pipeline
 
-    pipe = Pipeline.load(artifact)
+    pipe = Pipeline.load(artifact, provider=args.provider)
     print(f"batching tolerance on {args.tolerance_images} images ...", flush=True)
     record["tolerance"] = batching_tolerance(pipe, args.size, args.steps, args.tolerance_images)
     print(f"  max |Δ| {record['tolerance']['max_abs_diff']:.3g}", flush=True)
