@@ -33,6 +33,13 @@ from sdopt.serve.metrics import ServeMetrics
 from sdopt.serve.schema import ErrorBody, ImagesRequest, ImagesResponse, encode_png, error_body, pipeline_calls
 
 GENERATIONS = "/v1/images/generations"
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "bad parameters"},
+    401: {"model": ErrorBody, "description": "missing or wrong key"},
+    413: {"model": ErrorBody, "description": "body too large"},
+    503: {"model": ErrorBody, "description": "queue full (Retry-After)"},
+    504: {"model": ErrorBody, "description": "past the request timeout"},
+}
 DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
 
 
@@ -107,13 +114,7 @@ def create_app(state: ReplicaState) -> FastAPI:
         response_model=ImagesResponse,
         summary="Generate images (OpenAI Images API shape)",
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}},
-        responses={
-            400: {"model": ErrorBody, "description": "bad parameters"},
-            401: {"model": ErrorBody, "description": "missing or wrong key"},
-            413: {"model": ErrorBody, "description": "body too large"},
-            503: {"model": ErrorBody, "description": "queue full (Retry-After)"},
-            504: {"model": ErrorBody, "description": "past the request timeout"},
-        },
+        responses=ERROR_RESPONSES,
     )
     async def generations(request: Request) -> Response:
         t0 = time.perf_counter()
