@@ -7,13 +7,14 @@ engine
 1. admits waiting jobs (up to `max_batch` images in flight) and prepares them,
 2. drops cancelled jobs (client gone, deadline passed),
 3. stacks the states whose U-Net call has the same component, feed names and feed shapes
-   (so the same image size and guidance mode) into one `pipe.unet` call, each item with
+   (the same image size; guided and unguided requests stack too) into one `pipe.unet` call, each item with
    its own timestep, and hands each state its slice of the output (`state.advance`),
 4. decodes the finished states' latents together and resolves their futures.
 
 Requests at different steps stack fine: the U-Net takes one timestep per batch item. A
 request's image is the same as `Pipeline`'s for the same arguments, up to the float
-differences ONNX Runtime's kernels show between batch sizes (measured: see README, Serving).
+differences kernels may show between batch sizes (measured with ONNX Runtime on CPU:
+none, bit-identical; see README, Serving).
 
 ONNX Runtime releases the GIL while it runs, so the HTTP event loop stays responsive.
 """
