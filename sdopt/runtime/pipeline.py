@@ -75,7 +75,8 @@ class Pipeline:
         self.sessions = sessions
         self.tokenizers = tokenizers
         self.scheduler_config = scheduler_config
-        self.lora = LoraSwapper(root, manifest, backend, session_entry(manifest), session_role)  # LoRA hot-swap state and lock
+        # LoRA hot-swap state and lock (sdopt/runtime/lora_swap.py)
+        self.lora = LoraSwapper(root, manifest, backend, session_entry(manifest), session_role)
 
     @classmethod
     def load(
@@ -108,7 +109,7 @@ class Pipeline:
             verify_files(root, manifest)  # every file (a weights file two graphs share: hashed once)
         backend = open_backend(provider, root, manifest, **backend_options)
         entry = session_entry(manifest)
-        lora = LoraSwapper(root, manifest, backend, entry, session_role)  # LoRA'd components get their LoRA sessions directly
+        lora = LoraSwapper(root, manifest, backend, entry, session_role)  # LoRA'd components: LoRA sessions directly
         sessions = lora.start(loras or [], lora_ignore_unmatched)
         for name in names:
             if session_role(name) not in sessions:
