@@ -102,6 +102,38 @@ class VaeSpec:
     force_upcast: bool = False
 
 
+# -- ControlNet (issue 15; sdopt/export/controlnet*.py writes it, sdopt/runtime/controlnet.py reads it) --
+@dataclass
+class ControlNetSpec:
+    """One exported ControlNet: its graph is `Manifest.components[component]`."""
+
+    name: str  # what `controlnet=` / `--controlnet` selects: the source folder's name, or NAME= at export
+    component: str  # "controlnet.<name>"; its graph is controlnet/<name>/model.onnx
+    source: dict[str, str]
+    conditioning_channels: int = 3
+
+
+@dataclass
+class ControlNetSection:
+    """The artifact's ControlNets and the U-Net graph that takes their residuals.
+
+    Each ControlNet graph maps (sample, timestep, encoder_hidden_states [, text_embeds, time_ids],
+    controlnet_cond, conditioning_scale[batch, len(residuals)]) to the scaled residuals named in
+    `residuals`, which are also the extra inputs of the `unet` component (unet/control.onnx).
+    That graph reads its weights from `shared_weights`, the same file as unet/model.onnx.
+    """
+
+    unet: str  # component key of the residual-taking U-Net, "unet_control"
+    residuals: list[str]  # down_block_additional_residual_0..N-1, then mid_block_additional_residual
+    controlnets: list[ControlNetSpec]
+    shared_weights: str  # e.g. "unet/model.onnx.data"
+    shared_bytes: int = 0  # bytes of unet_control's weights read from shared_weights
+    own_bytes: int = 0  # bytes stored in unet/control.onnx itself (tensors the plain U-Net lacks)
+
+    def get(self, name: str) -> ControlNetSpec | None:
+        return next((c for c in self.controlnets if c.name == name), None)
+
+
 @dataclass
 class Manifest:
     family: str
@@ -123,6 +155,7 @@ class Manifest:
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
     engines: list[dict[str, Any]] = field(default_factory=list)  # TensorRT builds
+    controlnet: ControlNetSection | None = None  # exported with --controlnet (issue 15)
     format: str = MANIFEST_FORMAT
     version: int = MANIFEST_VERSION
 
@@ -139,6 +172,10 @@ class Manifest:
         d["image"] = ImageSpec(**d["image"])
         d["vae"] = VaeSpec(**d["vae"])
         d["components"] = {k: _component(v) for k, v in d["components"].items()}
+        if d.get("controlnet"):  # ControlNet section (issue 15)
+            cn = dict(d["controlnet"])
+            cn["controlnets"] = [ControlNetSpec(**c) for c in cn["controlnets"]]
+            d["controlnet"] = ControlNetSection(**cn)
         return cls(**d)
 
 

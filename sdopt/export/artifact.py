@@ -21,6 +21,7 @@ from sdopt import __version__
 from sdopt.errors import SdoptError
 from sdopt.export import onnx_graph
 from sdopt.export.components import ComponentPlan, plan_components, vae_scale
+from sdopt.export.controlnet_export import export_controlnets, prepare_controlnets  # ControlNet hook (issue 15)
 from sdopt.export.sources import LoadedModel, load_model
 from sdopt.export.verify import TOLERANCE, verify_component
 from sdopt.manifest import COMPONENTS, MANIFEST_NAME, Component, ImageSpec, Manifest, TensorSpec, VaeSpec, sha256_file
@@ -41,6 +42,7 @@ class ExportOptions:
     seed: int = 0
     tolerance: float | None = None  # None: TOLERANCE[precision]
     ort_optimize: bool = True  # also save ONNX Runtime's optimised CPU graph (fast session start)
+    controlnets: list[str] = field(default_factory=list)  # ControlNet hook: --controlnet SOURCE / NAME=SOURCE
 
 
 # Stage callback: (component, stage, detail), stage in {"export", "clean", "verify", "optimize", "done"}.
@@ -105,6 +107,7 @@ def export_artifact(model_id: str, out: Path, opts: ExportOptions, progress: Pro
     if missing:
         raise SdoptError(f"a {model.family} model has no {', '.join(missing)}", f"choose from {', '.join(available)}")
     tolerance = opts.tolerance if opts.tolerance is not None else TOLERANCE[opts.precision]
+    controlnets = prepare_controlnets(opts.controlnets, model, names, opts)  # ControlNet hook (issue 15)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -118,10 +121,14 @@ def export_artifact(model_id: str, out: Path, opts: ExportOptions, progress: Pro
             components[plan.name] = comp
             if not comp.verification.passed:
                 failures.append(f"{plan.name}: max relative error {comp.verification.max_rel_err:.2e} > {tolerance:.0e}")
+        control, control_failures = export_controlnets(  # ControlNet hook (issue 15)
+            controlnets, model, tmp, image, opts, tolerance, components, progress)
+        failures += control_failures
         if failures and not opts.allow_verify_failure:
             raise SdoptError("verification failed: " + "; ".join(failures),
                              "inspect the model, or pass --allow-verify-failure to keep the export anyway")
         manifest = _manifest(model, image, opts, components)
+        manifest.controlnet = control  # ControlNet hook (issue 15)
         _write_support_files(model, tmp, names)
         manifest.write(tmp)
         _move_into_place(tmp, out)
