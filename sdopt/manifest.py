@@ -92,6 +92,47 @@ class ImageSpec:
     default_width: int
     max_batch: int  # images per call; the U-Net and text encoders see 2x for CFG
 
+    def check(self, height: int, width: int, batch: int | None = None, flag: str = "") -> None:
+        """The one image-size rule, for export, runtime, TensorRT builds and the benchmark.
+
+        Sizes must be positive multiples of 8 (the VAE's downsampling) and of `multiple` (the
+        U-Net's), inside the exported range; a batch must be 1..max_batch. Odd sizes would
+        otherwise fail deep inside an engine.
+
+        Args:
+            height: Image height in pixels.
+            width: Image width in pixels.
+            batch: Images per call, or None to skip the batch check.
+            flag: Prefix of the names in messages, e.g. "--" where the values came from CLI flags.
+
+        Raises:
+            SdoptError: naming the first value that breaks the rule and a value that would not.
+        """
+        for name, value in ((f"{flag}height", height), (f"{flag}width", width)):
+            check_multiple(name, value, 8)
+            check_multiple(name, value, self.multiple)
+            if not self.min_size <= value <= self.max_size:
+                raise SdoptError(
+                    f"{name} {value} is outside the exported range {self.min_size}..{self.max_size}",
+                    f"use a size in range, or re-export with --min-size/--max-size covering {value}",
+                )
+        if batch is not None and not 1 <= batch <= self.max_batch:
+            raise SdoptError(
+                f"{batch} images per call exceed the exported maximum batch {self.max_batch}"
+                if batch > self.max_batch
+                else f"images per call must be at least 1, got {batch}",
+                f"generate 1..{self.max_batch} at once, or re-export with --max-batch {max(batch, 1)}",
+            )
+
+
+def check_multiple(name: str, value: int, multiple: int) -> None:
+    """`value` must be a positive multiple of `multiple`; the error suggests the nearest one."""
+    if value <= 0 or value % multiple:
+        raise SdoptError(
+            f"{name} {value} is not a positive multiple of {multiple}",
+            f"use e.g. {max(multiple, round(value / multiple) * multiple)}",
+        )
+
 
 @dataclass
 class VaeSpec:
