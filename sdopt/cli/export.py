@@ -29,13 +29,18 @@ def export(
     seed: int = typer.Option(0, help="Seed of synthetic weights and of verification inputs."),
     backend: str = typer.Option("onnx", help="onnx, or tensorrt to also build engines (default dynamic profiles; see `sdopt build`)."),
     ort_optimize: bool = typer.Option(True, help="Also save ONNX Runtime's optimised CPU graph (sessions start in seconds)."),
+    controlnet: Optional[str] = typer.Option(
+        None, "--controlnet", help="ControlNets to export with the model, comma-separated: a diffusers ControlNetModel "
+        "folder, a hub id, or synthetic[:SEED] (random weights, derived from the U-Net); NAME=SOURCE names one "
+        "(default name: the folder's). Adds controlnet/NAME/model.onnx and unet/control.onnx (shares the U-Net's weights)."),
 ) -> None:
     """Export a Stable Diffusion model to verified ONNX in one artifact folder."""
     from sdopt.export.artifact import ExportOptions, check_options
 
     opts = ExportOptions(precision=precision, components=split_list(components), min_size=min_size, max_size=max_size,
                          max_batch=max_batch, opset=opset, exporter=exporter, force=force,
-                         allow_verify_failure=allow_verify_failure, seed=seed, ort_optimize=ort_optimize)
+                         allow_verify_failure=allow_verify_failure, seed=seed, ort_optimize=ort_optimize,
+                         controlnets=split_list(controlnet) or [])
     check_options(out.expanduser().resolve(), opts)  # fail before the slow imports
     if backend not in ("onnx", "tensorrt"):
         raise SdoptError(f"unknown backend {backend!r}", "use onnx or tensorrt")
