@@ -38,6 +38,7 @@ from sdopt.runtime.request import GenerationRequest
 from sdopt.runtime.stages import DenoiseState, Feeds, RunComponent
 
 ControlImages = imageops.ImageInput | Sequence[Any]
+FULL_UNETS = ("unet", "unet_deep")  # plain U-Net graphs the residual U-Net stands in for
 REEXPORT = "re-export with `sdopt export MODEL --controlnet SOURCE` (SOURCE: a ControlNet folder, hub id or synthetic)"
 
 
@@ -65,8 +66,8 @@ def components_to_load(manifest: Manifest, controlnet: bool = True) -> list[str]
     section = manifest.controlnet
     if section is None:
         return list(manifest.components)
-    if controlnet:
-        return [n for n in manifest.components if n != "unet"]
+    if controlnet:  # the residual U-Net replaces every other full U-Net graph (same weights)
+        return [n for n in manifest.components if n not in FULL_UNETS]
     skip = {section.unet, *(c.component for c in section.controlnets)}
     return [n for n in manifest.components if n not in skip]
 
@@ -233,7 +234,7 @@ class ControlState:
 
     def unet_inputs(self, state: DenoiseState, component: str, feeds: Feeds) -> tuple[str, Feeds]:
         """The hook in `DenoiseState.unet_inputs`: the residual U-Net with this step's residuals."""
-        if component != "unet":  # fast mode's shallow steps (only without control: see with_control)
+        if component not in FULL_UNETS:  # fast mode's shallow steps (only without control: see with_control)
             return component, feeds
         if self.supplied is None or self.supplied[0] != state.step:
             t0 = time.perf_counter()
