@@ -174,6 +174,10 @@ class Pipeline:
             control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
             guess_mode=guess_mode, controlnet=controlnet,
         )  # fmt: skip
+        return self._generate(request, callback, t_start)
+
+    def _generate(self, request: GenerationRequest, callback: StepCallback | None, t_start: float) -> GenerationResult:
+        """Drive the stages for one request and time each of them."""
         state = self.prepare(request)
         timings = state.timings
         t0 = time.perf_counter()
