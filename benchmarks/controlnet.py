@@ -29,7 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +98,8 @@ def peak_rss(root: Path, size: int) -> dict[str, int]:
     return out
 
 
-def time_torch(model: str, size: int, steps: int, runs: int, latents: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
+def time_torch(model: str, size: int, steps: int, runs: int,
+               latents: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
     import diffusers
     import torch
 
@@ -107,7 +108,8 @@ def time_torch(model: str, size: int, steps: int, runs: int, latents: np.ndarray
 
     ref = load_model(model).pipe
     net = synthetic_controlnet(ref.unet, 0)  # the export's `synthetic` ControlNet (export seed 0)
-    parts = {k: v for k, v in ref.components.items() if k not in ("safety_checker", "feature_extractor", "image_encoder")}
+    skip = ("safety_checker", "feature_extractor", "image_encoder")
+    parts = {k: v for k, v in ref.components.items() if k not in skip}
     pipe = diffusers.StableDiffusionControlNetPipeline(**parts, controlnet=net, safety_checker=None,
                                                        feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -133,7 +135,8 @@ def time_torch(model: str, size: int, steps: int, runs: int, latents: np.ndarray
     return _median(per_run[1:]), image
 
 
-def time_runtime(root: Path, size: int, steps: int, runs: int, latents: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
+def time_runtime(root: Path, size: int, steps: int, runs: int,
+                 latents: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
     from sdopt.runtime import Pipeline
 
     pipe = Pipeline.load(root)
@@ -153,7 +156,8 @@ def _median(runs: list[dict[str, float]]) -> dict[str, float]:
 def write_md(out: Path, res: dict) -> None:
     gib = 1 << 30
     lines = [f"# {res['name']}", "", res["description"], "", f"machine: {res['machine']}; {res['note']}", "",
-             "## Seconds per image (median)", "", "| stage | torch (diffusers) | runtime (ONNX Runtime) | torch / runtime |",
+             "## Seconds per image (median)", "",
+             "| stage | torch (diffusers) | runtime (ONNX Runtime) | torch / runtime |",
              "|---|---:|---:|---:|"]
     for stage in (*STAGES, "total"):
         t, r = res["torch"][stage], res["runtime"][stage]
@@ -175,7 +179,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out = args.out or Path(__file__).parent / "results" / f"sd15-{args.size}-cpu-controlnet-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
     export_s = export(args.model, args.artifact) if not args.artifact.exists() else None
@@ -187,8 +191,8 @@ def main() -> None:
     from sdopt.runtime.backends.onnxruntime import physical_cores
 
     res = {"name": out.name, "model": args.model, "size": args.size, "steps": args.steps, "runs": args.runs,
-           "description": f"{args.model} ({args.size}x{args.size}, {args.steps} steps, guidance 7.5) with one synthetic "
-                          "ControlNet: diffusers StableDiffusionControlNetPipeline vs the runtime (ONNX Runtime CPU).",
+           "description": f"{args.model} ({args.size}x{args.size}, {args.steps} steps, guidance 7.5) with one "
+                          "synthetic ControlNet: diffusers StableDiffusionControlNetPipeline vs the runtime (ORT CPU).",
            "machine": f"{platform.processor() or platform.machine()}, {physical_cores()} physical cores",
            "note": "shared machine (other jobs running): absolute seconds are noisy, ratios less so",
            "export_seconds": export_s, "torch": torch_t, "runtime": runtime,

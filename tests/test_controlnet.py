@@ -341,6 +341,50 @@ def test_cli_generate_with_control_image(control_artifact, tmp_path):
     assert bad.exit_code == 2 and "no ControlNet 'nope'" in bad.output
 
 
+# -- TensorRT ------------------------------------------------------------------------------------
+def test_tensorrt_profiles_keep_residual_shapes_consistent(control_artifact):
+    """Every residual input's profile follows the latent size at min, opt and max (pure python)."""
+    from sdopt.export.tensorrt_build import engine_profiles
+
+    m = load_manifest(control_artifact("sd1"))
+    static = engine_profiles(m, "unet_control", static=True, batch=1, height=128, width=128)[0]
+    assert static["sample"] == ((2, 4, 16, 16),) * 3
+    assert static["down_block_additional_residual_0"] == ((2, 32, 16, 16),) * 3
+    assert static["down_block_additional_residual_3"] == ((2, 64, 8, 8),) * 3
+    assert static["mid_block_additional_residual"] == ((2, 64, 8, 8),) * 3
+    dynamic = engine_profiles(m, "controlnet.a", height=128, width=128)[0]
+    assert dynamic["controlnet_cond"] == ((1, 3, 64, 64), (2, 3, 128, 128), (8, 3, 256, 256))
+    assert dynamic["conditioning_scale"] == ((1, 5), (2, 5), (8, 5))
+    lo, opt, hi = engine_profiles(m, "unet_control", height=128, width=128)[0]["mid_block_additional_residual"]
+    assert (lo, opt, hi) == ((1, 64, 4, 4), (2, 64, 8, 8), (8, 64, 16, 16))
+
+
+def _gpu_missing() -> bool:
+    from test_tensorrt import _gpu_missing as missing
+
+    return missing()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpu_missing(), reason="needs tensorrt and an NVIDIA GPU: run `pytest -m gpu` on a GPU host")
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_tensorrt_controlnet_engines_generate_what_onnx_runtime_generates(family, control_artifact, tmp_path):
+    import shutil
+
+    from sdopt.export.tensorrt_build import BuildOptions, build_engines
+
+    root = shutil.copytree(control_artifact(family), tmp_path / family)
+    names = [n for n in load_manifest(root).components if n != "unet"]  # what the runtime loads
+    built = build_engines(root, BuildOptions(components=names))
+    assert sorted(e["component"] for e in built) == sorted(names)
+    call = dict(num_inference_steps=4, guidance_scale=7.5, height=128, width=128, seed=0, output_type="np",
+                control_image=control_images(2), controlnet_conditioning_scale=[0.8, 1.1], control_guidance_end=0.75)
+    trt = Pipeline.load(root, provider="tensorrt")("a photo of a cat", **call).images
+    cpu = Pipeline.load(root)("a photo of a cat", **call).images
+    # fp32 engines may use TF32 matmuls (TensorRT's default on Ampere and later), as in test_tensorrt.
+    assert trt.shape == cpu.shape and np.abs(trt - cpu).max() < 3e-2
+
+
 def test_zz_parity_table():
     """Prints every parity number of this file (`pytest -rP`)."""
     for case, err in PARITY.items():

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sdopt.errors import SdoptError
+from sdopt.export.controlnet_trt import with_derived_dims  # ControlNet hook (issue 15)
 from sdopt.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file, verify_files
 from sdopt.runtime.backends.tensorrt import GpuFacts, gpu_facts, import_tensorrt, trt_logger
 
@@ -108,7 +109,7 @@ def dim_ranges(manifest: Manifest, component: str, static: bool = False, batch: 
             out[name] = (v, v, v)
         else:
             out[name] = (r.min, v if given.get(name) is not None else r.opt, r.max)
-    return out
+    return with_derived_dims(out)  # ControlNet hook: residual dims follow the latent dims
 
 
 def engine_profiles(manifest: Manifest, component: str, static: bool = False, batch: int | None = None,
