@@ -192,7 +192,7 @@ def main() -> None:
 
     res = {"name": out.name, "model": args.model, "size": args.size, "steps": args.steps, "runs": args.runs,
            "description": f"{args.model} ({args.size}x{args.size}, {args.steps} steps, guidance 7.5) with one "
-                          "synthetic ControlNet: diffusers StableDiffusionControlNetPipeline vs the runtime (ORT CPU).",
+                          "synthetic ControlNet: diffusers StableDiffusionControlNetPipeline vs the runtime (ORT).",
            "machine": f"{platform.processor() or platform.machine()}, {physical_cores()} physical cores",
            "note": "shared machine (other jobs running): absolute seconds are noisy, ratios less so",
            "export_seconds": export_s, "torch": torch_t, "runtime": runtime,
