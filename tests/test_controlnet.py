@@ -46,6 +46,7 @@ SEEDS = {"a": 1, "b": 2, "cn-sd2": 3}
 RANDN_MODULES = (
     "diffusers.pipelines.controlnet.pipeline_controlnet",
     "diffusers.pipelines.controlnet.pipeline_controlnet_img2img",
+    "diffusers.pipelines.controlnet.pipeline_controlnet_inpaint",
     "diffusers.pipelines.controlnet.pipeline_controlnet_sd_xl",
     "diffusers.pipelines.controlnet.pipeline_controlnet_sd_xl_img2img",
     "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion",
@@ -106,12 +107,12 @@ def control_images(n: int, height: int = 80, width: int = 96) -> list[Image.Imag
     return [Image.fromarray((rng.uniform(0, 1, (height, width, 3)) * 255).astype(np.uint8)) for _ in range(n)]
 
 
-def reference(family: str, ref, names: list[str], img2img: bool, seed: int, **kw) -> np.ndarray:
+def reference(family: str, ref, names: list[str], mode: str, seed: int, **kw) -> np.ndarray:
     """diffusers' ControlNet pipeline over the reference pipeline's components."""
     nets = [synthetic_controlnet(ref.unet, SEEDS[n]) for n in names]
     net = nets[0] if len(nets) == 1 else diffusers.MultiControlNetModel(nets)
     xl = "XL" if family == "sdxl" else ""
-    cls = getattr(diffusers, f"StableDiffusion{xl}ControlNet{'Img2Img' if img2img else ''}Pipeline")
+    cls = getattr(diffusers, f"StableDiffusion{xl}ControlNet{MODES[mode]}Pipeline")
     skip = ("safety_checker", "feature_extractor", "image_encoder")
     parts = {k: v for k, v in ref.components.items() if k not in skip}
     extra = {"add_watermarker": False} if xl else {"safety_checker": None, "feature_extractor": None,
@@ -186,36 +187,41 @@ def test_controlnet_from_another_family_is_refused_at_export(tmp_path, reference
 
 
 # -- parity -------------------------------------------------------------------------------------
-CASES = {  # name -> (family, ControlNets, img2img, call arguments beyond the prompt)
-    "sd1 one": ("sd1", ["a"], False, {}),
-    "sd1 two, scales 0.7/1.3": ("sd1", ["a", "b"], False, {"controlnet_conditioning_scale": [0.7, 1.3]}),
-    "sd1 window 0.25..0.75, scale 0.8": ("sd1", ["a"], False, {"controlnet_conditioning_scale": 0.8,
-                                                               "control_guidance_start": 0.25,
-                                                               "control_guidance_end": 0.75}),
-    "sd1 two, own windows": ("sd1", ["a", "b"], False, {"control_guidance_start": [0.0, 0.5],
-                                                        "control_guidance_end": [0.5, 1.0]}),
-    "sd1 guess mode": ("sd1", ["a"], False, {"guess_mode": True}),
-    "sd1 img2img": ("sd1", ["b"], True, {"strength": 0.6, "controlnet_conditioning_scale": 0.5}),
-    "sd2 one, scale 0.5": ("sd2", ["cn-sd2"], False, {"controlnet_conditioning_scale": 0.5}),
-    "sd2 img2img": ("sd2", ["cn-sd2"], True, {"strength": 0.6, "controlnet_conditioning_scale": 1.0}),
-    "sdxl two, scales 1.2/0.6": ("sdxl", ["a", "b"], False, {"controlnet_conditioning_scale": [1.2, 0.6]}),
-    "sdxl img2img window 0..0.5": ("sdxl", ["a"], True, {"strength": 0.8, "control_guidance_end": 0.5,
-                                                         "controlnet_conditioning_scale": 1.0}),
+MODES = {"txt2img": "", "img2img": "Img2Img", "inpaint": "Inpaint"}  # diffusers' ControlNet pipeline names
+CASES = {  # name -> (family, ControlNets, mode, call arguments beyond the prompt)
+    "sd1 one": ("sd1", ["a"], "txt2img", {}),
+    "sd1 two, scales 0.7/1.3": ("sd1", ["a", "b"], "txt2img", {"controlnet_conditioning_scale": [0.7, 1.3]}),
+    "sd1 window 0.25..0.75, scale 0.8": ("sd1", ["a"], "txt2img", {"controlnet_conditioning_scale": 0.8,
+                                                                   "control_guidance_start": 0.25,
+                                                                   "control_guidance_end": 0.75}),
+    "sd1 two, own windows": ("sd1", ["a", "b"], "txt2img", {"control_guidance_start": [0.0, 0.5],
+                                                            "control_guidance_end": [0.5, 1.0]}),
+    "sd1 guess mode": ("sd1", ["a"], "txt2img", {"guess_mode": True}),
+    "sd1 img2img": ("sd1", ["b"], "img2img", {"strength": 0.6, "controlnet_conditioning_scale": 0.5}),
+    "sd1 inpaint (4-channel U-Net)": ("sd1", ["a"], "inpaint", {"strength": 0.75,
+                                                                 "controlnet_conditioning_scale": 1.0}),
+    "sd2 one, scale 0.5": ("sd2", ["cn-sd2"], "txt2img", {"controlnet_conditioning_scale": 0.5}),
+    "sd2 img2img": ("sd2", ["cn-sd2"], "img2img", {"strength": 0.6, "controlnet_conditioning_scale": 1.0}),
+    "sdxl two, scales 1.2/0.6": ("sdxl", ["a", "b"], "txt2img", {"controlnet_conditioning_scale": [1.2, 0.6]}),
+    "sdxl img2img window 0..0.5": ("sdxl", ["a"], "img2img", {"strength": 0.8, "control_guidance_end": 0.5,
+                                                              "controlnet_conditioning_scale": 1.0}),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_diffusers(case, pipe, reference_pipeline):
-    family, names, img2img, extra = CASES[case]  # img2img: scales explicit (diffusers' img2img default is 0.8)
+    family, names, mode, extra = CASES[case]  # img2img/inpaint: scales explicit (diffusers' defaults: 0.8, 0.5)
     ref = reference_pipeline(ARTIFACTS[family][0])
     images = control_images(len(names))
     control = images[0] if len(names) == 1 else images
     kw = dict(prompt="a photo of a cat", negative_prompt="blurry", num_inference_steps=5, guidance_scale=7.5,
               height=SIZE, width=SIZE, **extra)
-    if img2img:
+    if mode != "txt2img":
         kw["image"] = control_images(1, SIZE, SIZE + 8)[0].transpose(Image.FLIP_LEFT_RIGHT)
-    expected = reference(family, ref, names, img2img, seed=3, control_image=control, **kw) if img2img else \
-        reference(family, ref, names, img2img, seed=3, image=control, **kw)
+    if mode == "inpaint":
+        kw["mask_image"] = Image.fromarray(np.pad(np.full((32, 32), 255, np.uint8), ((16, 16), (8, 24))))
+    expected = reference(family, ref, names, mode, seed=3, **({"control_image": control} if mode != "txt2img" else
+                                                               {"image": control}), **kw)
     p = pipe(family)
     ours = p(**kw, seed=3, control_image=control, controlnet=names, output_type="np").images
     check(case, ours, expected)
@@ -228,7 +234,7 @@ def test_per_prompt_control_images_match_diffusers(pipe, reference_pipeline):
     images = control_images(2)
     kw = dict(prompt=["a cat", "a dog"], num_inference_steps=4, guidance_scale=7.5, height=SIZE, width=SIZE,
               num_images_per_prompt=2)
-    expected = reference("sd1", reference_pipeline("tiny"), ["a"], False, seed=4, image=images, **kw)
+    expected = reference("sd1", reference_pipeline("tiny"), ["a"], "txt2img", seed=4, image=images, **kw)
     ours = pipe("sd1")(**kw, seed=4, control_image=images, controlnet="a", output_type="np").images
     check("sd1 2 prompts x 2 images, one control image per prompt", ours, expected)
 
