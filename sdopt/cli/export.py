@@ -135,6 +135,12 @@ def inspect(artifact: Path = typer.Argument(..., help="Artifact folder written b
     console.print(io)
     _print_components(m)
     console.print("versions: " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
+    if m.controlnet:  # ControlNet section (issue 15)
+        cn = m.controlnet
+        console.print("ControlNets: " + ", ".join(f"{c.name} ({c.source.get('kind')} {c.source.get('id')})"
+                                                  for c in cn.controlnets)
+                      + f"; residual U-Net {m.components[cn.unet].path} reads {cn.shared_bytes / 2**20:.1f} MiB of "
+                      f"weights from {cn.shared_weights} and stores {cn.own_bytes / 2**20:.2f} MiB itself")
     for e in m.engines:
         console.print(f"engine: {e}")
     if verify:
