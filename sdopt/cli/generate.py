@@ -36,13 +36,18 @@ def generate(
         None, "--control-image", help="ControlNet conditioning image, resized to the output size. Repeat it for "
         "several ControlNets (one per ControlNet, in --controlnet order)."),
     control_scale: Optional[list[float]] = typer.Option(
-        None, "--control-scale", help="ControlNet conditioning scale (default 1.0); once for all, or once per ControlNet."),
+        None, "--control-scale", help="ControlNet conditioning scale (default 1.0); once for all, or once per "
+        "ControlNet."),
     controlnet: Optional[str] = typer.Option(
-        None, "--controlnet", help="Comma-separated ControlNet names of the artifact (default: all, in export order)."),
+        None, "--controlnet", help="Comma-separated ControlNet names of the artifact (default: all, in export "
+        "order)."),
     control_start: float = typer.Option(0.0, help="Fraction of the steps before which the ControlNets are off."),
     control_end: float = typer.Option(1.0, help="Fraction of the steps after which the ControlNets are off."),
     guess_mode: bool = typer.Option(False, "--guess-mode", help="ControlNet guess mode (conditional half only)."),
-    cuda_graph: bool = typer.Option(False, "--cuda-graph", help="TensorRT: replay the U-Net as a CUDA graph (static shapes)."),
+    cuda_graph: bool = typer.Option(
+        False, "--cuda-graph", help="TensorRT: capture each component's engine call as a CUDA graph per input shape "
+                                    "and replay it (best with static engines; a shape that cannot be captured runs "
+                                    "without, after one warning)."),
     allow_host_code: bool = typer.Option(False, "--allow-host-code", help="TensorRT: trust version-compatible engines' embedded code."),
 ) -> None:
     """Generate images from an artifact with the lean runtime (no torch)."""
@@ -65,7 +70,8 @@ def generate(
                       height=height, width=width, num_images_per_prompt=batch, seed=seed, scheduler=scheduler,
                       image=image, mask_image=mask, strength=strength, deepcache=3 if fast and deepcache == 1 else deepcache,
                       callback=lambda done, total: bar.update(task, completed=done, total=total),
-                      **_control_args(control_image, control_scale, controlnet, control_start, control_end, guess_mode))
+                      **_control_args(control_image, control_scale, controlnet, control_start, control_end,
+                                      guess_mode))
     for w in caught:
         err_console.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False)
     paths = [out] if len(result.images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(result.images))]
@@ -87,7 +93,8 @@ def _control_args(images: Optional[list[Path]], scales: Optional[list[float]], n
         if scales:
             from sdopt.errors import SdoptError
 
-            raise SdoptError("--control-scale without --control-image", "pass --control-image PATH (a ControlNet artifact)")
+            raise SdoptError("--control-scale without --control-image",
+                             "pass --control-image PATH (a ControlNet artifact)")
         return {}
     chosen = split_list(names)
     one = len(images or []) == 1 and (chosen is None or len(chosen) == 1)
