@@ -188,7 +188,7 @@ def main() -> None:
     torch_t, theirs = time_torch(args.model, args.size, args.steps, args.runs, latents)
     import platform
 
-    from sdopt.runtime.backends.onnxruntime import physical_cores
+    from sdopt.hardware import physical_cores
 
     res = {"name": out.name, "model": args.model, "size": args.size, "steps": args.steps, "runs": args.runs,
            "description": f"{args.model} ({args.size}x{args.size}, {args.steps} steps, guidance 7.5) with one "

@@ -94,7 +94,7 @@ def export_controlnets(nets: list[LoadedControlNet], model: Any, root: Path, ima
         folder = root / "controlnet" / net.name
         comp = _export(plan, folder / "model.onnx", root, image, vae_scale(pipe), opts, tolerance, progress)
         if opts.ort_optimize:
-            from sdopt.runtime.backends.onnxruntime import cpu_target, save_optimized
+            from sdopt.engines.ort import cpu_target, save_optimized
 
             save_optimized(folder / "model.onnx", folder / "model.ort-cpu.onnx")
             comp.ort_cpu_path, comp.ort_cpu_target = f"controlnet/{net.name}/model.ort-cpu.onnx", cpu_target()
