@@ -73,9 +73,9 @@ def export_controlnets(nets: list[LoadedControlNet], model: Any, root: Path, ima
     unet_plan = plan_components(pipe, family, image, ["unet"])[0]
     uplan, cplans, residuals = control_plans(pipe, family, unet_plan, nets, image)
     unet_path = root / "unet" / "model.onnx"
-    externalize(unet_path)
-    unet = components["unet"]
-    unet.files = {str(p.relative_to(root)): sha256_file(p) for p in sorted(unet_path.parent.iterdir()) if p.is_file()}
+    data = externalize(unet_path)
+    unet = components["unet"]  # its graph may now keep its weights in `data`: re-hash what changed
+    unet.files = {rel: sha256_file(root / rel) for rel in sorted({*unet.files, str(data.relative_to(root))})}
 
     staging = root / "_controlnet_staging"
     shared = []
