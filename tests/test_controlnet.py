@@ -30,6 +30,8 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from test_tensorrt import TRT_TOL, requires_device, trt_host  # noqa: E402, F401  (trt_host: fixture)
+
 from sdopt.errors import SdoptError  # noqa: E402
 from sdopt.export.artifact import ExportOptions, export_artifact  # noqa: E402
 from sdopt.export.controlnet import parse_sources, synthetic_controlnet  # noqa: E402
@@ -365,14 +367,9 @@ def test_tensorrt_profiles_keep_residual_shapes_consistent(control_artifact):
     assert (lo, opt, hi) == ((1, 64, 4, 4), (2, 64, 8, 8), (8, 64, 16, 16))
 
 
-def _gpu_missing() -> bool:
-    from test_tensorrt import _gpu_missing as missing
-
-    return missing()
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(_gpu_missing(), reason="needs tensorrt and an NVIDIA GPU: run `pytest -m gpu` on a GPU host")
+@requires_device
+@pytest.mark.usefixtures("trt_host")  # a device without a working TensorRT fails, as in test_tensorrt
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_tensorrt_controlnet_engines_generate_what_onnx_runtime_generates(family, control_artifact, tmp_path):
     import shutil
@@ -381,14 +378,13 @@ def test_tensorrt_controlnet_engines_generate_what_onnx_runtime_generates(family
 
     root = shutil.copytree(control_artifact(family), tmp_path / family)
     names = [n for n in load_manifest(root).components if n != "unet"]  # what the runtime loads
-    built = build_engines(root, BuildOptions(components=names))
-    assert sorted(e["component"] for e in built) == sorted(names)
+    built = build_engines(root, BuildOptions(tf32=False, components=names))
+    assert sorted(e.component for e in built) == sorted(names)
     call = dict(num_inference_steps=4, guidance_scale=7.5, height=128, width=128, seed=0, output_type="np",
                 control_image=control_images(2), controlnet_conditioning_scale=[0.8, 1.1], control_guidance_end=0.75)
     trt = Pipeline.load(root, provider="tensorrt")("a photo of a cat", **call).images
     cpu = Pipeline.load(root)("a photo of a cat", **call).images
-    # fp32 engines may use TF32 matmuls (TensorRT's default on Ampere and later), as in test_tensorrt.
-    assert trt.shape == cpu.shape and np.abs(trt - cpu).max() < 3e-2
+    assert trt.shape == cpu.shape and np.abs(trt - cpu).max() < TRT_TOL  # fp32 without TF32: see test_tensorrt
 
 
 def test_zz_parity_table():
