@@ -54,22 +54,24 @@ class ControlRequest:
     guess_mode: bool = False
 
 
-def components_to_load(manifest: Manifest, controlnet: bool = True) -> list[str]:
+def components_to_load(manifest: Manifest, controlnet: bool = True, base: Collection[str] | None = None) -> list[str]:
     """The components a pipeline loads: one U-Net graph either way.
 
     Args:
         manifest: the artifact's manifest.
-        controlnet: with ControlNets (residual U-Net + ControlNets) or without (plain U-Net).
+        controlnet: with ControlNets (the residual U-Net in place of any full U-Net graph, and the
+            ControlNets) or without (the plain U-Net graph only).
+        base: what the pipeline would load without ControlNets (default: every component).
     Returns:
-        Component names, in manifest order.
+        Component names.
     """
+    names = list(manifest.components if base is None else base)
     section = manifest.controlnet
     if section is None:
-        return list(manifest.components)
-    if controlnet:  # the residual U-Net replaces every other full U-Net graph (same weights)
-        return [n for n in manifest.components if n not in FULL_UNETS]
-    skip = {section.unet, *(c.component for c in section.controlnets)}
-    return [n for n in manifest.components if n not in skip]
+        return names
+    control = [section.unet, *(c.component for c in section.controlnets)]
+    names = [n for n in names if n not in control]
+    return [n for n in names if n not in FULL_UNETS] + control if controlnet else names
 
 
 def with_control(manifest: Manifest, components: Collection[str], request: GenerationRequest,
