@@ -60,13 +60,16 @@ def sizes(root: Path) -> dict[str, int]:
     def total(folder: Path) -> int:
         return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
-    return {"unet/model.onnx.data (U-Net weights, shared)": (root / "unet/model.onnx.data").stat().st_size,
-            "unet/model.onnx": (root / "unet/model.onnx").stat().st_size,
-            "unet/control.onnx (residual U-Net)": (root / "unet/control.onnx").stat().st_size,
-            "unet/model.ort-cpu.onnx* (ORT-optimised plain U-Net)": sum(
-                p.stat().st_size for p in (root / "unet").glob("model.ort-cpu.onnx*")),
-            "controlnet/synthetic/ (ControlNet, with its ORT-optimised copy)": total(root / "controlnet/synthetic"),
-            "artifact": total(root)}
+    return {
+        "unet/model.onnx.data (U-Net weights, shared)": (root / "unet/model.onnx.data").stat().st_size,
+        "unet/model.onnx": (root / "unet/model.onnx").stat().st_size,
+        "unet/control.onnx (residual U-Net)": (root / "unet/control.onnx").stat().st_size,
+        "unet/model.ort-cpu.onnx* (ORT-optimised plain U-Net)": sum(
+            p.stat().st_size for p in (root / "unet").glob("model.ort-cpu.onnx*")
+        ),
+        "controlnet/synthetic/ (ControlNet, with its ORT-optimised copy)": total(root / "controlnet/synthetic"),
+        "artifact": total(root),
+    }
 
 
 RSS_CHILD = """
@@ -92,14 +95,16 @@ def peak_rss(root: Path, size: int) -> dict[str, int]:
     out = {}
     for mode in ("plain", "controlnet", "both-unets"):
         code = RSS_CHILD.format(bench=str(Path(__file__).parent))
-        proc = subprocess.run([sys.executable, "-c", code, mode, str(root), str(size)], capture_output=True, text=True,
-                              check=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", code, mode, str(root), str(size)], capture_output=True, text=True, check=True
+        )
         out[mode] = int(proc.stdout.strip().splitlines()[-1])
     return out
 
 
-def time_torch(model: str, size: int, steps: int, runs: int,
-               latents: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
+def time_torch(
+    model: str, size: int, steps: int, runs: int, latents: np.ndarray
+) -> tuple[dict[str, float], np.ndarray]:
     import diffusers
     import torch
 
@@ -110,40 +115,62 @@ def time_torch(model: str, size: int, steps: int, runs: int,
     net = synthetic_controlnet(ref.unet, 0)  # the export's `synthetic` ControlNet (export seed 0)
     skip = ("safety_checker", "feature_extractor", "image_encoder")
     parts = {k: v for k, v in ref.components.items() if k not in skip}
-    pipe = diffusers.StableDiffusionControlNetPipeline(**parts, controlnet=net, safety_checker=None,
-                                                       feature_extractor=None, requires_safety_checker=False)
+    pipe = diffusers.StableDiffusionControlNetPipeline(
+        **parts, controlnet=net, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
     pipe.set_progress_bar_config(disable=True)
     spent: dict[str, float] = {}
 
     def timed(name: str, module) -> None:
         start: list[float] = []
         module.register_forward_pre_hook(lambda *_: start.append(time.perf_counter()))
-        module.register_forward_hook(lambda *_: spent.__setitem__(name, spent.get(name, 0.0)
-                                                                  + time.perf_counter() - start.pop()))
+        module.register_forward_hook(
+            lambda *_: spent.__setitem__(name, spent.get(name, 0.0) + time.perf_counter() - start.pop())
+        )
 
-    for name, module in (("text_encoder", pipe.text_encoder), ("controlnet", net), ("unet", pipe.unet),
-                         ("vae_decoder", pipe.vae.decoder)):
+    for name, module in (
+        ("text_encoder", pipe.text_encoder),
+        ("controlnet", net),
+        ("unet", pipe.unet),
+        ("vae_decoder", pipe.vae.decoder),
+    ):
         timed(name, module)
     per_run, image = [], None
     for _ in range(runs + 1):
         spent.clear()
         t0 = time.perf_counter()
         with torch.no_grad():
-            image = pipe(PROMPT, image=control_image(size), height=size, width=size, num_inference_steps=steps,
-                         latents=torch.from_numpy(latents), output_type="np").images
+            image = pipe(
+                PROMPT,
+                image=control_image(size),
+                height=size,
+                width=size,
+                num_inference_steps=steps,
+                latents=torch.from_numpy(latents),
+                output_type="np",
+            ).images
         per_run.append({**spent, "total": time.perf_counter() - t0})
     return _median(per_run[1:]), image
 
 
-def time_runtime(root: Path, size: int, steps: int, runs: int,
-                 latents: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
+def time_runtime(
+    root: Path, size: int, steps: int, runs: int, latents: np.ndarray
+) -> tuple[dict[str, float], np.ndarray]:
     from sdopt.runtime import Pipeline
 
     pipe = Pipeline.load(root)
     per_run, image = [], None
     for _ in range(runs + 1):
-        r = pipe(PROMPT, control_image=control_image(size), height=size, width=size, num_inference_steps=steps,
-                 latents=latents, seed=0, output_type="np")
+        r = pipe(
+            PROMPT,
+            control_image=control_image(size),
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            latents=latents,
+            seed=0,
+            output_type="np",
+        )
         per_run.append({k: r.timings[k] for k in (*STAGES, "total")})
         image = r.images
     return _median(per_run[1:]), image
@@ -155,15 +182,30 @@ def _median(runs: list[dict[str, float]]) -> dict[str, float]:
 
 def write_md(out: Path, res: dict) -> None:
     gib = 1 << 30
-    lines = [f"# {res['name']}", "", res["description"], "", f"machine: {res['machine']}; {res['note']}", "",
-             "## Seconds per image (median)", "",
-             "| stage | torch (diffusers) | runtime (ONNX Runtime) | torch / runtime |",
-             "|---|---:|---:|---:|"]
+    lines = [
+        f"# {res['name']}",
+        "",
+        res["description"],
+        "",
+        f"machine: {res['machine']}; {res['note']}",
+        "",
+        "## Seconds per image (median)",
+        "",
+        "| stage | torch (diffusers) | runtime (ONNX Runtime) | torch / runtime |",
+        "|---|---:|---:|---:|",
+    ]
     for stage in (*STAGES, "total"):
         t, r = res["torch"][stage], res["runtime"][stage]
         lines.append(f"| {stage} | {t:.3f} | {r:.3f} | {t / r:.2f}x |")
-    lines += ["", f"max abs pixel difference torch vs runtime (same latents): {res['max_abs_pixel_diff']:.2e}", "",
-              "## Artifact (bytes)", "", "| file | GiB |", "|---|---:|"]
+    lines += [
+        "",
+        f"max abs pixel difference torch vs runtime (same latents): {res['max_abs_pixel_diff']:.2e}",
+        "",
+        "## Artifact (bytes)",
+        "",
+        "| file | GiB |",
+        "|---|---:|",
+    ]
     lines += [f"| {k} | {v / gib:.3f} |" for k, v in res["sizes"].items()]
     lines += ["", "## Peak RSS of one generation in a fresh process", "", "| load | GiB |", "|---|---:|"]
     lines += [f"| {k} | {v / gib:.2f} |" for k, v in res["peak_rss"].items()]
@@ -190,15 +232,24 @@ def main() -> None:
 
     from sdopt.hardware import physical_cores
 
-    res = {"name": out.name, "model": args.model, "size": args.size, "steps": args.steps, "runs": args.runs,
-           "description": f"{args.model} ({args.size}x{args.size}, {args.steps} steps, guidance 7.5) with one "
-                          "synthetic ControlNet: diffusers StableDiffusionControlNetPipeline vs the runtime (ORT).",
-           "machine": f"{platform.processor() or platform.machine()}, {physical_cores()} physical cores",
-           "note": "shared machine (other jobs running): absolute seconds are noisy, ratios less so",
-           "export_seconds": export_s, "torch": torch_t, "runtime": runtime,
-           "max_abs_pixel_diff": float(np.abs(ours.astype(np.float64) - theirs).max()),
-           "sizes": sizes(args.artifact), "peak_rss": peak_rss(args.artifact, args.size),
-           "self_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    res = {
+        "name": out.name,
+        "model": args.model,
+        "size": args.size,
+        "steps": args.steps,
+        "runs": args.runs,
+        "description": f"{args.model} ({args.size}x{args.size}, {args.steps} steps, guidance 7.5) with one "
+        "synthetic ControlNet: diffusers StableDiffusionControlNetPipeline vs the runtime (ORT).",
+        "machine": f"{platform.processor() or platform.machine()}, {physical_cores()} physical cores",
+        "note": "shared machine (other jobs running): absolute seconds are noisy, ratios less so",
+        "export_seconds": export_s,
+        "torch": torch_t,
+        "runtime": runtime,
+        "max_abs_pixel_diff": float(np.abs(ours.astype(np.float64) - theirs).max()),
+        "sizes": sizes(args.artifact),
+        "peak_rss": peak_rss(args.artifact, args.size),
+        "self_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
     (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
     write_md(out, res)
     print((out / "results.md").read_text())

@@ -42,8 +42,11 @@ TOL = 1e-4  # fp32 vs fp32: see the module docstring
 SIZE = 64
 PARITY: dict[str, float] = {}
 # family -> (preset, ControlNet sources at export: "folder" is a saved synthetic:3, loaded as a local folder)
-ARTIFACTS = {"sd1": ("tiny", ["a=synthetic:1", "b=synthetic:2"]), "sd2": ("tiny-sd2", ["folder"]),
-             "sdxl": ("tiny-sdxl", ["a=synthetic:1", "b=synthetic:2"])}
+ARTIFACTS = {
+    "sd1": ("tiny", ["a=synthetic:1", "b=synthetic:2"]),
+    "sd2": ("tiny-sd2", ["folder"]),
+    "sdxl": ("tiny-sdxl", ["a=synthetic:1", "b=synthetic:2"]),
+}
 SEEDS = {"a": 1, "b": 2, "cn-sd2": 3}
 RANDN_MODULES = (
     "diffusers.pipelines.controlnet.pipeline_controlnet",
@@ -117,8 +120,11 @@ def reference(family: str, ref, names: list[str], mode: str, seed: int, **kw) ->
     cls = getattr(diffusers, f"StableDiffusion{xl}ControlNet{MODES[mode]}Pipeline")
     skip = ("safety_checker", "feature_extractor", "image_encoder")
     parts = {k: v for k, v in ref.components.items() if k not in skip}
-    extra = {"add_watermarker": False} if xl else {"safety_checker": None, "feature_extractor": None,
-                                                   "requires_safety_checker": False}
+    extra = (
+        {"add_watermarker": False}
+        if xl
+        else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    )
     dp = cls(**parts, controlnet=net, **extra)
     dp.set_progress_bar_config(disable=True)
     with aligned_randn(seed), torch.no_grad():
@@ -170,8 +176,12 @@ def test_plain_unet_graph_loads_alone(control_artifact):
 def test_parse_sources_names():
     specs = ["synthetic", "x=synthetic:3", "/m/sd-controlnet-canny/", "o/depth"]
     got = [(s.name, s.source) for s in parse_sources(specs)]
-    assert got == [("synthetic", "synthetic"), ("x", "synthetic:3"), ("sd-controlnet-canny", specs[2]),
-                   ("depth", specs[3])]
+    assert got == [
+        ("synthetic", "synthetic"),
+        ("x", "synthetic:3"),
+        ("sd-controlnet-canny", specs[2]),
+        ("depth", specs[3]),
+    ]
     with pytest.raises(SdoptError, match="two ControlNets are named"):
         parse_sources(["synthetic", "synthetic"])
     with pytest.raises(SdoptError, match="not a simple name"):
@@ -180,8 +190,9 @@ def test_parse_sources_names():
 
 def test_controlnet_from_another_family_is_refused_at_export(tmp_path, reference_pipeline):
     synthetic_controlnet(reference_pipeline("tiny-sdxl").unet, 0).save_pretrained(tmp_path / "xl-net")
-    opts = ExportOptions(components=["text_encoder", "unet"], ort_optimize=False,
-                         controlnets=[str(tmp_path / "xl-net")])
+    opts = ExportOptions(
+        components=["text_encoder", "unet"], ort_optimize=False, controlnets=[str(tmp_path / "xl-net")]
+    )
     with pytest.raises(SdoptError, match=r"made for sdxl models, not this sd1 model") as e:
         export_artifact("synthetic:tiny", tmp_path / "out", opts)
     assert "trained for this sd1 model" in e.value.fix
@@ -193,20 +204,35 @@ MODES = {"txt2img": "", "img2img": "Img2Img", "inpaint": "Inpaint"}  # diffusers
 CASES = {  # name -> (family, ControlNets, mode, call arguments beyond the prompt)
     "sd1 one": ("sd1", ["a"], "txt2img", {}),
     "sd1 two, scales 0.7/1.3": ("sd1", ["a", "b"], "txt2img", {"controlnet_conditioning_scale": [0.7, 1.3]}),
-    "sd1 window 0.25..0.75, scale 0.8": ("sd1", ["a"], "txt2img", {"controlnet_conditioning_scale": 0.8,
-                                                                   "control_guidance_start": 0.25,
-                                                                   "control_guidance_end": 0.75}),
-    "sd1 two, own windows": ("sd1", ["a", "b"], "txt2img", {"control_guidance_start": [0.0, 0.5],
-                                                            "control_guidance_end": [0.5, 1.0]}),
+    "sd1 window 0.25..0.75, scale 0.8": (
+        "sd1",
+        ["a"],
+        "txt2img",
+        {"controlnet_conditioning_scale": 0.8, "control_guidance_start": 0.25, "control_guidance_end": 0.75},
+    ),
+    "sd1 two, own windows": (
+        "sd1",
+        ["a", "b"],
+        "txt2img",
+        {"control_guidance_start": [0.0, 0.5], "control_guidance_end": [0.5, 1.0]},
+    ),
     "sd1 guess mode": ("sd1", ["a"], "txt2img", {"guess_mode": True}),
     "sd1 img2img": ("sd1", ["b"], "img2img", {"strength": 0.6, "controlnet_conditioning_scale": 0.5}),
-    "sd1 inpaint (4-channel U-Net)": ("sd1", ["a"], "inpaint", {"strength": 0.75,
-                                                                 "controlnet_conditioning_scale": 1.0}),
+    "sd1 inpaint (4-channel U-Net)": (
+        "sd1",
+        ["a"],
+        "inpaint",
+        {"strength": 0.75, "controlnet_conditioning_scale": 1.0},
+    ),
     "sd2 one, scale 0.5": ("sd2", ["cn-sd2"], "txt2img", {"controlnet_conditioning_scale": 0.5}),
     "sd2 img2img": ("sd2", ["cn-sd2"], "img2img", {"strength": 0.6, "controlnet_conditioning_scale": 1.0}),
     "sdxl two, scales 1.2/0.6": ("sdxl", ["a", "b"], "txt2img", {"controlnet_conditioning_scale": [1.2, 0.6]}),
-    "sdxl img2img window 0..0.5": ("sdxl", ["a"], "img2img", {"strength": 0.8, "control_guidance_end": 0.5,
-                                                              "controlnet_conditioning_scale": 1.0}),
+    "sdxl img2img window 0..0.5": (
+        "sdxl",
+        ["a"],
+        "img2img",
+        {"strength": 0.8, "control_guidance_end": 0.5, "controlnet_conditioning_scale": 1.0},
+    ),
 }
 
 
@@ -216,14 +242,28 @@ def test_matches_diffusers(case, pipe, reference_pipeline):
     ref = reference_pipeline(ARTIFACTS[family][0])
     images = control_images(len(names))
     control = images[0] if len(names) == 1 else images
-    kw = dict(prompt="a photo of a cat", negative_prompt="blurry", num_inference_steps=5, guidance_scale=7.5,
-              height=SIZE, width=SIZE, **extra)
+    kw = dict(
+        prompt="a photo of a cat",
+        negative_prompt="blurry",
+        num_inference_steps=5,
+        guidance_scale=7.5,
+        height=SIZE,
+        width=SIZE,
+        **extra,
+    )
     if mode != "txt2img":
         kw["image"] = control_images(1, SIZE, SIZE + 8)[0].transpose(Image.FLIP_LEFT_RIGHT)
     if mode == "inpaint":
         kw["mask_image"] = Image.fromarray(np.pad(np.full((32, 32), 255, np.uint8), ((16, 16), (8, 24))))
-    expected = reference(family, ref, names, mode, seed=3, **({"control_image": control} if mode != "txt2img" else
-                                                               {"image": control}), **kw)
+    expected = reference(
+        family,
+        ref,
+        names,
+        mode,
+        seed=3,
+        **({"control_image": control} if mode != "txt2img" else {"image": control}),
+        **kw,
+    )
     p = pipe(family)
     ours = p(**kw, seed=3, control_image=control, controlnet=names, output_type="np").images
     check(case, ours, expected)
@@ -234,8 +274,14 @@ def test_matches_diffusers(case, pipe, reference_pipeline):
 def test_per_prompt_control_images_match_diffusers(pipe, reference_pipeline):
     """Two prompts x two images each: control images repeat_interleave'd over the batch."""
     images = control_images(2)
-    kw = dict(prompt=["a cat", "a dog"], num_inference_steps=4, guidance_scale=7.5, height=SIZE, width=SIZE,
-              num_images_per_prompt=2)
+    kw = dict(
+        prompt=["a cat", "a dog"],
+        num_inference_steps=4,
+        guidance_scale=7.5,
+        height=SIZE,
+        width=SIZE,
+        num_images_per_prompt=2,
+    )
     expected = reference("sd1", reference_pipeline("tiny"), ["a"], "txt2img", seed=4, image=images, **kw)
     ours = pipe("sd1")(**kw, seed=4, control_image=images, controlnet="a", output_type="np").images
     check("sd1 2 prompts x 2 images, one control image per prompt", ours, expected)
@@ -264,10 +310,27 @@ def test_stacked_controlnet_calls_match_separate(pipe):
     """Serving: two requests' ControlNet and U-Net calls stacked along the batch give each one's own result."""
     p = pipe("sd1")
     images = control_images(2)
-    requests = [p.make_request("a cat", num_inference_steps=3, height=SIZE, width=SIZE, seed=1, control_image=images,
-                               controlnet_conditioning_scale=[0.6, 1.1]),
-                p.make_request("a dog", num_inference_steps=3, height=SIZE, width=SIZE, seed=2,
-                               control_image=images[1], controlnet="b", control_guidance_end=0.6)]
+    requests = [
+        p.make_request(
+            "a cat",
+            num_inference_steps=3,
+            height=SIZE,
+            width=SIZE,
+            seed=1,
+            control_image=images,
+            controlnet_conditioning_scale=[0.6, 1.1],
+        ),
+        p.make_request(
+            "a dog",
+            num_inference_steps=3,
+            height=SIZE,
+            width=SIZE,
+            seed=2,
+            control_image=images[1],
+            controlnet="b",
+            control_guidance_end=0.6,
+        ),
+    ]
     alone = [p.decode(list(p.generate_latents(r))[-1].latents) for r in requests]
     states = [p.prepare(r) for r in requests]
     while not states[0].done:
@@ -279,7 +342,7 @@ def test_stacked_controlnet_calls_match_separate(pipe):
             offset = 0
             for i, j, f in members:
                 n = f["sample"].shape[0]
-                outputs[i][j] = {k: v[offset:offset + n] for k, v in stacked.items()}
+                outputs[i][j] = {k: v[offset : offset + n] for k, v in stacked.items()}
                 offset += n
         for s, out in zip(states, outputs, strict=True):
             s.control.supply(s, out)
@@ -296,15 +359,23 @@ def test_stacked_controlnet_calls_match_separate(pipe):
 BAD = {
     "wrong number of control images": (dict(control_image="two-for-three"), r"3 control images for 2 ControlNets"),
     "unknown ControlNet": (dict(control_image="one", controlnet="canny"), r"has no ControlNet 'canny'"),
-    "scale list length": (dict(control_image="two", controlnet_conditioning_scale=[1.0, 0.5, 0.2]),
-                          r"3 values of controlnet_conditioning_scale for 2 ControlNets"),
-    "window list length": (dict(control_image="two", control_guidance_end=[0.5]),
-                           r"1 values of control_guidance_end for 2 ControlNets"),
-    "empty window": (dict(control_image="one", controlnet="a", control_guidance_start=0.6, control_guidance_end=0.4),
-                     r"window 0.6..0.4"),
+    "scale list length": (
+        dict(control_image="two", controlnet_conditioning_scale=[1.0, 0.5, 0.2]),
+        r"3 values of controlnet_conditioning_scale for 2 ControlNets",
+    ),
+    "window list length": (
+        dict(control_image="two", control_guidance_end=[0.5]),
+        r"1 values of control_guidance_end for 2 ControlNets",
+    ),
+    "empty window": (
+        dict(control_image="one", controlnet="a", control_guidance_start=0.6, control_guidance_end=0.4),
+        r"window 0.6..0.4",
+    ),
     "names without image": (dict(controlnet="a"), r"no control image given"),
-    "control images per prompt": (dict(control_image="three-for-a", controlnet="a"),
-                                  r"3 control images for ControlNet 'a' and 1 prompts"),
+    "control images per prompt": (
+        dict(control_image="three-for-a", controlnet="a"),
+        r"3 control images for ControlNet 'a' and 1 prompts",
+    ),
     "with fast mode": (dict(control_image="one", controlnet="a", deepcache=3), r"does not combine with ControlNet"),
 }
 
@@ -339,9 +410,27 @@ def test_cli_generate_with_control_image(control_artifact, tmp_path):
     from sdopt.cli import app
 
     control_images(1)[0].save(tmp_path / "edges.png")
-    args = ["generate", str(control_artifact("sd1")), "a cat", "--steps", "2", "--height", "64", "--width", "64",
-            "--seed", "1", "--control-image", str(tmp_path / "edges.png"), "--controlnet", "b",
-            "--control-scale", "0.8", "-o", str(tmp_path / "out.png")]
+    args = [
+        "generate",
+        str(control_artifact("sd1")),
+        "a cat",
+        "--steps",
+        "2",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--seed",
+        "1",
+        "--control-image",
+        str(tmp_path / "edges.png"),
+        "--controlnet",
+        "b",
+        "--control-scale",
+        "0.8",
+        "-o",
+        str(tmp_path / "out.png"),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert Image.open(tmp_path / "out.png").size == (64, 64) and "ControlNet" in result.output
@@ -380,8 +469,17 @@ def test_tensorrt_controlnet_engines_generate_what_onnx_runtime_generates(family
     names = [n for n in load_manifest(root).components if n != "unet"]  # what the runtime loads
     built = build_engines(root, BuildOptions(tf32=False, components=names))
     assert sorted(e.component for e in built) == sorted(names)
-    call = dict(num_inference_steps=4, guidance_scale=7.5, height=128, width=128, seed=0, output_type="np",
-                control_image=control_images(2), controlnet_conditioning_scale=[0.8, 1.1], control_guidance_end=0.75)
+    call = dict(
+        num_inference_steps=4,
+        guidance_scale=7.5,
+        height=128,
+        width=128,
+        seed=0,
+        output_type="np",
+        control_image=control_images(2),
+        controlnet_conditioning_scale=[0.8, 1.1],
+        control_guidance_end=0.75,
+    )
     trt = Pipeline.load(root, provider="tensorrt")("a photo of a cat", **call).images
     cpu = Pipeline.load(root)("a photo of a cat", **call).images
     assert trt.shape == cpu.shape and np.abs(trt - cpu).max() < TRT_TOL  # fp32 without TF32: see test_tensorrt

@@ -29,9 +29,17 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 MID = "mid_block_additional_residual"
 # Config keys that must agree between a ControlNet and the U-Net it feeds (shapes of the residuals
 # and of the conditioning it reads).
-_MATCHING_KEYS = ("in_channels", "block_out_channels", "down_block_types", "layers_per_block", "cross_attention_dim",
-                  "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
-                  "transformer_layers_per_block")
+_MATCHING_KEYS = (
+    "in_channels",
+    "block_out_channels",
+    "down_block_types",
+    "layers_per_block",
+    "cross_attention_dim",
+    "addition_embed_type",
+    "addition_time_embed_dim",
+    "projection_class_embeddings_input_dim",
+    "transformer_layers_per_block",
+)
 
 
 def down_name(i: int) -> str:
@@ -65,11 +73,14 @@ def parse_sources(specs: list[str]) -> list[ControlNetSource]:
         if not sep:
             name, source = _default_name(spec), spec
         if not source:
-            raise SdoptError(f"--controlnet {spec!r} names no source",
-                             "use NAME=SOURCE, e.g. canny=./sd-controlnet-canny")
+            raise SdoptError(
+                f"--controlnet {spec!r} names no source", "use NAME=SOURCE, e.g. canny=./sd-controlnet-canny"
+            )
         if not NAME_PATTERN.match(name):
-            raise SdoptError(f"ControlNet name {name!r} is not a simple name",
-                             "name it with NAME=SOURCE using letters, digits, - and _")
+            raise SdoptError(
+                f"ControlNet name {name!r} is not a simple name",
+                "name it with NAME=SOURCE using letters, digits, - and _",
+            )
         if any(s.name == name for s in out):
             raise SdoptError(f"two ControlNets are named {name!r}", "give each one its own NAME=SOURCE")
         out.append(ControlNetSource(name, source))
@@ -123,8 +134,9 @@ def synthetic_controlnet(unet: Any, seed: int) -> Any:
         torch.manual_seed(seed)
         embedding = (16, 32, 96, 256) if wide else (8, 16, 16, 32)
         with torch.no_grad():
-            cn = ControlNetModel.from_unet(unet, load_weights_from_unet=False,
-                                           conditioning_embedding_out_channels=embedding)
+            cn = ControlNetModel.from_unet(
+                unet, load_weights_from_unet=False, conditioning_embedding_out_channels=embedding
+            )
             for conv in [cn.controlnet_cond_embedding.conv_out, *cn.controlnet_down_blocks, cn.controlnet_mid_block]:
                 conv.reset_parameters()
     finally:
@@ -138,16 +150,20 @@ def _load_pretrained(source: str) -> tuple[Any, str]:
     path = Path(source).expanduser()
     local = path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1
     if local and not (path / "config.json").is_file():
-        raise SdoptError(f"ControlNet {source} is not a diffusers ControlNetModel folder (no config.json)",
-                         "pass a folder written by ControlNetModel.save_pretrained, a hub id, or synthetic")
+        raise SdoptError(
+            f"ControlNet {source} is not a diffusers ControlNetModel folder (no config.json)",
+            "pass a folder written by ControlNetModel.save_pretrained, a hub id, or synthetic",
+        )
     try:
         if local:
             return ControlNetModel.from_pretrained(path, local_files_only=True), "folder"
         return ControlNetModel.from_pretrained(source), "hub"
     except Exception as e:  # noqa: BLE001 - library errors become one readable line
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise SdoptError(f"could not load ControlNet {source}: {type(e).__name__}: {reason}",
-                         "hub downloads need network access; or pass a local ControlNetModel folder") from None
+        raise SdoptError(
+            f"could not load ControlNet {source}: {type(e).__name__}: {reason}",
+            "hub downloads need network access; or pass a local ControlNetModel folder",
+        ) from None
 
 
 def _family_guess(config: Any) -> str:
@@ -170,11 +186,16 @@ def check_fits(controlnet: Any, unet: Any, family: str, name: str) -> None:
     wrong = [k for k in _MATCHING_KEYS if not same(k)]
     if wrong:
         detail = ", ".join(f"{k} {cn_cfg.get(k)} vs {unet_cfg.get(k)}" for k in wrong[:3])
-        raise SdoptError(f"ControlNet {name!r} was made for {_family_guess(cn_cfg)} models, not this {family} "
-                         f"model's U-Net ({detail})", f"use a ControlNet trained for this {family} model")
+        raise SdoptError(
+            f"ControlNet {name!r} was made for {_family_guess(cn_cfg)} models, not this {family} "
+            f"model's U-Net ({detail})",
+            f"use a ControlNet trained for this {family} model",
+        )
     if cn_cfg.get("global_pool_conditions"):
-        raise SdoptError(f"ControlNet {name!r} pools its conditions globally (shuffle-type); sdopt does not export it",
-                         "use a spatial ControlNet (canny, depth, pose, ...)")
+        raise SdoptError(
+            f"ControlNet {name!r} pools its conditions globally (shuffle-type); sdopt does not export it",
+            "use a spatial ControlNet (canny, depth, pose, ...)",
+        )
 
 
 # -- graphs ------------------------------------------------------------------------------------
@@ -191,11 +212,26 @@ class ControlNetGraph(torch.nn.Module):
     def forward(self, *inputs: torch.Tensor):
         return self.residuals(**dict(zip(self.input_names, inputs, strict=True)))
 
-    def residuals(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale,
-                  text_embeds=None, time_ids=None):
+    def residuals(
+        self,
+        sample,
+        timestep,
+        encoder_hidden_states,
+        controlnet_cond,
+        conditioning_scale,
+        text_embeds=None,
+        time_ids=None,
+    ):
         added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.sdxl else None
-        down, mid = self.controlnet(sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale=1.0,
-                                    added_cond_kwargs=added, return_dict=False)
+        down, mid = self.controlnet(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            controlnet_cond,
+            conditioning_scale=1.0,
+            added_cond_kwargs=added,
+            return_dict=False,
+        )
         scale = conditioning_scale[:, :, None, None, None]  # (batch, residual, 1, 1, 1)
         return (*[d * scale[:, i] for i, d in enumerate(down)], mid * scale[:, len(down)])
 
@@ -216,12 +252,19 @@ class UNetControlGraph(torch.nn.Module):
         added = {"text_embeds": feeds.get("text_embeds"), "time_ids": feeds.get("time_ids")} if self.sdxl else None
         captured: list[torch.Tensor] = []
         handle = _penultimate_layer(self.unet).register_forward_hook(
-            lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
+            lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out)
+        )
         try:
             down = tuple(feeds[down_name(i)] for i in range(self.n_down))
-            out = self.unet(feeds["sample"], feeds["timestep"], feeds["encoder_hidden_states"],
-                            added_cond_kwargs=added, down_block_additional_residuals=down,
-                            mid_block_additional_residual=feeds[MID], return_dict=False)[0]
+            out = self.unet(
+                feeds["sample"],
+                feeds["timestep"],
+                feeds["encoder_hidden_states"],
+                added_cond_kwargs=added,
+                down_block_additional_residuals=down,
+                mid_block_additional_residual=feeds[MID],
+                return_dict=False,
+            )[0]
         finally:
             handle.remove()
         return out, captured[-1]
@@ -252,12 +295,20 @@ def residual_specs(controlnet: Any, unet_plan: ComponentPlan, image: ImageSpec, 
     values = {"batch": 1, "latent_height": image.min_size // scale, "latent_width": image.min_size // scale}
     feeds = unet_plan.example_inputs(values, 0)
     cond = torch.zeros(1, controlnet.config.conditioning_channels, image.min_size, image.min_size)
-    added = ({"text_embeds": torch.from_numpy(feeds["text_embeds"]), "time_ids": torch.from_numpy(feeds["time_ids"])}
-             if "text_embeds" in feeds else None)
+    added = (
+        {"text_embeds": torch.from_numpy(feeds["text_embeds"]), "time_ids": torch.from_numpy(feeds["time_ids"])}
+        if "text_embeds" in feeds
+        else None
+    )
     with torch.no_grad():
-        down, mid = controlnet(torch.from_numpy(feeds["sample"]), torch.from_numpy(feeds["timestep"]),
-                               torch.from_numpy(feeds["encoder_hidden_states"]), cond, added_cond_kwargs=added,
-                               return_dict=False)
+        down, mid = controlnet(
+            torch.from_numpy(feeds["sample"]),
+            torch.from_numpy(feeds["timestep"]),
+            torch.from_numpy(feeds["encoder_hidden_states"]),
+            cond,
+            added_cond_kwargs=added,
+            return_dict=False,
+        )
     specs = []
     for name, t in [*((down_name(i), d) for i, d in enumerate(down)), (MID, mid)]:
         k = values["latent_height"] // t.shape[-1]
@@ -276,8 +327,9 @@ def _derived_dims(base: dict[str, DimRange], residuals: list[TensorSpec]) -> dic
     return dims
 
 
-def control_plans(pipe: Any, family: str, unet_plan: ComponentPlan, nets: list[LoadedControlNet],
-                  image: ImageSpec) -> tuple[ControlPlan, list[ControlPlan], list[TensorSpec]]:
+def control_plans(
+    pipe: Any, family: str, unet_plan: ComponentPlan, nets: list[LoadedControlNet], image: ImageSpec
+) -> tuple[ControlPlan, list[ControlPlan], list[TensorSpec]]:
     """Export plans of the residual U-Net and of each ControlNet.
 
     Args:
@@ -292,20 +344,36 @@ def control_plans(pipe: Any, family: str, unet_plan: ComponentPlan, nets: list[L
     residuals = residual_specs(nets[0].model, unet_plan, image, scale)
     dims = _derived_dims(unet_plan.dims, residuals)
     unet_inputs = [*unet_plan.inputs, *residuals]
-    unet = ControlPlan("unet_control", UNetControlGraph(pipe.unet, family == "sdxl", [t.name for t in unet_inputs],
-                                                        len(residuals) - 1),
-                       inputs=unet_inputs, outputs=unet_plan.outputs, dims=dims, size_multiple=unet_plan.size_multiple)
+    unet = ControlPlan(
+        "unet_control",
+        UNetControlGraph(pipe.unet, family == "sdxl", [t.name for t in unet_inputs], len(residuals) - 1),
+        inputs=unet_inputs,
+        outputs=unet_plan.outputs,
+        dims=dims,
+        size_multiple=unet_plan.size_multiple,
+    )
     plans = []
     for net in nets:
         channels = net.model.config.conditioning_channels
-        cond = [TensorSpec("controlnet_cond", "float32", ["batch", channels, "height", "width"]),
-                TensorSpec("conditioning_scale", "float32", ["batch", len(residuals)])]
+        cond = [
+            TensorSpec("controlnet_cond", "float32", ["batch", channels, "height", "width"]),
+            TensorSpec("conditioning_scale", "float32", ["batch", len(residuals)]),
+        ]
         inputs = [*unet_plan.inputs[:3], *cond, *unet_plan.inputs[3:]]
         latent = {k: v for k, v in dims.items() if k.startswith("latent_height") or k.startswith("latent_width")}
-        pixel = {"height": DimRange(image.min_size, image.default_height, image.max_size),
-                 "width": DimRange(image.min_size, image.default_width, image.max_size)}
+        pixel = {
+            "height": DimRange(image.min_size, image.default_height, image.max_size),
+            "width": DimRange(image.min_size, image.default_width, image.max_size),
+        }
         graph = ControlNetGraph(net.model, family == "sdxl", [t.name for t in inputs])
-        plans.append(ControlPlan(f"controlnet.{net.name}", graph, inputs=inputs, outputs=residuals,
-                                 dims={"batch": dims["batch"], **latent, **pixel},
-                                 size_multiple=unet_plan.size_multiple))
+        plans.append(
+            ControlPlan(
+                f"controlnet.{net.name}",
+                graph,
+                inputs=inputs,
+                outputs=residuals,
+                dims={"batch": dims["batch"], **latent, **pixel},
+                size_multiple=unet_plan.size_multiple,
+            )
+        )
     return unet, plans, residuals

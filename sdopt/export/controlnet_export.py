@@ -53,9 +53,16 @@ def prepare_controlnets(specs: list[str], model: Any, names: list[str], opts: An
     return [load_controlnet(src, model.pipe, model.family, opts.seed) for src in parse_sources(specs)]
 
 
-def export_controlnets(nets: list[LoadedControlNet], model: Any, root: Path, image: ImageSpec, opts: Any,
-                       tolerance: float, components: dict[str, Component],
-                       progress: Progress) -> tuple[ControlNetSection | None, list[str]]:
+def export_controlnets(
+    nets: list[LoadedControlNet],
+    model: Any,
+    root: Path,
+    image: ImageSpec,
+    opts: Any,
+    tolerance: float,
+    components: dict[str, Component],
+    progress: Progress,
+) -> tuple[ControlNetSection | None, list[str]]:
     """Export the residual U-Net and each ControlNet into `root` and add them to `components`.
 
     Args:
@@ -103,25 +110,52 @@ def export_controlnets(nets: list[LoadedControlNet], model: Any, root: Path, ima
         components[plan.name] = comp
         specs.append(ControlNetSpec(net.name, plan.name, net.source, int(net.model.config.conditioning_channels)))
     exported = [components[UNET_CONTROL], *(components[s.component] for s in specs)]
-    failures = [f"{c.name}: max relative error {c.verification.max_rel_err:.2e} > {tolerance:.0e}"
-                for c in exported if not c.verification.passed]
-    section = ControlNetSection(unet=UNET_CONTROL, residuals=[r.name for r in residuals], controlnets=specs,
-                                shared_weights=f"unet/{DATA_NAME}", shared_bytes=report.shared_bytes,
-                                own_bytes=report.own_bytes)
+    failures = [
+        f"{c.name}: max relative error {c.verification.max_rel_err:.2e} > {tolerance:.0e}"
+        for c in exported
+        if not c.verification.passed
+    ]
+    section = ControlNetSection(
+        unet=UNET_CONTROL,
+        residuals=[r.name for r in residuals],
+        controlnets=specs,
+        shared_weights=f"unet/{DATA_NAME}",
+        shared_bytes=report.shared_bytes,
+        own_bytes=report.own_bytes,
+    )
     return section, failures
 
 
-def _export(plan: ComponentPlan, path: Path, root: Path, image: ImageSpec, scale: int, opts: Any, tolerance: float,
-            progress: Progress, place: Callable[[Path], Path] | None = None) -> Component:
+def _export(
+    plan: ComponentPlan,
+    path: Path,
+    root: Path,
+    image: ImageSpec,
+    scale: int,
+    opts: Any,
+    tolerance: float,
+    progress: Progress,
+    place: Callable[[Path], Path] | None = None,
+) -> Component:
     """Trace and clean one graph into `path` (its folder is created), move it with `place`
     (default: leave it), verify it where it ends; `files` are left for the caller."""
     t0 = time.perf_counter()
     raw_dir = path.parent / "_raw"
     raw_dir.mkdir(parents=True)
-    small = {"batch": 2, "height": image.min_size, "width": image.min_size,
-             "latent_height": image.min_size // scale, "latent_width": image.min_size // scale}
-    opt = {"batch": 1, "height": image.default_height, "width": image.default_width,
-           "latent_height": image.default_height // scale, "latent_width": image.default_width // scale}
+    small = {
+        "batch": 2,
+        "height": image.min_size,
+        "width": image.min_size,
+        "latent_height": image.min_size // scale,
+        "latent_width": image.min_size // scale,
+    }
+    opt = {
+        "batch": 1,
+        "height": image.default_height,
+        "width": image.default_width,
+        "latent_height": image.default_height // scale,
+        "latent_width": image.default_width // scale,
+    }
     progress(plan.name, "export", "")
     example = plan.example_inputs(small, opts.seed)
     onnx_graph.export_raw(plan, raw_dir / "model.onnx", example, opts.opset, opts.exporter)
@@ -137,7 +171,14 @@ def _export(plan: ComponentPlan, path: Path, root: Path, image: ImageSpec, scale
     retype = lambda specs: [TensorSpec(s.name, io_types[s.name], s.shape) for s in specs]  # noqa: E731
     progress(plan.name, "done", f"{verification.max_abs_err:.2e} abs / {verification.max_rel_err:.2e} rel")
     precision = "fp16" if fp16_ops is not None else "fp32"
-    return Component(name=plan.name, path=str(path.relative_to(root)), precision=precision,
-                     inputs=retype(plan.inputs), outputs=retype(plan.outputs), dims=plan.dims,
-                     verification=verification, fp32_ops=list(fp16_ops or []),
-                     export_seconds=round(time.perf_counter() - t0, 2))
+    return Component(
+        name=plan.name,
+        path=str(path.relative_to(root)),
+        precision=precision,
+        inputs=retype(plan.inputs),
+        outputs=retype(plan.outputs),
+        dims=plan.dims,
+        verification=verification,
+        fp32_ops=list(fp16_ops or []),
+        export_seconds=round(time.perf_counter() - t0, 2),
+    )

@@ -47,8 +47,14 @@ def externalize(model_path: Path, data_name: str = DATA_NAME) -> Path:
         return data
     tmp = model_path.with_name(model_path.name + ".tmp")
     data.unlink(missing_ok=True)  # onnx appends to an existing data file
-    onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name,
-                    size_threshold=MIN_BYTES)
+    onnx.save_model(
+        model,
+        str(tmp),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data_name,
+        size_threshold=MIN_BYTES,
+    )
     tmp.replace(model_path)
     return data
 
@@ -67,7 +73,7 @@ def _index(primary: Path, data: Path) -> dict[tuple[int, tuple[int, ...], str], 
                 continue
             info = {e.key: e.value for e in t.external_data}
             offset, length = int(info.get("offset", 0)), int(info["length"])
-            index[_key(t.data_type, list(t.dims), memoryview(buf)[offset:offset + length])] = (offset, length)
+            index[_key(t.data_type, list(t.dims), memoryview(buf)[offset : offset + length])] = (offset, length)
     return index
 
 

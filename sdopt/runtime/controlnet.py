@@ -74,12 +74,17 @@ def components_to_load(manifest: Manifest, controlnet: bool = True, base: Collec
     return [n for n in names if n not in FULL_UNETS] + control if controlnet else names
 
 
-def with_control(manifest: Manifest, components: Collection[str], request: GenerationRequest,
-                 control_image: ControlImages | None = None,
-                 controlnet_conditioning_scale: float | Sequence[float] = 1.0,
-                 control_guidance_start: float | Sequence[float] = 0.0,
-                 control_guidance_end: float | Sequence[float] = 1.0, guess_mode: bool = False,
-                 controlnet: str | Sequence[str] | None = None) -> GenerationRequest:
+def with_control(
+    manifest: Manifest,
+    components: Collection[str],
+    request: GenerationRequest,
+    control_image: ControlImages | None = None,
+    controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+    control_guidance_start: float | Sequence[float] = 0.0,
+    control_guidance_end: float | Sequence[float] = 1.0,
+    guess_mode: bool = False,
+    controlnet: str | Sequence[str] | None = None,
+) -> GenerationRequest:
     """Check a call's ControlNet arguments and attach them to its request.
 
     Args:
@@ -101,11 +106,14 @@ def with_control(manifest: Manifest, components: Collection[str], request: Gener
     section = _section(manifest, components)
     names = _select(section, controlnet)
     if control_image is None:
-        raise SdoptError(f"ControlNet {', '.join(names)} selected but no control image given",
-                         "pass control_image= (--control-image PATH)")
+        raise SdoptError(
+            f"ControlNet {', '.join(names)} selected but no control image given",
+            "pass control_image= (--control-image PATH)",
+        )
     if request.deepcache > 1:
-        raise SdoptError("fast mode (deepcache) does not combine with ControlNet",
-                         "use deepcache=1 with control images")
+        raise SdoptError(
+            "fast mode (deepcache) does not combine with ControlNet", "use deepcache=1 with control images"
+        )
     per_net = _split_images(control_image, names)
     images = tuple(_prepare(imgs, name, request) for imgs, name in zip(per_net, names, strict=True))
     scales = _per_net(controlnet_conditioning_scale, names, "controlnet_conditioning_scale")
@@ -113,8 +121,10 @@ def with_control(manifest: Manifest, components: Collection[str], request: Gener
     ends = _per_net(control_guidance_end, names, "control_guidance_end")
     for s, e in zip(starts, ends, strict=True):
         if not 0.0 <= s < e <= 1.0:
-            raise SdoptError(f"control guidance window {s}..{e} is not within 0 <= start < end <= 1",
-                             "use e.g. control_guidance_start=0.0, control_guidance_end=0.5")
+            raise SdoptError(
+                f"control guidance window {s}..{e} is not within 0 <= start < end <= 1",
+                "use e.g. control_guidance_start=0.0, control_guidance_end=0.5",
+            )
     control = ControlRequest(tuple(names), images, scales, starts, ends, bool(guess_mode))
     return dataclasses.replace(request, control=control)
 
@@ -124,8 +134,10 @@ def _section(manifest: Manifest, components: Collection[str]) -> ControlNetSecti
     if section is None:
         raise SdoptError("this artifact was exported without a ControlNet", REEXPORT)
     if section.unet not in components:
-        raise SdoptError("the pipeline was loaded without its ControlNets",
-                         "load it with Pipeline.load(path, controlnet=True) (the default)")
+        raise SdoptError(
+            "the pipeline was loaded without its ControlNets",
+            "load it with Pipeline.load(path, controlnet=True) (the default)",
+        )
     return section
 
 
@@ -153,26 +165,34 @@ def _split_images(control_image: ControlImages, names: list[str]) -> list[list[A
     if len(names) == 1:
         return [entries]
     if len(entries) != len(names):
-        raise SdoptError(f"{len(entries)} control images for {len(names)} ControlNets ({', '.join(names)})",
-                         "pass one control image per ControlNet, in the order of controlnet=")
+        raise SdoptError(
+            f"{len(entries)} control images for {len(names)} ControlNets ({', '.join(names)})",
+            "pass one control image per ControlNet, in the order of controlnet=",
+        )
     return [[e] if _is_image(e) else list(e) for e in entries]
 
 
 def _prepare(images: list[Any], name: str, request: GenerationRequest) -> np.ndarray:
     count = len(request.prompts)
     if len(images) not in (1, count):
-        raise SdoptError(f"{len(images)} control images for ControlNet {name!r} and {count} prompts",
-                         "pass one control image, or one per prompt")
-    arrays = [imageops.to_unit_array(imageops.load_image(im, "control image"), request.height, request.width)
-              for im in images]
+        raise SdoptError(
+            f"{len(images)} control images for ControlNet {name!r} and {count} prompts",
+            "pass one control image, or one per prompt",
+        )
+    arrays = [
+        imageops.to_unit_array(imageops.load_image(im, "control image"), request.height, request.width)
+        for im in images
+    ]
     return np.concatenate(arrays).astype(np.float32)
 
 
 def _per_net(value: float | Sequence[float], names: list[str], what: str) -> tuple[float, ...]:
     values = [float(value)] * len(names) if isinstance(value, (int, float)) else [float(v) for v in value]
     if len(values) != len(names):
-        raise SdoptError(f"{len(values)} values of {what} for {len(names)} ControlNets ({', '.join(names)})",
-                         "pass one value for all, or one per ControlNet")
+        raise SdoptError(
+            f"{len(values)} values of {what} for {len(names)} ControlNets ({', '.join(names)})",
+            "pass one value for all, or one per ControlNet",
+        )
     return tuple(values)
 
 
@@ -219,8 +239,13 @@ class ControlState:
         calls = []
         for net, scale in self.active(state.step, state.total):
             scales = np.tile(ramp * np.float32(scale), (sample.shape[0], 1))
-            feeds = {"sample": sample, "timestep": np.full((sample.shape[0],), t, dtype=np.float32), **cond,
-                     "controlnet_cond": net.image, "conditioning_scale": scales}
+            feeds = {
+                "sample": sample,
+                "timestep": np.full((sample.shape[0],), t, dtype=np.float32),
+                **cond,
+                "controlnet_cond": net.image,
+                "conditioning_scale": scales,
+            }
             calls.append((net.component, feeds))
         return calls
 
@@ -251,16 +276,23 @@ class ControlState:
         sizes = {"batch": batch, "latent_height": h, "latent_width": w}
         out = {}
         for name, spec in self.residual_specs.items():
-            shape = tuple(d if isinstance(d, int) else sizes[d] if d in sizes else
-                          sizes[d.partition("/")[0]] // int(d.partition("/")[2]) for d in spec)
+            shape = tuple(
+                d
+                if isinstance(d, int)
+                else sizes[d]
+                if d in sizes
+                else sizes[d.partition("/")[0]] // int(d.partition("/")[2])
+                for d in spec
+            )
             if shape not in self._zeros:
                 self._zeros[shape] = np.zeros(shape, np.float32)
             out[name] = self._zeros[shape]
         return out
 
 
-def control_state(run: RunComponent, manifest: Manifest, components: Collection[str],
-                  request: GenerationRequest) -> ControlState | None:
+def control_state(
+    run: RunComponent, manifest: Manifest, components: Collection[str], request: GenerationRequest
+) -> ControlState | None:
     """The request's ControlNet stage, or None where the pipeline runs the plain U-Net.
 
     Args:
@@ -279,8 +311,9 @@ def control_state(run: RunComponent, manifest: Manifest, components: Collection[
         return ControlState(run, section.unet, specs, [])
     guess = control.guess_mode
     nets = []
-    for name, image, scale, start, end in zip(control.names, control.images, control.scales, control.starts,
-                                              control.ends, strict=True):
+    for name, image, scale, start, end in zip(
+        control.names, control.images, control.scales, control.starts, control.ends, strict=True
+    ):
         image = _repeat_for_batch(image, request)
         if request.do_cfg and not guess:
             image = np.concatenate([image, image])
