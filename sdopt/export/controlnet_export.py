@@ -77,7 +77,7 @@ def export_controlnets(
     if not nets:
         return None, []
     pipe, family = model.pipe, model.family
-    unet_plan = plan_components(pipe, family, image, ["unet"])[0]
+    unet_plan = plan_components(pipe, family, image, ["unet_deep"])[0]  # outputs + deep_feature (fast mode)
     uplan, cplans, residuals = control_plans(pipe, family, unet_plan, nets, image)
     unet_path = root / "unet" / "model.onnx"
     data = externalize(unet_path)

@@ -27,6 +27,7 @@ from sdopt.runtime import controlnet as control_stage
 from sdopt.runtime import images as imageops
 from sdopt.runtime import stages
 from sdopt.runtime.backends import Backend, EngineSession, open_backend
+from sdopt.runtime.io_adapter import adapt
 from sdopt.runtime.request import GenerationRequest, make_request
 from sdopt.runtime.schedulers import DIFFUSERS_CLASS_NAMES, Scheduler, make_scheduler
 from sdopt.runtime.stages import DenoiseState, Feeds
@@ -79,7 +80,7 @@ class Pipeline:
         """Open an artifact folder and create one engine session per component.
 
         Args:
-            path: The artifact folder written by `sdopt export`.
+            path: The artifact folder written by `sdopt export`, or an `optimum-cli export onnx` folder.
             provider: "cpu" or "cuda" (ONNX Runtime), or "tensorrt".
             verify_hashes: Check every file's sha256 against the manifest first.
             controlnet: For artifacts exported with ControlNets: load them and the residual U-Net
@@ -96,11 +97,15 @@ class Pipeline:
         """
         root = Path(path).expanduser()
         manifest = load_manifest(root)
+        names = manifest.runtime_components()  # one U-Net graph in memory: unet_deep where there is one
         if verify_hashes:
-            verify_files(root, manifest)
+            verify_files(root, manifest)  # every file (a weights file two graphs share: hashed once)
         backend = open_backend(provider, root, manifest, **backend_options)
-        names = control_stage.components_to_load(manifest, controlnet)  # ControlNet hook: one U-Net graph
-        sessions = {name: backend.load(name) for name in names}
+        names = control_stage.components_to_load(manifest, controlnet, names)  # ControlNet hook: one U-Net graph
+        # Sessions are keyed by role: "unet" is the full U-Net, whichever graph backs it (unet_deep
+        # has the same inputs and weights as unet, plus the deep_feature output fast mode needs).
+        sessions = {("unet" if name == "unet_deep" else name): adapt(backend.load(name), manifest.components[name])
+                    for name in names}
         tokenizers = [ClipTokenizer(root / t, manifest.text_max_length) for t in manifest.tokenizers]
         scheduler_config = json.loads((root / manifest.scheduler_config).read_text())
         return cls(root, manifest, backend, sessions, tokenizers, scheduler_config)
@@ -241,7 +246,8 @@ class Pipeline:
             yield state
 
     def unet(self, component: str, feeds: Feeds) -> tuple[np.ndarray, np.ndarray | None]:
-        """One U-Net call ("unet" or "unet_shallow") on feeds of any batch.
+        """One U-Net call ("unet" or "unet_shallow") on feeds of any batch. The "unet" session runs
+        the full U-Net graph the pipeline loaded: `unet_deep` (with DeepCache's output) where there is one.
 
         Returns:
             (out_sample, deep_feature); deep_feature is None where the graph has no such output.
