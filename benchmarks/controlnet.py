@@ -13,8 +13,9 @@ plus what the residual U-Net costs on disk and in memory.
    ControlNet), and, for comparison only, a process that opens both U-Net graphs (what loading
    a second U-Net would cost).
 4. Seconds per stage (text encoder, ControlNet, U-Net, VAE decode) of diffusers'
-   StableDiffusionControlNetPipeline and of the runtime, same initial latents, median of `runs`
-   after one warm-up, and the max abs pixel difference of their images.
+   StableDiffusionControlNetPipeline and of the runtime, same initial latents, both loaded in this
+   process and run in turn (interleaved), median of `runs` after one warm-up each, and the max
+   abs pixel difference of their images.
 
 Results go to results.json and results.md in --out. Timings on a shared machine are noisy: the
 ratio torch/runtime measured side by side is the robust number.
@@ -23,12 +24,14 @@ ratio torch/runtime measured side by side is the robust number.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -73,7 +76,7 @@ def sizes(root: Path) -> dict[str, int]:
 
 
 RSS_CHILD = """
-import resource, sys, json
+import sys, json
 from PIL import Image
 sys.path.insert(0, {bench!r})
 from controlnet import control_image
@@ -87,7 +90,8 @@ if mode == "plain":
     pipe(PROMPT, **kw)
 else:
     pipe(PROMPT, control_image=control_image(size), **kw)
-print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))  # this process's own peak
+print(json.dumps(int(hwm.split()[1]) * 1024))
 """.replace("PROMPT", repr(PROMPT))
 
 
@@ -102,9 +106,8 @@ def peak_rss(root: Path, size: int) -> dict[str, int]:
     return out
 
 
-def time_torch(
-    model: str, size: int, steps: int, runs: int, latents: np.ndarray
-) -> tuple[dict[str, float], np.ndarray]:
+def torch_runner(model: str, size: int, steps: int, latents: np.ndarray) -> Callable[[], tuple[dict, np.ndarray]]:
+    """diffusers' StableDiffusionControlNetPipeline with per-stage timers; returns one-run callable."""
     import diffusers
     import torch
 
@@ -135,8 +138,8 @@ def time_torch(
         ("vae_decoder", pipe.vae.decoder),
     ):
         timed(name, module)
-    per_run, image = [], None
-    for _ in range(runs + 1):
+
+    def run() -> tuple[dict, np.ndarray]:
         spent.clear()
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -149,18 +152,18 @@ def time_torch(
                 latents=torch.from_numpy(latents),
                 output_type="np",
             ).images
-        per_run.append({**spent, "total": time.perf_counter() - t0})
-    return _median(per_run[1:]), image
+        return {**spent, "total": time.perf_counter() - t0}, image
+
+    return run
 
 
-def time_runtime(
-    root: Path, size: int, steps: int, runs: int, latents: np.ndarray
-) -> tuple[dict[str, float], np.ndarray]:
+def runtime_runner(root: Path, size: int, steps: int, latents: np.ndarray) -> Callable[[], tuple[dict, np.ndarray]]:
+    """The runtime on the artifact (residual U-Net + ControlNet); returns a one-run callable."""
     from sdopt.runtime import Pipeline
 
     pipe = Pipeline.load(root)
-    per_run, image = [], None
-    for _ in range(runs + 1):
+
+    def run() -> tuple[dict, np.ndarray]:
         r = pipe(
             PROMPT,
             control_image=control_image(size),
@@ -171,9 +174,41 @@ def time_runtime(
             seed=0,
             output_type="np",
         )
-        per_run.append({k: r.timings[k] for k in (*STAGES, "total")})
-        image = r.images
-    return _median(per_run[1:]), image
+        return {k: r.timings[k] for k in (*STAGES, "total")}, r.images
+
+    return run
+
+
+def interleaved(runners: dict[str, Callable], runs: int) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+    """One warm-up each, then `runs` rounds of one run per backend in turn (so load from other
+    jobs on the machine hits both alike); medians per stage."""
+    times: dict[str, list[dict]] = {k: [] for k in runners}
+    images: dict[str, np.ndarray] = {}
+    for round_ in range(runs + 1):
+        for name, run in runners.items():
+            t, images[name] = run()
+            if round_:
+                times[name].append(t)
+    return {k: _median(v) for k, v in times.items()}, images
+
+
+TOGETHER_MAX_RSS = 9 << 30  # runtime + torch (~6 GiB for sd15) must fit in this shared machine's RAM
+
+
+def timings(args: argparse.Namespace, latents: np.ndarray, together: bool) -> tuple[dict, dict]:
+    """Both backends loaded and run in turn where memory allows, else one after the other."""
+    if together:
+        runners = {
+            "runtime": runtime_runner(args.artifact, args.size, args.steps, latents),
+            "torch": torch_runner(args.model, args.size, args.steps, latents),
+        }
+        return interleaved(runners, args.runs)
+    medians, images = interleaved(
+        {"runtime": runtime_runner(args.artifact, args.size, args.steps, latents)}, args.runs
+    )
+    gc.collect()
+    more, more_images = interleaved({"torch": torch_runner(args.model, args.size, args.steps, latents)}, args.runs)
+    return {**medians, **more}, {**images, **more_images}
 
 
 def _median(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -187,7 +222,8 @@ def write_md(out: Path, res: dict) -> None:
         "",
         res["description"],
         "",
-        f"machine: {res['machine']}; {res['note']}",
+        f"machine: {res['machine']}; {res['note']}; backends run "
+        f"{'interleaved' if res['interleaved'] else 'one after the other'}",
         "",
         "## Seconds per image (median)",
         "",
@@ -226,8 +262,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     export_s = export(args.model, args.artifact) if not args.artifact.exists() else None
     latents = np.random.default_rng(0).standard_normal((1, 4, args.size // 8, args.size // 8), dtype=np.float32)
-    runtime, ours = time_runtime(args.artifact, args.size, args.steps, args.runs, latents)
-    torch_t, theirs = time_torch(args.model, args.size, args.steps, args.runs, latents)
+    rss = peak_rss(args.artifact, args.size)  # first: fresh processes, nothing else of ours in memory
+    together = rss["controlnet"] < TOGETHER_MAX_RSS
+    medians, images = timings(args, latents, together)
+    runtime, torch_t, ours, theirs = medians["runtime"], medians["torch"], images["runtime"], images["torch"]
     import platform
 
     from sdopt.hardware import physical_cores
@@ -247,7 +285,8 @@ def main() -> None:
         "runtime": runtime,
         "max_abs_pixel_diff": float(np.abs(ours.astype(np.float64) - theirs).max()),
         "sizes": sizes(args.artifact),
-        "peak_rss": peak_rss(args.artifact, args.size),
+        "peak_rss": rss,
+        "interleaved": together,
         "self_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
