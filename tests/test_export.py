@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import FAMILY_PRESETS
 
 from sdopt.errors import SdoptError
 from sdopt.export.artifact import ExportOptions, export_artifact
 from sdopt.manifest import MANIFEST_VERSION, load_manifest, sha256_file, verify_files
-
-from conftest import FAMILY_PRESETS
 
 EXPECTED = {
     "sd1": ["text_encoder", "unet", "unet_shallow", "vae_decoder", "vae_encoder"],

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import FAMILY_PRESETS
 from onnx import TensorProto
 
-from conftest import FAMILY_PRESETS
 from sdopt.errors import SdoptError
 from sdopt.export.tensorrt_build import (BuildOptions, _record, build_engines, check_build_options, engine_dir,
                                          engine_profiles)
