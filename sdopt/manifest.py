@@ -198,14 +198,18 @@ def load_manifest(root: str | Path) -> Manifest:
     root = Path(root)
     rebuild = f"re-export it: sdopt export MODEL --out {root} --force"
     if not root.is_dir():
-        raise SdoptError(f"artifact folder {root} does not exist", "run `sdopt export` first, or pass the folder it wrote")
+        raise SdoptError(
+            f"artifact folder {root} does not exist", "run `sdopt export` first, or pass the folder it wrote"
+        )
     path = root / MANIFEST_NAME
     if not path.is_file():
-        raise SdoptError(f"{root} is not an sdopt artifact (no {MANIFEST_NAME})", "pass a folder written by `sdopt export`")
+        raise SdoptError(
+            f"{root} is not an sdopt artifact (no {MANIFEST_NAME})", "pass a folder written by `sdopt export`"
+        )
     try:
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise SdoptError(f"{path} is unreadable ({e})", rebuild) from None
+        raise SdoptError(f"{path} is unreadable ({e})", rebuild) from e
     if raw.get("format") != MANIFEST_FORMAT:
         raise SdoptError(f"{path} is not an sdopt manifest", "pass a folder written by `sdopt export`")
     if raw.get("version") != MANIFEST_VERSION:
@@ -215,7 +219,7 @@ def load_manifest(root: str | Path) -> Manifest:
     try:
         return Manifest.from_dict(raw)
     except (KeyError, TypeError) as e:
-        raise SdoptError(f"{path} is malformed ({e})", rebuild) from None
+        raise SdoptError(f"{path} is malformed ({e})", rebuild) from e
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -233,7 +237,9 @@ def verify_files(root: str | Path, manifest: Manifest, names: list[str] | None =
         for rel, digest in manifest.components[name].files.items():
             p = root / rel
             if not p.is_file():
-                raise SdoptError(f"{p} is missing from the artifact", f"re-export: sdopt export MODEL --out {root} --force")
+                raise SdoptError(
+                    f"{p} is missing from the artifact", f"re-export: sdopt export MODEL --out {root} --force"
+                )
             if sha256_file(p) != digest:
                 raise SdoptError(
                     f"{p} does not match the hash in {MANIFEST_NAME} (modified or corrupt)",

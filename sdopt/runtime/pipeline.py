@@ -151,6 +151,10 @@ class Pipeline:
             prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, num_images_per_prompt,
             seed, scheduler, latents, image, mask_image, strength, output_type, deepcache,
         )  # fmt: skip
+        return self._generate(request, callback, t_start)
+
+    def _generate(self, request: GenerationRequest, callback: StepCallback | None, t_start: float) -> GenerationResult:
+        """Drive the stages for one request and time each of them."""
         state = self.prepare(request)
         timings = state.timings
         t0 = time.perf_counter()

@@ -110,42 +110,21 @@ def make_request(
         The rest: as `Pipeline.__call__`.
 
     Returns:
-        The validated `GenerationRequest`; `seed` is drawn at random when None.
-
-    Raises:
-        SdoptError: for the first argument that cannot work, with its fix.
+        The validated `GenerationRequest`; `seed` is drawn at random when None. Raises
+        SdoptError for the first argument that cannot work, with its fix.
     """
     import secrets
 
     prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
     _check_counts(prompts, num_inference_steps, num_images_per_prompt, deepcache, output_type, components)
-    mode_kind = Inpaint if mask_image is not None else Img2Img if image is not None else Txt2Img
-    if mask_image is not None and image is None:
-        raise SdoptError("a mask needs an image to inpaint", "pass image= (--image) with mask_image=")
-    strength = DEFAULT_STRENGTH[mode_kind] if strength is None else strength
-    if not 0.0 < strength <= 1.0:
-        raise SdoptError(f"strength must be in (0, 1], got {strength}", "use e.g. 0.8")
-    if mode_kind is not Txt2Img and "vae_encoder" not in components:
-        name = "inpaint" if mode_kind is Inpaint else "img2img"
-        raise SdoptError(f"{name} needs the VAE encoder, which this artifact lacks", "re-export with vae_encoder")
+    kind = Inpaint if mask_image is not None else Img2Img if image is not None else Txt2Img
+    strength = _strength(kind, image, strength, components)
     init = imageops.load_image(image) if image is not None else None
-    if mode_kind is Img2Img and height is None and width is None and init is not None:
-        h, w = imageops.image_size(init)  # diffusers' img2img keeps the input size (rounded down to 8)
-        height, width = h - h % manifest.vae.scale, w - w % manifest.vae.scale
-    height = height or manifest.image.default_height
-    width = width or manifest.image.default_width
+    height, width = _size(manifest, init if kind is Img2Img else None, height, width)
     batch = len(prompts) * num_images_per_prompt
     manifest.image.check(height, width, batch)
-    scheduler = scheduler or default_scheduler
-    if scheduler not in SCHEDULER_NAMES:
-        raise SdoptError(f"unknown scheduler {scheduler!r}", f"choose one of: {', '.join(SCHEDULER_NAMES)}")
-    latent_shape = (batch, manifest.vae.latent_channels, height // manifest.vae.scale, width // manifest.vae.scale)
-    if latents is not None and tuple(latents.shape) != latent_shape:
-        raise SdoptError(
-            f"latents have shape {tuple(latents.shape)}, this call needs {latent_shape}",
-            "pass latents of the call's batch and size (height/8, width/8)",
-        )
-    mode = _mode(mode_kind, init, mask_image, strength, height, width)
+    scheduler = _scheduler_name(scheduler or default_scheduler)
+    _check_latents(manifest, latents, batch, height, width)
     return GenerationRequest(
         prompts=prompts,
         negative_prompts=_negatives(negative_prompt, len(prompts)),
@@ -157,10 +136,47 @@ def make_request(
         seed=secrets.randbits(32) if seed is None else int(seed),
         scheduler=scheduler,
         latents=latents,
-        mode=mode,
+        mode=_mode(kind, init, mask_image, strength, height, width),
         deepcache=int(deepcache),
         output_type=output_type,
     )
+
+
+def _size(manifest: Manifest, init: Any, height: int | None, width: int | None) -> tuple[int, int]:
+    """The call's size: as asked, else diffusers' img2img keeps the input's (rounded down to 8),
+    else the artifact's default."""
+    if init is not None and height is None and width is None:
+        h, w = imageops.image_size(init)
+        return h - h % manifest.vae.scale, w - w % manifest.vae.scale
+    return height or manifest.image.default_height, width or manifest.image.default_width
+
+
+def _strength(kind: type, image: Any, strength: float | None, components: Collection[str]) -> float:
+    if kind is Inpaint and image is None:
+        raise SdoptError("a mask needs an image to inpaint", "pass image= (--image) with mask_image=")
+    strength = DEFAULT_STRENGTH[kind] if strength is None else strength
+    if not 0.0 < strength <= 1.0:
+        raise SdoptError(f"strength must be in (0, 1], got {strength}", "use e.g. 0.8")
+    if kind is not Txt2Img and "vae_encoder" not in components:
+        name = "inpaint" if kind is Inpaint else "img2img"
+        raise SdoptError(f"{name} needs the VAE encoder, which this artifact lacks", "re-export with vae_encoder")
+    return strength
+
+
+def _scheduler_name(name: str) -> str:
+    if name not in SCHEDULER_NAMES:
+        raise SdoptError(f"unknown scheduler {name!r}", f"choose one of: {', '.join(SCHEDULER_NAMES)}")
+    return name
+
+
+def _check_latents(manifest: Manifest, latents: np.ndarray | None, batch: int, height: int, width: int) -> None:
+    vae = manifest.vae
+    shape = (batch, vae.latent_channels, height // vae.scale, width // vae.scale)
+    if latents is not None and tuple(latents.shape) != shape:
+        raise SdoptError(
+            f"latents have shape {tuple(latents.shape)}, this call needs {shape}",
+            "pass latents of the call's batch and size (height/8, width/8)",
+        )
 
 
 def _check_counts(
