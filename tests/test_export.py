@@ -198,3 +198,15 @@ def test_cli_export_and_inspect(tmp_path, tiny_artifact):
     assert r.returncode == 0, r.stderr
     assert "text_encoder" in r.stdout and "ok" in r.stdout
     assert np.isfinite(load_manifest(tmp_path / "cli").components["text_encoder"].verification.max_abs_err)
+
+
+def test_cli_tables_fit_80_columns(tmp_path, tiny_artifact):
+    """`sdopt inspect` (and export's summary, the same table) on an 80-column terminal: no cut names."""
+    r = subprocess.run([sys.executable, "-m", "sdopt", "inspect", str(tiny_artifact("tiny-sdxl"))],
+                       capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "COLUMNS": "80"}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert max(map(len, r.stdout.splitlines())) <= 80
+    summary = r.stdout[r.stdout.index("verified"):]
+    for name in load_manifest(tiny_artifact("tiny-sdxl")).components:
+        assert f" {name} " in summary, f"{name} cut in:\n{summary}"
+    assert "…" not in summary, summary
