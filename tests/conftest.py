@@ -17,6 +17,13 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_METRICS] = {}
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    import sdopt
+
+    mode = "lean: saved references" if LEAN else "full: live references"
+    return f"sdopt from {Path(sdopt.__file__).parent} ({mode}; SDOPT_TEST_ARTIFACTS={artifacts_dir()})"
+
+
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
     """Lean install: collect only the modules that hold lean tests (the others import torch and co.)."""
     if LEAN and collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
