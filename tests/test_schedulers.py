@@ -41,7 +41,7 @@ import contextlib
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -165,7 +165,7 @@ EPS32 = float(np.finfo(np.float32).eps)  # 2**-23: one float32 ulp at 1.0
 TOL = 1e-5  # floor: float32 kernels differing by ~1 ulp on a well-conditioned schedule (module docstring)
 COEFF_ULPS = 8  # a few float32 coefficients each 1 ulp off, amplified by A (module docstring)
 TIMESTEP_ULPS = 4  # fractional timesteps: 4 float32 ulps of the largest timestep (one log/exp ulp is ~1-2)
-ROUNDING_ULPS = 4  # rounded timesteps: a neighbour only within 4 float32 ulps of the .5 boundary
+ROUNDING_ULPS = 4  # integer timesteps: slack (float32 ulps of t) around diffusers' 1-ulp range (check_timesteps)
 TRAJECTORY_TABLE = "scheduler max rel error vs diffusers"
 
 
@@ -196,12 +196,9 @@ class Run:
 
     timesteps: np.ndarray
     init_noise_sigma: float = 1.0
-    states: list[np.ndarray] | None = None  # start sample, then per step the model input and the new sample
+    states: list[np.ndarray] = field(default_factory=list)  # start sample, then per step model input, new sample
     failure: str = ""  # "IndexError at step 3": diffusers' degenerate cases must fail alike on our side
     draws: int = 0  # diffusers' randn_tensor calls (euler-a and lcm draw per-step noise)
-
-    def __post_init__(self) -> None:
-        self.states = [] if self.states is None else self.states
 
 
 def img2img_start(steps: int, strength: float, order: int) -> int:
