@@ -19,7 +19,7 @@ Tolerances (float32 on both sides; each assert below names its reason):
   multiply by it; PNDM cannot rescale and keeps the cosine schedule's 2.4e-9, but its first factor
   sqrt(alpha_874 / alpha_999) = 3960 stays under 2**12). COEFF_ULPS = 8 covers a few coefficients
   each off by an ulp.
-  Observed worst (AMD EPYC, AVX-512; the suite asked for exact agreement on Intel): 1.07e-3 for
+  Observed worst (AMD EPYC with AVX-512, where exact comparisons failed): 1.07e-3 for
   pndm/zero_snr, 4.8e-6 for unipc/exotic (1.3e-5 with SIMD dispatch lowered), 1.9e-6 on SD's
   schedules: at most 0.27 of the tolerance.
   Moving every float32 sqrt of our pndm by one ulp moves pndm/zero_snr/4 steps by 2.5e-3.
