@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
+from rich import box
 from rich.table import Table
 
 from sdopt.cli.common import app, console, friendly_errors, split_list
@@ -162,6 +163,7 @@ def inspect(artifact: Path = typer.Argument(..., help="Artifact folder written b
         console.print("an Optimum ONNX export: verification errors, file hashes, the size range and the maximum "
                       "batch are not recorded there (shown as —)")
     io = Table("component", "inputs", "outputs", "dims")
+    io.columns[0].no_wrap = True  # names are never cut: the other columns wrap instead
     for c in m.components.values():
         fmt = lambda specs: "\n".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in specs)  # noqa: E731
         io.add_row(c.name, fmt(c.inputs), fmt(c.outputs),
@@ -184,7 +186,11 @@ def inspect(artifact: Path = typer.Argument(..., help="Artifact folder written b
 
 
 def _print_components(m) -> None:
-    table = Table("component", "precision", "export s", "max abs err", "max rel err", "tolerance", "verified")
+    """The per-component verification summary; fits an 80-column terminal without cutting names."""
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
+    table.add_column("component", no_wrap=True, min_width=max(len(c) for c in m.components))
+    for header in ("precision", "export\nseconds", "max abs\nerr", "max rel\nerr", "tolerance", "verified"):
+        table.add_column(header, no_wrap=True)
     for c in m.components.values():
         v = c.verification
         if v is None:  # not recorded (an Optimum export): absent, not invented
