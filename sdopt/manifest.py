@@ -155,6 +155,9 @@ class VaeSpec:
     force_upcast: bool = False
 
 
+FULL_UNETS = ("unet", "unet_deep")  # U-Net graphs the residual U-Net stands in for (ControlNet)
+
+
 # -- ControlNet (issue 15; sdopt/export/controlnet*.py writes it, sdopt/runtime/controlnet.py reads it) --
 @dataclass
 class ControlNetSpec:
@@ -185,6 +188,14 @@ class ControlNetSection:
 
     def get(self, name: str) -> ControlNetSpec | None:
         return next((c for c in self.controlnets if c.name == name), None)
+
+    def components_to_load(self, names: list[str], controlnet: bool = True) -> list[str]:
+        """What a runtime (or a TensorRT build for it) loads of `names`: with ControlNets, the
+        residual U-Net in place of every full U-Net graph (same weights: one U-Net in memory)
+        plus the ControlNets; without, everything but those."""
+        control = [self.unet, *(c.component for c in self.controlnets)]
+        names = [n for n in names if n not in control]
+        return [n for n in names if n not in FULL_UNETS] + control if controlnet else names
 
 
 @dataclass

@@ -464,9 +464,9 @@ def test_tensorrt_controlnet_engines_generate_what_onnx_runtime_generates(family
     from sdopt.export.tensorrt_build import BuildOptions, build_engines
 
     root = shutil.copytree(control_artifact(family), tmp_path / family)
-    names = [n for n in load_manifest(root).components if n != "unet"]  # what the runtime loads
-    built = build_engines(root, BuildOptions(tf32=False, components=names))
-    assert sorted(e.component for e in built) == sorted(names)
+    built = build_engines(root, BuildOptions(tf32=False))  # default: what the runtime loads, one U-Net engine
+    assert sorted(e.component for e in built) == sorted(Pipeline.load(root).sessions)
+    assert "unet_control" in {e.component for e in built} and not {"unet", "unet_deep"} & {e.component for e in built}
     call = dict(
         num_inference_steps=4,
         guidance_scale=7.5,

@@ -173,6 +173,8 @@ def build_engines(artifact_dir: str | Path, options: BuildOptions,
     check_build_options(options)
     manifest = load_manifest(root)
     names = options.components or manifest.runtime_components()  # one U-Net engine: unet_deep where present
+    if manifest.controlnet and not options.components:  # ControlNet hook: the residual U-Net is that engine
+        names = manifest.controlnet.components_to_load(names)
     profiles = {n: engine_profiles(manifest, n, options.static, options.batch, options.height, options.width)
                 for n in names}
     trt, gpu = preflight()

@@ -32,13 +32,12 @@ from typing import Any
 import numpy as np
 
 from sdopt.errors import SdoptError
-from sdopt.manifest import ControlNetSection, Manifest
+from sdopt.manifest import FULL_UNETS, ControlNetSection, Manifest
 from sdopt.runtime import images as imageops
 from sdopt.runtime.request import GenerationRequest
 from sdopt.runtime.stages import DenoiseState, Feeds, RunComponent
 
 ControlImages = imageops.ImageInput | Sequence[Any]
-FULL_UNETS = ("unet", "unet_deep")  # plain U-Net graphs the residual U-Net stands in for
 REEXPORT = "re-export with `sdopt export MODEL --controlnet SOURCE` (SOURCE: a ControlNet folder, hub id or synthetic)"
 
 
@@ -67,11 +66,7 @@ def components_to_load(manifest: Manifest, controlnet: bool = True, base: Collec
     """
     names = list(manifest.components if base is None else base)
     section = manifest.controlnet
-    if section is None:
-        return names
-    control = [section.unet, *(c.component for c in section.controlnets)]
-    names = [n for n in names if n not in control]
-    return [n for n in names if n not in FULL_UNETS] + control if controlnet else names
+    return names if section is None else section.components_to_load(names, controlnet)
 
 
 def with_control(
