@@ -163,7 +163,7 @@ def _sdopt(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     (["EMPTY"], "no model_index.json"),
     (["--min-size", "100"], "not a positive multiple of 8"),
     (["--min-size", "512", "--max-size", "256"], "larger than --max-size"),
-    (["--min-size", "72"], "not a multiple of 16"),
+    (["--min-size", "72"], "not a positive multiple of 16"),
     (["--precision", "int4"], "unknown precision"),
     (["--components", "unet,foo"], "unknown component"),
     (["--out", "EXISTS"], "already exists"),

@@ -36,6 +36,7 @@ from sdopt.manifest import (
     TensorSpec,
     VaeSpec,
     Verification,
+    check_multiple,
     sha256_file,
 )
 
@@ -81,8 +82,8 @@ def check_options(out: Path, opts: ExportOptions) -> None:
         if name not in COMPONENTS:
             raise SdoptError(f"unknown component {name!r}", f"choose from {', '.join(COMPONENTS)}")
     for label, size in (("--min-size", opts.min_size), ("--max-size", opts.max_size)):
-        if size is not None and (size <= 0 or size % 8):
-            raise SdoptError(f"{label} {size} is not a positive multiple of 8", f"use e.g. {max(8, size // 8 * 8)}")
+        if size is not None:
+            check_multiple(label, size, 8)
     if opts.min_size and opts.max_size and opts.min_size > opts.max_size:
         raise SdoptError(f"--min-size {opts.min_size} is larger than --max-size {opts.max_size}", "swap them")
     if opts.max_batch < 1:
@@ -97,9 +98,7 @@ def image_spec(model: LoadedModel, opts: ExportOptions) -> ImageSpec:
     lo, hi, default = model.size_range
     lo, hi = opts.min_size or lo, opts.max_size or hi
     for label, size in (("--min-size", lo), ("--max-size", hi)):
-        if size % multiple:
-            raise SdoptError(f"{label} {size} is not a multiple of {multiple}, which this U-Net needs "
-                             f"(VAE x{scale}, U-Net x{multiple // scale})", f"use {max(multiple, size // multiple * multiple)}")
+        check_multiple(label, size, multiple)  # VAE x scale, U-Net x multiple // scale
     if lo > hi:
         raise SdoptError(f"min size {lo} is larger than max size {hi}", "pass both --min-size and --max-size")
     default = min(max(default, lo), hi) // multiple * multiple
