@@ -217,12 +217,13 @@ class LoraSwapper:
 
     def __init__(self, root: Path, manifest: Manifest, backend: Any,
                  entry: Callable[[str, Any], tuple[str, Any]], role: Callable[[str], str] = lambda name: name,
-                 ) -> None:
+                 names: list[str] | None = None) -> None:
         self.root = root
         self.manifest = manifest
         self.backend = backend
         self.entry = entry  # (component, engine session) -> (pipeline role, adapted session)
         self.role = role  # component -> the pipeline's key for its session
+        self.names = names  # the components the pipeline loaded (default: manifest.runtime_components())
         self.lock = SwapLock()
         self.loras: list[LoraSpec] = []
         self._applied: set[str] = set()  # components whose sessions carry LoRA weights
@@ -240,7 +241,7 @@ class LoraSwapper:
         check_swappable(self.manifest)
         deltas = compute_deltas(specs, manifest_targets(self.manifest), ignore_unmatched)
         optimised = getattr(self.backend, "optimised_graph", lambda name: False)
-        return build_overrides(self.root, self.manifest, deltas, optimised)
+        return build_overrides(self.root, self.manifest, deltas, optimised, self.names)
 
     @property
     def refits(self) -> bool:
