@@ -82,20 +82,33 @@ def _fields(buf: memoryview) -> Iterator[tuple[int, int | memoryview]]:
             raise ValueError(f"unsupported protobuf wire type {wire}")
 
 
+def _msg(value: int | memoryview) -> memoryview:
+    """A length-delimited field's bytes (a sub-message or a string)."""
+    if isinstance(value, int):
+        raise ValueError("expected a length-delimited field, found a varint")
+    return value
+
+
+def _int(value: int | memoryview) -> int:
+    if not isinstance(value, int):
+        raise ValueError("expected a varint field, found bytes")
+    return value
+
+
 def _value_info(buf: memoryview) -> ValueSignature:
     name, dtype, shape = "", "?", []
     for number, value in _fields(buf):
         if number == 1:
-            name = bytes(value).decode()
+            name = bytes(_msg(value)).decode()
         elif number == 2:
-            for n2, tensor in _fields(value):
+            for n2, tensor in _fields(_msg(value)):
                 if n2 != 1:  # not a tensor type (sequence, map): leave as "?"
                     continue
-                for n3, v3 in _fields(tensor):
+                for n3, v3 in _fields(_msg(tensor)):
                     if n3 == 1:
-                        dtype = ELEM_TYPES.get(v3, str(v3))
+                        dtype = ELEM_TYPES.get(_int(v3), str(v3))
                     elif n3 == 2:
-                        shape = [_dim(d) for n4, d in _fields(v3) if n4 == 1]
+                        shape = [_dim(_msg(d)) for n4, d in _fields(_msg(v3)) if n4 == 1]
     return ValueSignature(name, dtype, shape)
 
 
@@ -126,7 +139,7 @@ def read_signature(path: str | Path) -> GraphSignature:
             finally:
                 buf.release()
     except (OSError, ValueError, IndexError, UnicodeDecodeError) as e:
-        raise SdoptError(f"{path} is not a readable ONNX file ({e})", "re-export the model") from None
+        raise SdoptError(f"{path} is not a readable ONNX file ({e})", "re-export the model") from e
 
 
 def _signature(buf: memoryview) -> GraphSignature:
@@ -134,16 +147,16 @@ def _signature(buf: memoryview) -> GraphSignature:
     initializers: set[str] = set()
     for number, value in _fields(buf):
         if number == 8:
-            opset = dict(_fields(value))
-            if not bytes(opset.get(1, b"")):
-                sig.opset = int(opset.get(2, 0))
+            opset = dict(_fields(_msg(value)))
+            if not bytes(_msg(opset.get(1, memoryview(b"")))):
+                sig.opset = _int(opset.get(2, 0))
         elif number == 7:
-            for n2, v2 in _fields(value):
+            for n2, v2 in _fields(_msg(value)):
                 if n2 == 11:
-                    sig.inputs.append(_value_info(v2))
+                    sig.inputs.append(_value_info(_msg(v2)))
                 elif n2 == 12:
-                    sig.outputs.append(_value_info(v2))
+                    sig.outputs.append(_value_info(_msg(v2)))
                 elif n2 == 5:
-                    initializers.update(bytes(v).decode() for n3, v in _fields(v2) if n3 == 8)
+                    initializers.update(bytes(_msg(v)).decode() for n3, v in _fields(_msg(v2)) if n3 == 8)
     sig.inputs = [v for v in sig.inputs if v.name not in initializers]  # IR < 4 lists weights as inputs
     return sig

@@ -11,7 +11,7 @@ by float rounding only (numpy vs torch GEMM for B @ A, ~1e-8), and the runtime's
 is ~1e-6 (test_runtime_parity.py), so observed differences are ~1e-6 and 1e-3 leaves wide
 headroom while a LoRA applied wrongly (missing alpha/r = 2x, a missed module, a transposed
 delta) moves pixels by > 1e-2 (asserted below: every LoRA moves the image by more than 1e-2).
-Every measured number lands in PARITY, printed by the last test (`pytest -rP tests/test_lora.py`).
+Every measured number goes through `record_metric` (the session's "measured numbers" summary).
 """
 
 from __future__ import annotations
@@ -43,7 +43,19 @@ SIZE, STEPS, GUIDANCE = 64, 4, 7.5
 PROMPT = "a watercolor fox in the snow"
 TOL = 1e-3  # see the module docstring
 MOVES = 1e-2  # a LoRA must change the image by more than this, or the test proves nothing
-PARITY: dict[str, float] = {}
+_recorder: list = []  # the current test's record_metric (set by the autouse fixture below)
+
+
+@pytest.fixture(autouse=True)
+def _parity_recorder(record_metric):
+    _recorder[:] = [record_metric]
+    yield
+    _recorder.clear()
+
+
+def parity(case: str, diff: float) -> None:
+    """Record a measured max abs pixel difference for the session summary (order-independent)."""
+    _recorder[0]("LoRA parity: max abs pixel diff", case, diff)
 _files: dict[tuple[str, str], Path] = {}
 _pipes: dict[str, Pipeline] = {}
 
@@ -111,7 +123,7 @@ def reference(preset: str, loras: list[tuple[Path, float]]) -> np.ndarray:
 
 def check(case: str, got: np.ndarray, want: np.ndarray, base: np.ndarray) -> None:
     diff = float(np.abs(got - want).max())
-    PARITY[case] = diff
+    parity(case, diff)
     assert diff <= TOL, f"{case}: max abs {diff:.2e} > {TOL}"
     assert float(np.abs(want - base).max()) > MOVES, f"{case}: the LoRA barely changes the image; the test is void"
 
@@ -167,7 +179,7 @@ def test_kohya_file_matches_peft_file(family, runtime, lora_file):
         pipe.set_loras([(lora_file(preset, "kohya"), 0.8)])
         # fp16 rounding of A and B (~5e-4 relative) moves pixels by ~1e-5 here.
         diff = float(np.abs(run(pipe, preset) - peft_image).max())
-        PARITY[f"{family} kohya fp16 vs PEFT fp32"] = diff
+        parity(f"{family} kohya fp16 vs PEFT fp32", diff)
         assert diff <= TOL
     finally:
         pipe.set_loras([])
@@ -210,7 +222,7 @@ def test_export_merge_equals_runtime_swap(tmp_path, runtime, lora_file):
         for deepcache in (1, 2):
             images = [run(p, "tiny", deepcache=deepcache) for p in (baked, pipe)]
             diff = float(np.abs(images[0] - images[1]).max())
-            PARITY[f"sd1 export-merge vs runtime swap, deepcache={deepcache}"] = diff
+            parity(f"sd1 export-merge vs runtime swap, deepcache={deepcache}", diff)
             # Same merged fp32 weights on both sides; only ORT's graph (optimised at load vs
             # from the saved optimised graph) and kernel order may differ.
             assert diff <= 1e-5
@@ -230,7 +242,7 @@ def test_fp16_artifact_swaps_and_restores(tiny_artifact, runtime, lora_file):
     fp32.set_loras(spec)
     try:
         diff = float(np.abs(run(fp16, "tiny") - run(fp32, "tiny")).max())
-        PARITY["sd1 fp16 artifact + LoRA vs fp32 artifact + LoRA"] = diff
+        parity("sd1 fp16 artifact + LoRA vs fp32 artifact + LoRA", diff)
         # fp16 weights and activations: the base images already differ by ~1e-3 here.
         assert diff <= 1e-2
     finally:
@@ -453,8 +465,3 @@ def test_tensorrt_refit_matches_merged_build_and_refits_back(tiny_artifact, lora
     assert np.abs(run(pipe, "tiny") - base).max() < 1e-5
     loaded = Pipeline.load(refittable, provider="tensorrt", loras=[spec])  # refit at load
     assert np.abs(run(loaded, "tiny") - refitted).max() < 1e-5
-
-
-def test_zz_parity_table():
-    for case, diff in PARITY.items():
-        print(f"{case:45s} max abs {diff:.2e}")
