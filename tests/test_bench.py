@@ -18,8 +18,10 @@ from typer.testing import CliRunner
 
 from sdopt.bench import report, stats
 from sdopt.bench.config import BenchConfig, make_config, named_configs, validate
-from sdopt.bench.runner import (BackendRun, SCHEMA_VERSION, build_results, cache_key, ensure_artifact,
-                                export_settings, plan, run_benchmark, unavailable_reason)
+from sdopt.bench.plan import cache_key, ensure_artifact, export_settings, plan, unavailable_reason
+from sdopt.bench.records import BackendRun, Job
+from sdopt.bench.results import SCHEMA_VERSION, build_results
+from sdopt.bench.runner import run_benchmark
 from sdopt.errors import SdoptError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -217,8 +219,8 @@ def _fake_results() -> tuple[dict, dict]:
     runs = {r.name: r for r in (torch_run, failed, ort_run, skipped)}
     ref = np.random.default_rng(0).random((1, 8, 8, 3)).astype(np.float32)
     images = {"torch": ref, "onnxruntime": ref + 1e-3}
-    job = {"prompt": "p", "negative_prompt": None, "steps": 2, "guidance": 7.5, "height": 128, "width": 128,
-           "batch": 1, "seed": 0, "scheduler": "pndm", "threads": 2, "latent_shape": [1, 4, 16, 16]}
+    job = Job(prompt="p", negative_prompt=None, steps=2, guidance=7.5, height=128, width=128, batch=1, seed=0,
+              scheduler="pndm", threads=2, latent_shape=[1, 4, 16, 16])
     manifest = SimpleNamespace(family="sd1", source={"kind": "synthetic", "id": "synthetic:tiny", "seed": "0"},
                                precision="fp32", opset=18, created="now")
     machine = {"cpu": {"model": "Test CPU", "physical_cores": 2, "logical_cores": 2, "arch": "x86_64"}, "threads": 2,
@@ -311,7 +313,7 @@ def test_worker_crash_mid_run_is_a_failed_row(tiny_artifact, tmp_path):
 
 
 def test_tensorrt_worker_builds_engines_only_when_they_are_missing():
-    from sdopt.bench.workers import _needs_engines
+    from sdopt.bench.worker_runtime import _needs_engines
 
     assert _needs_engines(SdoptError("/a has no TensorRT engine for unet", "build them: sdopt build /a --force"))
     assert _needs_engines(SdoptError("none of the 2 unet engines fits this host; closest: ...", "rebuild"))
@@ -320,7 +322,8 @@ def test_tensorrt_worker_builds_engines_only_when_they_are_missing():
 
 def test_importing_the_harness_does_not_import_torch():
     code = ("import sys, sdopt.bench, sdopt.bench.command, sdopt.bench.runner, sdopt.bench.report, "
-            "sdopt.bench.workers; print('torch' in sys.modules)")
+            "sdopt.bench.workers, sdopt.bench.worker_torch, sdopt.bench.worker_runtime, sdopt.bench.quality, "
+            "sdopt.bench.quality_run, sdopt.bench.quality_report, sdopt.bench.protocol; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from sdopt.bench import quality_report
 from sdopt.bench.stats import finite_or_none
 
 COLUMNS = ("backend", "status", "e2e median s", "p90 / min s", "img/s", "text enc ms", "U-Net/step ms",
@@ -125,6 +126,7 @@ def print_table(results: dict[str, Any], console: Console) -> None:
     console.print(table)
     for note in [*notes, *map(escape, fidelity_notes(results))]:
         console.print(note, highlight=False)
+    quality_report.print_table(results, console)
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -140,6 +142,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["", "Latencies are medians over the measured runs; stages are time inside the component calls "
               "(see benchmarks/README.md). Speedup: torch eager median / backend median, same run. Parity: "
               "max |Δ| and PSNR of the images vs torch eager on [0, 1] pixels, same initial latents.", ""]
+    lines += quality_report.markdown(results)
     return "\n".join(lines)
 
 
