@@ -13,8 +13,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import typer
-from typer.testing import CliRunner
 
 from sdopt.bench import report, stats
 from sdopt.bench.config import BenchConfig, make_config, named_configs, validate
@@ -24,26 +22,10 @@ from sdopt.bench.results import SCHEMA_VERSION, build_results
 from sdopt.bench.runner import run_benchmark
 from sdopt.errors import SdoptError
 
+from bench_cli import invoke
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TENSORRT_HERE = unavailable_reason("tensorrt") is None
-
-
-def bench_app() -> typer.Typer:
-    from sdopt.bench.command import bench_command
-    from sdopt.cli import friendly_errors
-
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command("bench")(friendly_errors(bench_command))
-
-    @app.command("version")  # a second command keeps typer in sub-command mode (`app bench ...`)
-    def version() -> None:
-        pass
-
-    return app
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(bench_app(), ["bench", *args])
 
 
 # -- statistics ----------------------------------------------------------------------------------

@@ -150,12 +150,40 @@ def clip_score(images: np.ndarray, prompts: list[str], clip: tuple[Any, Any], ba
     import torch
     from torchmetrics.multimodal.clip_score import CLIPScore
 
-    metric = CLIPScore(model_name_or_path=lambda: clip)
+    model, processor = clip
+    metric = CLIPScore(model_name_or_path=lambda: (_ProjectedFeatures.wrap(model), processor))
     with torch.inference_mode():
         for i in range(0, len(images), batch):
             chunk = torch.from_numpy(np.ascontiguousarray(images[i:i + batch])).permute(0, 3, 1, 2)
             metric.update(list(chunk), prompts[i:i + batch])
     return float(metric.compute())
+
+
+class _ProjectedFeatures:
+    """transformers 5 returns a ModelOutput from CLIPModel.get_*_features (the projected embedding in
+    `pooler_output`); torchmetrics 1.9's CLIPScore expects the tensor itself. This hands it the tensor."""
+
+    @staticmethod
+    def wrap(model: Any) -> Any:
+        import torch
+
+        class Projected(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+                self.config = model.config
+
+            def get_image_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+                return _tensor(self.model.get_image_features(*args, **kwargs))
+
+            def get_text_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+                return _tensor(self.model.get_text_features(*args, **kwargs))
+
+        return Projected()
+
+
+def _tensor(out: Any) -> Any:
+    return out if hasattr(out, "norm") else out.pooler_output
 
 
 def pair_scores(images: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
