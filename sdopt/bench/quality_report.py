@@ -58,8 +58,9 @@ def row_cells(b: dict[str, Any], reference: str) -> list[str]:
     is_ref = b["name"] == reference
     return [b["name"], str(q["n"]), "ref" if is_ref else _num(q.get("fid")),
             "ref" if is_ref else (f"{kid['mean'] * 1e3:.2f} ± {kid['std'] * 1e3:.2f}" if kid else "—"),
-            _num(is_.get("mean")) if is_ else "null", _num(q.get("clip_score")) if q.get("clip_score") is not None
-            else "null", "ref" if is_ref else _num(q.get("psnr_db_mean"), 1), "ref" if is_ref else _num(q.get("ssim_mean"), 4),
+            _num(is_.get("mean")) if is_ else "null",
+            _num(q.get("clip_score")) if q.get("clip_score") is not None else "null",
+            "ref" if is_ref else _num(q.get("psnr_db_mean"), 1), "ref" if is_ref else _num(q.get("ssim_mean"), 4),
             _num(ref_fid), _num(q.get("seconds_per_image"), 2)]
 
 

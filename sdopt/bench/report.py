@@ -168,7 +168,7 @@ def write_png(results: dict[str, Any], path: Path) -> bool:
     for key, label, color in STAGE_PLOT:
         vals = [((b["stages_s"] or {}).get(key) or {}).get("median", 0.0) for b in ok]
         left.barh(y, vals, left=start, color=color, label=label)
-        start = [s + v for s, v in zip(start, vals)]
+        start = [s + v for s, v in zip(start, vals, strict=True)]
     for i, b in enumerate(ok):
         left.text(start[i], i, f" {b['e2e_s']['median']:.3f} s", va="center", fontsize=8)
     left.set_yticks(y, names)

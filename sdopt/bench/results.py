@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shlex
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,7 +58,7 @@ def build_results(config: BenchConfig, job: Job, manifest: Manifest, artifact_in
     return stats.finite_or_none({
         "schema_version": SCHEMA_VERSION,
         "kind": "sdopt-bench",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),  # API use: this process's
         "config": config.to_dict(),
         "job": job.record(),

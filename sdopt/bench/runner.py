@@ -24,10 +24,10 @@ from typing import Any
 
 from sdopt.bench.config import REFERENCE, BenchConfig
 from sdopt.bench.machine import machine_info, measure_matmul_peak
-from sdopt.bench.plan import Log, check_image, default_out_dir, ensure_artifact, plan
+from sdopt.bench.plan import Log, Plan, check_image, default_out_dir, ensure_artifact, plan
 from sdopt.bench.process import WorkerDied, WorkerProcess
 from sdopt.bench.records import BackendRun, Job, make_job, run_entry
-from sdopt.manifest import load_manifest
+from sdopt.manifest import Manifest, load_manifest
 
 
 def run_benchmark(config: BenchConfig, out_dir: Path | None = None, cache_dir: Path | None = None,
@@ -52,18 +52,7 @@ def run_benchmark(config: BenchConfig, out_dir: Path | None = None, cache_dir: P
     artifact, artifact_info = ensure_artifact(p, log)
     out.mkdir(parents=True, exist_ok=True)
     manifest = load_manifest(artifact)
-    if p.artifact is None:  # checks that needed the exported manifest (non-synthetic models)
-        check_image(config, manifest.image.min_size, manifest.image.max_size, manifest.image.multiple,
-                    manifest.image.max_batch, f"the export of {p.model}")
-    job = make_job(config, manifest, artifact, p.threads)
-    job.build_engines = p.artifact is None  # TensorRT engines: built on demand into the harness's cached export
-    log(f"job: {job.height}x{job.width}, {job.steps} steps, batch {job.batch}, "
-        f"scheduler {job.scheduler}, guidance {job.guidance}, {p.threads} threads")
-
-    machine = machine_info(p.threads)
-    log("measuring the fp32 matmul peak ...")
-    machine["matmul_peak"] = measure_matmul_peak(p.threads, gpu=bool(machine["gpus"]))
-
+    job, machine = _prepare(p, config, manifest, artifact, log)
     runs = {b: BackendRun(b) for b in config.backend_list()}
     for b, reason in p.skipped.items():
         runs[b].status, runs[b].error = "skipped", reason
@@ -95,6 +84,21 @@ def run_benchmark(config: BenchConfig, out_dir: Path | None = None, cache_dir: P
     report.write_all(results, out, images)
     results["_out"] = str(out)
     return results
+
+
+def _prepare(p: Plan, config: BenchConfig, manifest: Manifest, artifact: Path, log: Log) -> tuple[Job, dict]:
+    """The job (checked against the exported manifest) and the machine facts, matmul peak included."""
+    if p.artifact is None:  # checks that needed the exported manifest (non-synthetic models)
+        check_image(config, manifest.image.min_size, manifest.image.max_size, manifest.image.multiple,
+                    manifest.image.max_batch, f"the export of {p.model}")
+    job = make_job(config, manifest, artifact, p.threads)
+    job.build_engines = p.artifact is None  # TensorRT engines: built on demand into the harness's cached export
+    log(f"job: {job.height}x{job.width}, {job.steps} steps, batch {job.batch}, "
+        f"scheduler {job.scheduler}, guidance {job.guidance}, {p.threads} threads")
+    machine = machine_info(p.threads)
+    log("measuring the fp32 matmul peak ...")
+    machine["matmul_peak"] = measure_matmul_peak(p.threads, gpu=bool(machine["gpus"]))
+    return job, machine
 
 
 def _load_all(backends: list[str], runs: dict[str, BackendRun], artifact: Path, job: Job, out: Path,

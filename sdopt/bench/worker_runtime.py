@@ -49,9 +49,9 @@ class RuntimeWorker:
                 engine = f"tensorrt {tensorrt.__version__}"
             except ImportError:  # pragma: no cover - the load above would have failed
                 pass
-        return {"import_s": import_s, "load_s": time.perf_counter() - t0, "device": "cpu" if provider == "cpu" else "cuda",
-                "precision": self.pipe.manifest.precision, "provider": provider, "engine": engine, "device_name": None,
-                "engine_build_s": build_s}
+        return {"import_s": import_s, "load_s": time.perf_counter() - t0,
+                "device": "cpu" if provider == "cpu" else "cuda", "precision": self.pipe.manifest.precision,
+                "provider": provider, "engine": engine, "device_name": None, "engine_build_s": build_s}
 
     def _provider(self, job: Job) -> tuple[str, dict[str, Any], str]:
         if not self.backend.startswith("onnxruntime"):
