@@ -92,6 +92,47 @@ class ImageSpec:
     default_width: int
     max_batch: int  # images per call; the U-Net and text encoders see 2x for CFG
 
+    def check(self, height: int, width: int, batch: int | None = None, flag: str = "") -> None:
+        """The one image-size rule, for export, runtime, TensorRT builds and the benchmark.
+
+        Sizes must be positive multiples of 8 (the VAE's downsampling) and of `multiple` (the
+        U-Net's), inside the exported range; a batch must be 1..max_batch. Odd sizes would
+        otherwise fail deep inside an engine.
+
+        Args:
+            height: Image height in pixels.
+            width: Image width in pixels.
+            batch: Images per call, or None to skip the batch check.
+            flag: Prefix of the names in messages, e.g. "--" where the values came from CLI flags.
+
+        Raises:
+            SdoptError: naming the first value that breaks the rule and a value that would not.
+        """
+        for name, value in ((f"{flag}height", height), (f"{flag}width", width)):
+            check_multiple(name, value, 8)
+            check_multiple(name, value, self.multiple)
+            if not self.min_size <= value <= self.max_size:
+                raise SdoptError(
+                    f"{name} {value} is outside the exported range {self.min_size}..{self.max_size}",
+                    f"use a size in range, or re-export with --min-size/--max-size covering {value}",
+                )
+        if batch is not None and not 1 <= batch <= self.max_batch:
+            raise SdoptError(
+                f"{batch} images per call exceed the exported maximum batch {self.max_batch}"
+                if batch > self.max_batch
+                else f"images per call must be at least 1, got {batch}",
+                f"generate 1..{self.max_batch} at once, or re-export with --max-batch {max(batch, 1)}",
+            )
+
+
+def check_multiple(name: str, value: int, multiple: int) -> None:
+    """`value` must be a positive multiple of `multiple`; the error suggests the nearest one."""
+    if value <= 0 or value % multiple:
+        raise SdoptError(
+            f"{name} {value} is not a positive multiple of {multiple}",
+            f"use e.g. {max(multiple, round(value / multiple) * multiple)}",
+        )
+
 
 @dataclass
 class VaeSpec:
@@ -157,14 +198,18 @@ def load_manifest(root: str | Path) -> Manifest:
     root = Path(root)
     rebuild = f"re-export it: sdopt export MODEL --out {root} --force"
     if not root.is_dir():
-        raise SdoptError(f"artifact folder {root} does not exist", "run `sdopt export` first, or pass the folder it wrote")
+        raise SdoptError(
+            f"artifact folder {root} does not exist", "run `sdopt export` first, or pass the folder it wrote"
+        )
     path = root / MANIFEST_NAME
     if not path.is_file():
-        raise SdoptError(f"{root} is not an sdopt artifact (no {MANIFEST_NAME})", "pass a folder written by `sdopt export`")
+        raise SdoptError(
+            f"{root} is not an sdopt artifact (no {MANIFEST_NAME})", "pass a folder written by `sdopt export`"
+        )
     try:
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise SdoptError(f"{path} is unreadable ({e})", rebuild) from None
+        raise SdoptError(f"{path} is unreadable ({e})", rebuild) from e
     if raw.get("format") != MANIFEST_FORMAT:
         raise SdoptError(f"{path} is not an sdopt manifest", "pass a folder written by `sdopt export`")
     if raw.get("version") != MANIFEST_VERSION:
@@ -174,7 +219,7 @@ def load_manifest(root: str | Path) -> Manifest:
     try:
         return Manifest.from_dict(raw)
     except (KeyError, TypeError) as e:
-        raise SdoptError(f"{path} is malformed ({e})", rebuild) from None
+        raise SdoptError(f"{path} is malformed ({e})", rebuild) from e
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -192,7 +237,9 @@ def verify_files(root: str | Path, manifest: Manifest, names: list[str] | None =
         for rel, digest in manifest.components[name].files.items():
             p = root / rel
             if not p.is_file():
-                raise SdoptError(f"{p} is missing from the artifact", f"re-export: sdopt export MODEL --out {root} --force")
+                raise SdoptError(
+                    f"{p} is missing from the artifact", f"re-export: sdopt export MODEL --out {root} --force"
+                )
             if sha256_file(p) != digest:
                 raise SdoptError(
                     f"{p} does not match the hash in {MANIFEST_NAME} (modified or corrupt)",

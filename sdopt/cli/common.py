@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import os
 import traceback
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -34,7 +35,9 @@ def debug_enabled() -> bool:
 
 @app.callback()
 def main(
-    debug: bool = typer.Option(False, "--debug", help="On error, also print the full chained traceback (or SDOPT_DEBUG=1)."),
+    debug: bool = typer.Option(
+        False, "--debug", help="On error, also print the full chained traceback (or SDOPT_DEBUG=1)."
+    ),
 ) -> None:
     """Stable Diffusion from PyTorch/diffusers to verified ONNX and TensorRT, and a lean runtime to run it."""
     if debug:
@@ -51,8 +54,11 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except SdoptError as e:
             if debug_enabled():
                 err_console.print(escape("".join(traceback.format_exception(e, chain=True))), highlight=False)
-            err_console.print(f"[bold red]error:[/] {escape(e.problem)}" + (f"\n[dim]fix:[/] {escape(e.fix)}" if e.fix else ""),
-                              highlight=False, soft_wrap=True)
+            err_console.print(
+                f"[bold red]error:[/] {escape(e.problem)}" + (f"\n[dim]fix:[/] {escape(e.fix)}" if e.fix else ""),
+                highlight=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("[red]interrupted[/]")
@@ -62,5 +68,5 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def split_list(value: Optional[str]) -> Optional[list[str]]:
-    """"a, b,c" -> ["a", "b", "c"]; None or "" -> None."""
+    """ "a, b,c" -> ["a", "b", "c"]; None or "" -> None."""
     return [v.strip() for v in value.split(",") if v.strip()] if value else None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 from rich.table import Table
@@ -43,8 +43,9 @@ def export(
         from sdopt.export.tensorrt_build import BuildOptions, preflight
 
         preflight()
-    from sdopt.export.artifact import export_artifact
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from sdopt.export.artifact import export_artifact
 
     stages = {"export": "tracing to ONNX", "clean": "folding / shape inference", "verify": "verifying vs PyTorch",
               "optimize": "saving ONNX Runtime's optimised CPU graph"}

@@ -22,7 +22,7 @@ def load_image(image: ImageInput, what: str = "image") -> Image.Image | np.ndarr
         try:
             return Image.open(image)
         except (OSError, ValueError) as e:
-            raise SdoptError(f"cannot read {what} {image}: {e}", "pass a PNG or JPEG file") from None
+            raise SdoptError(f"cannot read {what} {image}: {e}", "pass a PNG or JPEG file") from e
     return image
 
 
@@ -39,7 +39,7 @@ def to_unit_array(image: Image.Image | np.ndarray, height: int, width: int, gray
     [0, 1]) with torch's default nearest interpolation."""
     if isinstance(image, Image.Image):
         if image.size != (width, height):
-            image = image.resize((width, height), resample=Image.LANCZOS)
+            image = image.resize((width, height), resample=Image.Resampling.LANCZOS)
         image = image.convert("L" if grayscale else "RGB")
         array = np.asarray(image).astype(np.float32) / 255.0
         array = array[None, :, :, None] if grayscale else array[None]

@@ -12,10 +12,14 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sdopt.errors import SdoptError
+
+if TYPE_CHECKING:  # imported lazily at run time
+    from tokenizers import Tokenizer
 
 # CLIP's pre-tokenization pattern (openai/CLIP simple_tokenizer.py), as transformers uses it.
 CLIP_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -31,7 +35,9 @@ class ClipTokenizer:
         config = _read_json(folder / "tokenizer_config.json")
         special = {**_read_json(folder / "special_tokens_map.json"), **config}
         self.tokenizer = _load(folder)
-        self.max_length = int(config.get("model_max_length", max_length)) if config.get("model_max_length", 0) < 10**6 else max_length
+        # transformers writes a huge sentinel (1e30) for "no limit": keep the manifest's length then.
+        has_limit = config.get("model_max_length", 0) < 10**6
+        self.max_length = int(config.get("model_max_length", max_length)) if has_limit else max_length
         self.bos_id = self._id(_token(special.get("bos_token"), "<|startoftext|>"))
         self.eos_id = self._id(_token(special.get("eos_token"), "<|endoftext|>"))
         self.pad_id = self._id(_token(special.get("pad_token"), "<|endoftext|>"))
@@ -49,15 +55,19 @@ class ClipTokenizer:
         for row, prompt in enumerate(prompts):
             ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
             if len(ids) > room:
-                warnings.warn(f"prompt is {len(ids)} tokens; the text encoder takes {room}: "
-                              f"{len(ids) - room} tokens were dropped from the end", PromptTruncatedWarning, stacklevel=3)
+                warnings.warn(
+                    f"prompt is {len(ids)} tokens; the text encoder takes {room}: "
+                    f"{len(ids) - room} tokens were dropped from the end",
+                    PromptTruncatedWarning,
+                    stacklevel=3,
+                )
                 ids = ids[:room]
             seq = [self.bos_id, *ids, self.eos_id]
             out[row, : len(seq)] = seq
         return out
 
 
-def _load(folder: Path):
+def _load(folder: Path) -> Tokenizer:
     from tokenizers import Tokenizer
 
     if (folder / "tokenizer.json").is_file():
@@ -79,13 +89,23 @@ def _load(folder: Path):
     return tok
 
 
-def clip_bpe_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]]):
-    """CLIP's tokenizer pipeline (as transformers' CLIPConverter builds it) from vocab + merges."""
+def clip_bpe_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]]) -> Tokenizer:
+    """CLIP's tokenizer pipeline (as transformers' CLIPConverter builds it) from vocab + merges.
+
+    Args:
+        vocab: token -> id, the content of ``vocab.json``.
+        merges: The BPE merge rules of ``merges.txt``, in priority order.
+
+    Returns:
+        A ``tokenizers.Tokenizer`` without padding or truncation.
+    """
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
                                end_of_word_suffix="</w>", fuse_unk=False, unk_token="<|endoftext|>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False),
@@ -99,11 +119,11 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
     return [tuple(line.split()) for line in lines if line and not line.startswith("#version")]  # type: ignore[misc]
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def _token(value, default: str) -> str:
+def _token(value: str | dict[str, Any] | None, default: str) -> str:
     if isinstance(value, dict):  # AddedToken serialised as a dict
         return value.get("content", default)
     return value or default

@@ -25,8 +25,14 @@ _REGISTRY: dict[str, tuple[type[Scheduler], dict[str, Any]]] = {
     "ddim": (DDIMScheduler, {}),
     "euler": (EulerDiscreteScheduler, {}),
     "euler-a": (EulerAncestralDiscreteScheduler, {}),
-    "dpm++2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False}),
-    "dpm++2m-karras": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    "dpm++2m": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
+    ),
+    "dpm++2m-karras": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
     "lcm": (LCMScheduler, {}),
     "pndm": (PNDMScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),
@@ -53,8 +59,17 @@ def _lookup(name: str) -> tuple[type[Scheduler], dict[str, Any]]:
 def make_scheduler(name: str, config: dict[str, Any] | None = None) -> Scheduler:
     """Build scheduler ``name`` as diffusers' ``XScheduler.from_config(config, **overrides)`` would.
 
-    ``config`` is the content of a diffusers ``scheduler_config.json`` of any scheduler class.
-    Raises ValueError for an unknown name, NotImplementedError for options this port lacks.
+    Args:
+        name: One of ``SCHEDULER_NAMES`` (e.g. "dpm++2m-karras").
+        config: The content of a diffusers ``scheduler_config.json`` of any scheduler class;
+            keys the target class does not know are ignored, missing ones take its defaults.
+
+    Returns:
+        A fresh scheduler; call ``set_timesteps`` before stepping.
+
+    Raises:
+        ValueError: for an unknown name.
+        NotImplementedError: for config options this numpy port does not implement.
     """
     cls, overrides = _lookup(name)
     return cls.from_config(config or {}, **overrides)

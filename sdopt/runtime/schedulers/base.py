@@ -8,14 +8,23 @@ arithmetic and the result is cast back to the dtype diffusers would return).
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 
 from .betas import F32, sigma_to_alpha_sigma_t
 
+#: One timestep: a Python number or a numpy scalar (an element of ``Scheduler.timesteps``).
+Timestep: TypeAlias = float | np.floating | np.integer
+#: ``add_noise`` also takes one timestep per batch entry.
+Timesteps: TypeAlias = Timestep | np.ndarray
+#: A schedule coefficient (alpha_t, sigma_t): a float32 scalar, or an array broadcast over the batch.
+Coefficient: TypeAlias = np.floating | np.ndarray
 
-def resolve_config(defaults: dict[str, Any], config: dict[str, Any] | None, overrides: dict[str, Any]) -> dict[str, Any]:
+
+def resolve_config(
+    defaults: dict[str, Any], config: dict[str, Any] | None, overrides: dict[str, Any]
+) -> dict[str, Any]:
     """What ``XScheduler.from_config(config, **overrides)`` passes to ``__init__``.
 
     Keys of the class's ``__init__`` (``defaults``) are taken from the config, unknown and private
@@ -41,10 +50,13 @@ def work_dtype(*arrays: np.ndarray) -> np.dtype:
 
 
 def as_work(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``x`` as an array of ``dtype`` (no copy when it already is one)."""
     return np.asarray(x).astype(dtype, copy=False)
 
 
-def predict_x0(prediction_type: str, model_output, sample, alpha_t, sigma_t):
+def predict_x0(
+    prediction_type: str, model_output: np.ndarray, sample: np.ndarray, alpha_t: Coefficient, sigma_t: Coefficient
+) -> np.ndarray:
     """Data prediction x0 from the network output, for x_t = alpha_t * x0 + sigma_t * eps.
 
     epsilon: DDPM (Ho et al. 2020); v_prediction: v = alpha_t * eps - sigma_t * x0 (Salimans & Ho
@@ -59,7 +71,14 @@ def predict_x0(prediction_type: str, model_output, sample, alpha_t, sigma_t):
     raise ValueError(f"prediction_type={prediction_type!r} must be one of 'epsilon', 'sample' or 'v_prediction'")
 
 
-def predict_eps(prediction_type: str, model_output, sample, alpha_t, sigma_t, x0=None):
+def predict_eps(
+    prediction_type: str,
+    model_output: np.ndarray,
+    sample: np.ndarray,
+    alpha_t: Coefficient,
+    sigma_t: Coefficient,
+    x0: np.ndarray | None = None,
+) -> np.ndarray:
     """Noise prediction eps from the network output (same parameterisations as :func:`predict_x0`)."""
     if prediction_type == "epsilon":
         return model_output
@@ -92,9 +111,17 @@ def clip_or_threshold(x0: np.ndarray, config: dict[str, Any]) -> np.ndarray:
     return x0
 
 
-def as_timestep_list(timestep) -> np.ndarray:
+def as_timestep_list(timestep: Timesteps) -> np.ndarray:
     """A scalar timestep or one per batch entry, as a 1-D float32 array."""
     return np.asarray(timestep).reshape(-1).astype(F32)
+
+
+def recent(history: list[np.ndarray | None], k: int) -> np.ndarray:
+    """The k-th most recent entry (k = 1: the latest) of a multistep solver's model-output history."""
+    entry = history[-k]
+    if entry is None:
+        raise RuntimeError(f"multistep history has no entry {k} steps back yet")
+    return entry
 
 
 def per_sample(coeff: np.ndarray, ndim: int) -> np.ndarray:
@@ -129,7 +156,6 @@ class Scheduler:
 
     order: int = 1
     needs_noise: bool = False
-    init_noise_sigma: float = 1.0
 
     def __init__(self, config: dict[str, Any] | None = None, **overrides: Any) -> None:
         self.config: dict[str, Any] = resolve_config(self.DEFAULTS, config, overrides)
@@ -139,7 +165,7 @@ class Scheduler:
         self._begin_index: int | None = None
 
     @classmethod
-    def from_config(cls, config: dict[str, Any] | None = None, **overrides: Any) -> "Scheduler":
+    def from_config(cls, config: dict[str, Any] | None = None, **overrides: Any) -> Scheduler:
         return cls(config, **overrides)
 
     def _require(self, key: str, *allowed: Any) -> None:
@@ -157,6 +183,11 @@ class Scheduler:
                 f"{type(self).__name__}: prediction_type={pt!r} is not supported (supported: {', '.join(allowed)})"
             )
 
+    @property
+    def init_noise_sigma(self) -> float:
+        """Std of the initial latents (1 for the variance-preserving schedulers)."""
+        return 1.0
+
     # -- step-index bookkeeping (diffusers' _step_index / _begin_index) --------------------------
 
     @property
@@ -172,7 +203,7 @@ class Scheduler:
         """First index of the loop (img2img/inpaint: ``t_start * order``); call after set_timesteps."""
         self._begin_index = int(begin_index)
 
-    def index_for_timestep(self, timestep) -> int:
+    def index_for_timestep(self, timestep: Timestep) -> int:
         """Index of ``timestep`` in ``timesteps``; the second match if it repeats (so an img2img loop
         starting in the middle of a repeated pair does not skip a sigma), as diffusers."""
         matches = np.flatnonzero(self.timesteps == F32(timestep))
@@ -182,19 +213,33 @@ class Scheduler:
             raise ValueError(f"timestep {timestep!r} is not in the schedule {self.timesteps.tolist()}")
         return int(matches[1] if len(matches) > 1 else matches[0])
 
-    def _init_step_index(self, timestep) -> None:
+    def _init_step_index(self, timestep: Timestep) -> None:
         if self._begin_index is None:
             self._step_index = self.index_for_timestep(timestep)
         else:
             self._step_index = self._begin_index
 
+    def _require_step_index(self) -> int:
+        """The current step index, which the first ``step``/``scale_model_input`` call sets."""
+        if self._step_index is None:
+            raise RuntimeError(f"{type(self).__name__}: no step index yet (step() has not been called)")
+        return self._step_index
+
+    def _current_step_index(self, timestep: Timestep) -> int:
+        """The step index, initialised from ``timestep`` (or the begin index) on the first call."""
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        return self._require_step_index()
+
     def _reset_indices(self) -> None:
         self._step_index = None
         self._begin_index = None
 
-    def _check_ready(self) -> None:
+    def _check_ready(self) -> int:
+        """``num_inference_steps``, after checking that ``set_timesteps`` has set it."""
         if self.num_inference_steps is None:
             raise ValueError(f"{type(self).__name__}: call set_timesteps() before step()")
+        return self.num_inference_steps
 
     def _noise_indices(self, timesteps: np.ndarray) -> list[int]:
         """Schedule indices add_noise uses, with diffusers' precedence: timestep lookup when no begin
@@ -210,14 +255,31 @@ class Scheduler:
     def set_timesteps(self, num_inference_steps: int) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def scale_model_input(self, sample: np.ndarray, timestep: float) -> np.ndarray:
+    def scale_model_input(self, sample: np.ndarray, timestep: Timestep) -> np.ndarray:
         """Input scaling of the denoiser; identity except for the sigma-space (Euler) schedulers."""
         return sample
 
-    def step(self, model_output: np.ndarray, timestep: float, sample: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:  # pragma: no cover
+    def step(
+        self, model_output: np.ndarray, timestep: Timestep, sample: np.ndarray, noise: np.ndarray | None = None
+    ) -> np.ndarray:  # pragma: no cover - abstract
+        """One reverse-diffusion step: x_t -> x_{t-1} (the next timestep of the schedule).
+
+        Args:
+            model_output: The denoiser's prediction at ``timestep`` (epsilon, v or x0, per the
+                config's ``prediction_type``), guidance already applied.
+            timestep: The current timestep, an element of ``timesteps``.
+            sample: The current latents x_t.
+            noise: Standard normal noise of ``sample``'s shape for stochastic schedulers
+                (``needs_noise``); ignored (may be None) otherwise.
+
+        Returns:
+            The latents at the next timestep, in ``sample``'s dtype.
+        """
         raise NotImplementedError
 
-    def add_noise(self, original: np.ndarray, noise: np.ndarray, timestep) -> np.ndarray:  # pragma: no cover
+    def add_noise(
+        self, original: np.ndarray, noise: np.ndarray, timestep: Timesteps
+    ) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _require_noise(self, noise: np.ndarray | None, sample: np.ndarray) -> np.ndarray:
@@ -239,7 +301,7 @@ class AlphaScheduler(Scheduler):
 
     alphas_cumprod: np.ndarray
 
-    def add_noise(self, original: np.ndarray, noise: np.ndarray, timestep) -> np.ndarray:
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, timestep: Timesteps) -> np.ndarray:
         """Forward process q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I), in the input's dtype."""
         ts = as_timestep_list(timestep)
         ac = per_sample(self.alphas_cumprod.astype(original.dtype)[ts.astype(np.int64)], original.ndim)
@@ -253,7 +315,7 @@ class SigmaScheduler(Scheduler):
     sigmas: np.ndarray
     _vp_add_noise = True  # DPM/UniPC: x_t = alpha_t x0 + sigma_t eps; Euler: x0 + sigma eps
 
-    def add_noise(self, original: np.ndarray, noise: np.ndarray, timestep) -> np.ndarray:
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, timestep: Timesteps) -> np.ndarray:
         ts = as_timestep_list(timestep)
         sigma = per_sample(self.sigmas.astype(original.dtype)[self._noise_indices(ts)], original.ndim)
         if not self._vp_add_noise:

@@ -8,11 +8,14 @@ does the timestep/sigma work in float64 numpy and stores float32 again. numpy on
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 F32 = np.float32
+
+#: A float32 scalar (the step math) or an array of them (add_noise).
+_Sigma = TypeVar("_Sigma", np.floating, np.ndarray)
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
@@ -86,6 +89,32 @@ def make_alphas_cumprod(betas: np.ndarray) -> np.ndarray:
     (what torch.cumprod does on CPU)."""
     alphas = (F32(1) - betas).astype(F32)
     return np.cumprod(alphas.astype(np.float64)).astype(F32)
+
+
+def sigma_space_alphas_cumprod(config: dict[str, Any]) -> np.ndarray:
+    """alpha_bar_t of the training schedule for the sigma-space schedulers (Euler, DPM-Solver, UniPC).
+
+    With zero-terminal-SNR rescaling alpha_bar at the last training step is 0, so its sigma
+    sqrt((1 - alpha_bar) / alpha_bar) would be infinite; diffusers sets it to 2**-24 instead
+    (float32's smallest normal step above 0 near 1e-7), and so do we.
+    """
+    alphas_cumprod = make_alphas_cumprod(make_betas(config))
+    if config["rescale_betas_zero_snr"]:
+        alphas_cumprod[-1] = F32(2**-24)
+    return alphas_cumprod
+
+
+def final_sigma(config: dict[str, Any], alphas_cumprod: np.ndarray) -> np.floating | float:
+    """The sigma appended after the last inference step (diffusers' `final_sigmas_type`).
+
+    Returns:
+        0 for "zero"; for "sigma_min" the training schedule's smallest sigma,
+        sqrt((1 - alpha_bar_0) / alpha_bar_0).
+    """
+    if config.get("final_sigmas_type", "zero") != "sigma_min":
+        return 0.0
+    a0 = alphas_cumprod[0]
+    return np.sqrt((F32(1) - a0) / a0)
 
 
 def train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
@@ -174,7 +203,7 @@ def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     return (1 - w) * low_idx + w * high_idx
 
 
-def sigma_to_alpha_sigma_t(sigma):
+def sigma_to_alpha_sigma_t(sigma: _Sigma) -> tuple[_Sigma, _Sigma]:
     """VP coefficients of a VE noise level: alpha_t = 1 / sqrt(sigma^2 + 1), sigma_t = sigma * alpha_t.
 
     Works on float32 scalars (step math) and arrays (add_noise); keeps the input's dtype.
@@ -184,21 +213,23 @@ def sigma_to_alpha_sigma_t(sigma):
     return alpha_t, sigma * alpha_t
 
 
-def log32(x) -> np.floating:
+def log32(x: float | np.floating) -> np.floating:
     """float32 log via float64 (matches torch's CPU float32 log); log(0) = -inf without a warning."""
     with np.errstate(divide="ignore"):
         return F32(np.log(np.float64(x)))
 
 
-def exp32(x) -> np.floating:
+def exp32(x: float | np.floating) -> np.floating:
+    """float32 exp via float64."""
     return F32(np.exp(np.float64(x)))
 
 
-def expm1_32(x) -> np.floating:
+def expm1_32(x: float | np.floating) -> np.floating:
+    """float32 expm1 via float64."""
     return F32(np.expm1(np.float64(x)))
 
 
-def log_snr(sigma) -> tuple[np.floating, np.floating, np.floating]:
+def log_snr(sigma: float | np.floating) -> tuple[np.floating, np.floating, np.floating]:
     """(alpha_t, sigma_t, lambda_t = log(alpha_t) - log(sigma_t)) of a float32 VE sigma; the half
     log-SNR lambda is the time variable of DPM-Solver (Lu et al. 2022) and UniPC (Zhao et al. 2023)."""
     alpha_t, sigma_t = sigma_to_alpha_sigma_t(F32(sigma))

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from .base import TRAINING_DEFAULTS, AlphaScheduler, as_work, clip_or_threshold, predict_eps, predict_x0, work_dtype
+from .base import (
+    TRAINING_DEFAULTS,
+    AlphaScheduler,
+    Timestep,
+    as_work,
+    clip_or_threshold,
+    predict_eps,
+    predict_x0,
+    work_dtype,
+)
 from .betas import F32, make_alphas_cumprod, make_betas, spaced_timesteps
 
 
@@ -25,7 +36,7 @@ class DDIMScheduler(AlphaScheduler):
         rescale_betas_zero_snr=False,
     )
 
-    def __init__(self, config=None, **overrides) -> None:
+    def __init__(self, config: dict[str, Any] | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
         self._require_prediction("epsilon", "sample", "v_prediction")
         self.alphas_cumprod = make_alphas_cumprod(make_betas(self.config))
@@ -40,7 +51,9 @@ class DDIMScheduler(AlphaScheduler):
         self.timesteps = ts.astype(np.int64).astype(F32)
         self._reset_indices()
 
-    def step(self, model_output, timestep, sample, noise=None):
+    def step(
+        self, model_output: np.ndarray, timestep: Timestep, sample: np.ndarray, noise: np.ndarray | None = None
+    ) -> np.ndarray:
         """x_{t-1} = sqrt(a_{t-1}) x0 + sqrt(1 - a_{t-1}) eps  (DDIM eq. 12 with sigma_t = 0)."""
         self._check_ready()
         dtype = work_dtype(model_output, sample)

@@ -4,19 +4,29 @@ Diffusion Probabilistic Models", Algorithm 2: the 2M solver in data-prediction f
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
-from .base import TRAINING_DEFAULTS, SigmaScheduler, as_work, predict_x0, threshold_sample, work_dtype
+from .base import (
+    TRAINING_DEFAULTS,
+    SigmaScheduler,
+    Timestep,
+    as_work,
+    predict_x0,
+    recent,
+    threshold_sample,
+    work_dtype,
+)
 from .betas import (
     F32,
     exp32,
+    final_sigma,
     interp_sigmas,
     karras_sigmas,
     log_snr,
-    make_alphas_cumprod,
-    make_betas,
     multistep_timesteps,
+    sigma_space_alphas_cumprod,
     sigma_to_t,
     train_sigmas,
 )
@@ -54,7 +64,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
     )
     _missing_timestep_is_last = True
 
-    def __init__(self, config=None, **overrides) -> None:
+    def __init__(self, config: dict[str, Any] | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
         cfg = self.config
         # diffusers' silent remaps of options borrowed from sibling schedulers' configs
@@ -66,13 +76,12 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         self._require("solver_order", 1, 2)
         self._require("solver_type", "midpoint", "heun")
         self._require_prediction("epsilon", "sample", "v_prediction")
-        for key in ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting"):
+        unsupported = ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas")
+        for key in (*unsupported, "use_dynamic_shifting"):
             self._require(key, False, None)
         self._require("final_sigmas_type", "zero", "sigma_min")
 
-        self.alphas_cumprod = make_alphas_cumprod(make_betas(cfg))
-        if cfg["rescale_betas_zero_snr"]:
-            self.alphas_cumprod[-1] = F32(2**-24)
+        self.alphas_cumprod = sigma_space_alphas_cumprod(cfg)
         self.sigmas = train_sigmas(self.alphas_cumprod)
         self.model_outputs: list[np.ndarray | None] = [None] * cfg["solver_order"]
         self.lower_order_nums = 0
@@ -89,7 +98,11 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
     def set_timesteps(self, num_inference_steps: int) -> None:
         cfg = self.config
         timesteps = multistep_timesteps(
-            cfg["timestep_spacing"], cfg["num_train_timesteps"], num_inference_steps, cfg["steps_offset"], self._last_timestep()
+            cfg["timestep_spacing"],
+            cfg["num_train_timesteps"],
+            num_inference_steps,
+            cfg["steps_offset"],
+            self._last_timestep(),
         )
         sigmas = train_sigmas(self.alphas_cumprod)
         if cfg["use_karras_sigmas"]:
@@ -99,42 +112,39 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
                 timesteps = timesteps.round()
         else:
             sig = interp_sigmas(timesteps, sigmas)
-        if cfg["final_sigmas_type"] == "sigma_min":
-            a0 = self.alphas_cumprod[0]
-            sigma_last = np.sqrt((F32(1) - a0) / a0)
-        else:
-            sigma_last = 0.0
-        self.sigmas = np.concatenate([sig, [sigma_last]]).astype(F32)
+        self.sigmas = np.concatenate([sig, [final_sigma(cfg, self.alphas_cumprod)]]).astype(F32)
         self.timesteps = timesteps.astype(np.int64).astype(F32)
         self.num_inference_steps = len(timesteps)
         self.model_outputs = [None] * cfg["solver_order"]
         self.lower_order_nums = 0
         self._reset_indices()
 
-    def _convert_model_output(self, model_output, sample):
+    def _convert_model_output(self, model_output: np.ndarray, sample: np.ndarray) -> np.ndarray:
         """Data prediction x0_theta(x_t, t) that DPM-Solver++ integrates."""
-        if self.config["prediction_type"] == "epsilon" and self.config["variance_type"] in ("learned", "learned_range"):
+        learned_variance = self.config["variance_type"] in ("learned", "learned_range")
+        if self.config["prediction_type"] == "epsilon" and learned_variance:
             model_output = model_output[:, :3]
-        alpha_t, sigma_t, _ = log_snr(self.sigmas[self._step_index])
+        alpha_t, sigma_t, _ = log_snr(self.sigmas[self._require_step_index()])
         x0 = predict_x0(self.config["prediction_type"], model_output, sample, alpha_t, sigma_t)
         if self.config["thresholding"]:
             x0 = threshold_sample(x0, self.config["dynamic_thresholding_ratio"], self.config["sample_max_value"])
         return x0
 
-    def _first_order_update(self, x0, sample):
+    def _first_order_update(self, x0: np.ndarray, sample: np.ndarray) -> np.ndarray:
         """DPM-Solver++(1) = DDIM: x_t = sigma_t / sigma_s x_s - alpha_t (e^{-h} - 1) x0 (DPM-Solver++ eq. 9)."""
-        alpha_t, sigma_t, lambda_t = log_snr(self.sigmas[self._step_index + 1])
-        _, sigma_s, lambda_s = log_snr(self.sigmas[self._step_index])
+        i = self._require_step_index()
+        alpha_t, sigma_t, lambda_t = log_snr(self.sigmas[i + 1])
+        _, sigma_s, lambda_s = log_snr(self.sigmas[i])
         h = lambda_t - lambda_s
         return sigma_t / sigma_s * sample - alpha_t * (exp32(-h) - F32(1.0)) * x0
 
-    def _second_order_update(self, sample):
+    def _second_order_update(self, sample: np.ndarray) -> np.ndarray:
         """Multistep DPM-Solver++(2M) (Algorithm 2): first difference D1 of the last two x0 estimates."""
-        i = self._step_index
+        i = self._require_step_index()
         alpha_t, sigma_t, lambda_t = log_snr(self.sigmas[i + 1])
         _, sigma_s0, lambda_s0 = log_snr(self.sigmas[i])
         _, _, lambda_s1 = log_snr(self.sigmas[i - 1])
-        m0, m1 = self.model_outputs[-1], self.model_outputs[-2]
+        m0, m1 = recent(self.model_outputs, 1), recent(self.model_outputs, 2)
         h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
         with np.errstate(divide="ignore"):  # h = 0 (repeated final sigma): r0 = inf, D1 = 0, as in torch
             r0 = h_0 / h
@@ -144,11 +154,11 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
             return sigma_t / sigma_s0 * sample - alpha_t * phi * d0 - F32(0.5) * (alpha_t * phi) * d1
         return sigma_t / sigma_s0 * sample - alpha_t * phi * d0 + alpha_t * (phi / h + F32(1.0)) * d1
 
-    def step(self, model_output, timestep, sample, noise=None):
+    def step(
+        self, model_output: np.ndarray, timestep: Timestep, sample: np.ndarray, noise: np.ndarray | None = None
+    ) -> np.ndarray:
         self._check_ready()
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        cfg, n, i = self.config, len(self.timesteps), self._step_index
+        cfg, n, i = self.config, len(self.timesteps), self._current_step_index(timestep)
         lower_order_final = i == n - 1 and (
             cfg["euler_at_final"] or (cfg["lower_order_final"] and n < 15) or cfg["final_sigmas_type"] == "zero"
         )
@@ -162,5 +172,5 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         else:
             prev = self._second_order_update(x)
         self.lower_order_nums = min(self.lower_order_nums + 1, cfg["solver_order"])
-        self._step_index += 1
+        self._step_index = i + 1
         return prev.astype(np.result_type(model_output), copy=False)

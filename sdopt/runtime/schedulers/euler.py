@@ -4,17 +4,19 @@ k-diffusion's ``sample_euler_ancestral``)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from .base import TRAINING_DEFAULTS, SigmaScheduler, as_work, work_dtype
+from .base import TRAINING_DEFAULTS, SigmaScheduler, Timestep, as_work, work_dtype
 from .betas import (
     F32,
+    final_sigma,
     interp_sigmas,
     karras_sigmas,
     linspace_f32,
     log32,
-    make_alphas_cumprod,
-    make_betas,
+    sigma_space_alphas_cumprod,
     sigma_to_t,
     spaced_timesteps,
     train_sigmas,
@@ -30,7 +32,8 @@ _COMMON_DEFAULTS = dict(
 
 
 class EulerDiscreteScheduler(SigmaScheduler):
-    """Port of ``diffusers.EulerDiscreteScheduler``: x_{i+1} = x_i + (x_i - x0_i) / sigma_i * (sigma_{i+1} - sigma_i)."""
+    """Port of ``diffusers.EulerDiscreteScheduler``:
+    x_{i+1} = x_i + (x_i - x0_i) / sigma_i * (sigma_{i+1} - sigma_i)."""
 
     DEFAULTS = dict(
         _COMMON_DEFAULTS,
@@ -45,13 +48,10 @@ class EulerDiscreteScheduler(SigmaScheduler):
     )
     _vp_add_noise = False
 
-    def __init__(self, config=None, **overrides) -> None:
+    def __init__(self, config: dict[str, Any] | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
         self._validate()
-        self.alphas_cumprod = make_alphas_cumprod(make_betas(self.config))
-        if self.config["rescale_betas_zero_snr"]:
-            # Avoid an infinite sigma at the terminal step (diffusers does the same).
-            self.alphas_cumprod[-1] = F32(2**-24)
+        self.alphas_cumprod = sigma_space_alphas_cumprod(self.config)
         self.train_sigmas = train_sigmas(self.alphas_cumprod)
         self.sigmas = np.concatenate([self.train_sigmas[::-1], [0.0]]).astype(F32)
         if self._continuous_timesteps:
@@ -78,9 +78,8 @@ class EulerDiscreteScheduler(SigmaScheduler):
             return float(max_sigma)
         return float(np.sqrt(max_sigma * max_sigma + F32(1)))
 
-    def _inference_sigmas(self, timesteps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(sigmas at the inference timesteps, timesteps), before appending the final sigma."""
-        n = self.num_inference_steps
+    def _inference_sigmas(self, timesteps: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sigmas at the ``n`` inference timesteps, timesteps), before appending the final sigma."""
         sigmas = self.train_sigmas
         if self.config["interpolation_type"] == "linear":
             sig = interp_sigmas(timesteps, sigmas)
@@ -99,28 +98,21 @@ class EulerDiscreteScheduler(SigmaScheduler):
         ).astype(F32)
         if cfg["timestep_spacing"] == "leading":
             timesteps += F32(cfg["steps_offset"])
-        sig, timesteps = self._inference_sigmas(timesteps)
-        if cfg.get("final_sigmas_type", "zero") == "sigma_min":
-            a0 = self.alphas_cumprod[0]
-            sigma_last = np.sqrt((F32(1) - a0) / a0)
-        else:
-            sigma_last = 0.0
-        self.sigmas = np.concatenate([sig, [sigma_last]]).astype(F32)
+        sig, timesteps = self._inference_sigmas(timesteps, num_inference_steps)
+        self.sigmas = np.concatenate([sig, [final_sigma(cfg, self.alphas_cumprod)]]).astype(F32)
         if self._continuous_timesteps:
             self.timesteps = np.array([F32(0.25) * log32(s) for s in self.sigmas[:-1]], dtype=F32)
         else:
             self.timesteps = np.asarray(timesteps).astype(F32)
         self._reset_indices()
 
-    def scale_model_input(self, sample, timestep):
+    def scale_model_input(self, sample: np.ndarray, timestep: Timestep) -> np.ndarray:
         """c_in = 1 / sqrt(sigma^2 + 1) (Karras et al. 2022, Table 1, VP column)."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        sigma = self.sigmas[self._step_index]
+        sigma = self.sigmas[self._current_step_index(timestep)]
         x = as_work(sample, work_dtype(sample))
         return (x / np.sqrt(sigma * sigma + F32(1))).astype(np.result_type(sample), copy=False)
 
-    def _x0(self, model_output, x, sigma):
+    def _x0(self, model_output: np.ndarray, x: np.ndarray, sigma: np.floating) -> np.ndarray:
         pt = self.config["prediction_type"]
         if pt in ("sample", "original_sample"):
             return model_output
@@ -129,18 +121,19 @@ class EulerDiscreteScheduler(SigmaScheduler):
         # v_prediction on the scaled input x / sqrt(sigma^2 + 1)
         return model_output * (-sigma / np.sqrt(sigma * sigma + F32(1))) + x / (sigma * sigma + F32(1))
 
-    def step(self, model_output, timestep, sample, noise=None):
+    def step(
+        self, model_output: np.ndarray, timestep: Timestep, sample: np.ndarray, noise: np.ndarray | None = None
+    ) -> np.ndarray:
         """One Euler step of dx/dsigma = (x - x0) / sigma from sigma_i to sigma_{i+1}."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        i = self._current_step_index(timestep)
         dtype = work_dtype(model_output, sample)
         mo, x = as_work(model_output, dtype), as_work(sample, dtype)
-        sigma = self.sigmas[self._step_index]
+        sigma = self.sigmas[i]
         x0 = self._x0(mo, x, sigma)
         derivative = (x - x0) / sigma
-        dt = self.sigmas[self._step_index + 1] - sigma
+        dt = self.sigmas[i + 1] - sigma
         prev = x + derivative * dt
-        self._step_index += 1
+        self._step_index = i + 1
         return prev.astype(np.result_type(model_output), copy=False)
 
 
@@ -156,23 +149,26 @@ class EulerAncestralDiscreteScheduler(EulerDiscreteScheduler):
 
     def _validate(self) -> None:
         if self.config["prediction_type"] == "sample":
-            raise NotImplementedError("EulerAncestralDiscreteScheduler: prediction_type='sample' is not implemented (as in diffusers)")
+            raise NotImplementedError(
+                "EulerAncestralDiscreteScheduler: prediction_type='sample' is not implemented (as in diffusers)"
+            )
         self._require_prediction("epsilon", "v_prediction")
 
     @property
     def _continuous_timesteps(self) -> bool:
         return False
 
-    def _inference_sigmas(self, timesteps):
+    def _inference_sigmas(self, timesteps: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         return interp_sigmas(timesteps, self.train_sigmas), timesteps
 
-    def step(self, model_output, timestep, sample, noise=None):
-        if self._step_index is None:
-            self._init_step_index(timestep)
+    def step(
+        self, model_output: np.ndarray, timestep: Timestep, sample: np.ndarray, noise: np.ndarray | None = None
+    ) -> np.ndarray:
+        i = self._current_step_index(timestep)
         dtype = work_dtype(model_output, sample)
         mo, x = as_work(model_output, dtype), as_work(sample, dtype)
-        sigma_from = self.sigmas[self._step_index]
-        sigma_to = self.sigmas[self._step_index + 1]
+        sigma_from = self.sigmas[i]
+        sigma_to = self.sigmas[i + 1]
         x0 = self._x0(mo, x, sigma_from)
         sf2, st2 = sigma_from * sigma_from, sigma_to * sigma_to
         sigma_up = np.sqrt(st2 * (sf2 - st2) / sf2)
@@ -181,5 +177,5 @@ class EulerAncestralDiscreteScheduler(EulerDiscreteScheduler):
         prev = x + derivative * (sigma_down - sigma_from)
         if noise is not None or sigma_up != 0:
             prev = prev + as_work(self._require_noise(noise, sample), dtype) * sigma_up
-        self._step_index += 1
+        self._step_index = i + 1
         return prev.astype(np.result_type(model_output), copy=False)

@@ -3,9 +3,11 @@ Algorithm 3): predict x0 with the consistency function, re-noise it to the next 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from .base import AlphaScheduler, as_work, clip_or_threshold, predict_x0, work_dtype
+from .base import AlphaScheduler, Timestep, as_work, clip_or_threshold, predict_x0, work_dtype
 from .betas import F32, make_alphas_cumprod, make_betas
 
 
@@ -36,7 +38,7 @@ class LCMScheduler(AlphaScheduler):
     )
     needs_noise = True
 
-    def __init__(self, config=None, **overrides) -> None:
+    def __init__(self, config: dict[str, Any] | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
         self._require_prediction("epsilon", "sample", "v_prediction")
         self.alphas_cumprod = make_alphas_cumprod(make_betas(self.config))
@@ -48,7 +50,8 @@ class LCMScheduler(AlphaScheduler):
         """Evenly skip through the distillation schedule of ``original_inference_steps`` timesteps
         (k = T // original_steps; t = k*j - 1). ``strength`` < 1 truncates that schedule (LCM img2img)."""
         T = self.config["num_train_timesteps"]
-        original_steps = original_inference_steps if original_inference_steps is not None else self.config["original_inference_steps"]
+        default_steps = self.config["original_inference_steps"]
+        original_steps = original_inference_steps if original_inference_steps is not None else default_steps
         if original_steps > T:
             raise ValueError(f"original_inference_steps={original_steps} cannot exceed num_train_timesteps={T}")
         if num_inference_steps > T:
@@ -76,15 +79,16 @@ class LCMScheduler(AlphaScheduler):
         denom = s * s + F32(0.25)
         return F32(0.25) / denom, s / np.sqrt(denom)
 
-    def step(self, model_output, timestep, sample, noise=None):
+    def step(
+        self, model_output: np.ndarray, timestep: Timestep, sample: np.ndarray, noise: np.ndarray | None = None
+    ) -> np.ndarray:
         """x0 = c_skip x + c_out f(x); x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) z (no noise on the last step)."""
-        self._check_ready()
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        n = self._check_ready()
+        i = self._current_step_index(timestep)
         dtype = work_dtype(model_output, sample)
         mo, x = as_work(model_output, dtype), as_work(sample, dtype)
         t = int(timestep)
-        prev_i = self._step_index + 1
+        prev_i = i + 1
         prev_t = int(self.timesteps[prev_i]) if prev_i < len(self.timesteps) else t
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
@@ -93,10 +97,10 @@ class LCMScheduler(AlphaScheduler):
         x0 = predict_x0(self.config["prediction_type"], mo, x, np.sqrt(a_t), np.sqrt(F32(1) - a_t))
         x0 = clip_or_threshold(x0, self.config)
         denoised = c_out * x0 + c_skip * x
-        if self._step_index != self.num_inference_steps - 1:
+        if i != n - 1:
             z = as_work(self._require_noise(noise, sample), dtype)
             prev = np.sqrt(a_prev) * denoised + np.sqrt(F32(1) - a_prev) * z
         else:
             prev = denoised
-        self._step_index += 1
+        self._step_index = i + 1
         return prev.astype(np.result_type(model_output, sample), copy=False)

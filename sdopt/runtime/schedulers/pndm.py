@@ -3,9 +3,11 @@ multistep (PLMS, eq. 12) or Runge-Kutta warm-up (PRK, eq. 13) on eps, over the D
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from .base import TRAINING_DEFAULTS, AlphaScheduler, as_work, work_dtype
+from .base import TRAINING_DEFAULTS, AlphaScheduler, Timestep, as_work, work_dtype
 from .betas import F32, make_alphas_cumprod, make_betas, spaced_timesteps
 
 
@@ -23,10 +25,12 @@ class PNDMScheduler(AlphaScheduler):
     )
     pndm_order = 4
 
-    def __init__(self, config=None, **overrides) -> None:
+    def __init__(self, config: dict[str, Any] | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
         if self.config["prediction_type"] not in ("epsilon", "v_prediction"):
-            raise ValueError(f"prediction_type={self.config['prediction_type']!r} must be one of 'epsilon' or 'v_prediction'")
+            raise ValueError(
+                f"prediction_type={self.config['prediction_type']!r} must be one of 'epsilon' or 'v_prediction'"
+            )
         self.alphas_cumprod = make_alphas_cumprod(make_betas(self.config))
         self.final_alpha_cumprod = F32(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
         self.prk_timesteps = np.array([], dtype=np.int64)
@@ -35,7 +39,7 @@ class PNDMScheduler(AlphaScheduler):
     def _reset_history(self) -> None:
         self.ets: list[np.ndarray] = []
         self.counter = 0
-        self.cur_model_output = 0
+        self.cur_model_output: np.ndarray | int = 0
         self.cur_sample: np.ndarray | None = None
 
     def set_timesteps(self, num_inference_steps: int) -> None:
@@ -56,7 +60,9 @@ class PNDMScheduler(AlphaScheduler):
         self._reset_history()
         self._reset_indices()
 
-    def step(self, model_output, timestep, sample, noise=None):
+    def step(
+        self, model_output: np.ndarray, timestep: Timestep, sample: np.ndarray, noise: np.ndarray | None = None
+    ) -> np.ndarray:
         self._check_ready()
         dtype = work_dtype(model_output, sample)
         mo, x = as_work(model_output, dtype), as_work(sample, dtype)
@@ -66,7 +72,7 @@ class PNDMScheduler(AlphaScheduler):
             prev = self._step_plms(mo, int(timestep), x)
         return prev.astype(np.result_type(sample), copy=False)
 
-    def _step_prk(self, mo, t, x):
+    def _step_prk(self, mo: np.ndarray, t: int, x: np.ndarray) -> np.ndarray:
         """Fourth-order Runge-Kutta on eps: 4 model calls per step, weights 1/6, 1/3, 1/3, 1/6."""
         diff_to_prev = 0 if self.counter % 2 else self.config["num_train_timesteps"] // self.num_inference_steps // 2
         prev_t = t - diff_to_prev
@@ -86,7 +92,7 @@ class PNDMScheduler(AlphaScheduler):
         self.counter += 1
         return prev
 
-    def _step_plms(self, mo, t, x):
+    def _step_plms(self, mo: np.ndarray, t: int, x: np.ndarray) -> np.ndarray:
         """Adams-Bashforth on eps (orders 1-4 while the history fills up; PNDM eq. 12)."""
         if not self.config["skip_prk_steps"] and len(self.ets) < 3:
             raise ValueError("PNDMScheduler: PLMS steps need the 12 Runge-Kutta (PRK) steps to run first")
@@ -101,6 +107,7 @@ class PNDMScheduler(AlphaScheduler):
             self.cur_sample = x
         elif len(ets) == 1 and self.counter == 1:
             mo = (mo + ets[-1]) / 2
+            assert self.cur_sample is not None, "the PLMS warm-up step keeps the sample of the first step"
             x, self.cur_sample = self.cur_sample, None
         elif len(ets) == 2:
             mo = (3 * ets[-1] - ets[-2]) / 2
@@ -112,7 +119,7 @@ class PNDMScheduler(AlphaScheduler):
         self.counter += 1
         return prev
 
-    def _get_prev_sample(self, x, t, prev_t, eps):
+    def _get_prev_sample(self, x: np.ndarray, t: int, prev_t: int, eps: np.ndarray) -> np.ndarray:
         """DDIM transfer phi(x_t, eps, t -> t'), PNDM eq. 11 (the "pseudo" numerical step)."""
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
