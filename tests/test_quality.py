@@ -61,6 +61,11 @@ def test_low_rank_frechet_distance_is_exact():
         assert quality.frechet_distance_low_rank(a, b) == pytest.approx(scipy_frechet(mu1, s1, mu2, s2), rel=1e-6)
         assert quality.fid(a, b) == pytest.approx(quality.frechet_distance(mu1, s1, mu2, s2), rel=1e-7)
     assert quality.frechet_distance_low_rank(a, a) == pytest.approx(0.0, abs=1e-8)
+    # Against given statistics (--ref-stats): a full-rank reference covariance, few generated images.
+    mu, sigma = rng.standard_normal(64), random_spd(rng, 64)
+    a = rng.standard_normal((10, 64))
+    m1, s1 = quality.gaussian_stats(a)
+    assert quality.fid_to_stats(a, mu, sigma) == pytest.approx(scipy_frechet(m1, s1, mu, sigma), rel=1e-6)
 
 
 def test_fid_of_features_equals_torchmetrics_metric_class():
@@ -131,9 +136,9 @@ def inception():
 def test_bundled_inception_features(inception):
     assert inception.source.endswith("default_1.pt")
     rng = np.random.default_rng(5)
-    images = rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
-    feats, logits = inception(images, batch=2)
-    assert feats.shape == (3, 2048) and logits is None and np.isfinite(feats).all()
+    images = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    feats, logits = inception(images, batch=1)
+    assert feats.shape == (2, 2048) and logits is None and np.isfinite(feats).all()
     again, _ = inception(images[::-1].copy())
     # Same images, other batch split and order: the same features up to float32 round-off in the convolutions.
     np.testing.assert_allclose(again[::-1], feats, rtol=1e-4, atol=1e-5)

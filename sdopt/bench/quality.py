@@ -121,6 +121,23 @@ def fid(features: np.ndarray, reference: np.ndarray) -> float:
     return frechet_distance_low_rank(features, reference)
 
 
+def fid_to_stats(features: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> float:
+    """FID of a feature set (N, d) against given statistics (--ref-stats); exact low-rank form when N < d.
+
+    S1 = A1ᵀ A1 / (n - 1) has rank < n, and the non-zero eigenvalues of S1 S2 are those of the small
+    symmetric PSD matrix A1 S2 A1ᵀ / (n - 1), so Tr sqrt(S1 S2) needs an n x n eigenproblem only.
+    """
+    a = np.asarray(features, np.float64)
+    if len(a) >= a.shape[1]:
+        return frechet_distance(*gaussian_stats(a), mu, sigma)
+    a_c = a - a.mean(axis=0)
+    n = len(a) - 1
+    small = a_c @ np.asarray(sigma, np.float64) @ a_c.T / n
+    trace_sqrt = float(np.sqrt(np.clip(np.linalg.eigvalsh((small + small.T) / 2), 0.0, None)).sum())
+    mean_term = float(np.sum((a.mean(axis=0) - np.asarray(mu, np.float64)) ** 2))
+    return max(0.0, mean_term + float(np.sum(a_c * a_c)) / n + float(np.trace(sigma)) - 2.0 * trace_sqrt)
+
+
 def frechet_distance_low_rank(features: np.ndarray, reference: np.ndarray) -> float:
     """The same Fréchet distance, exact, in O(n² d) instead of O(d³) when n < d.
 
@@ -273,7 +290,7 @@ def score_sets(sets: dict[str, np.ndarray], prompts: list[str], reference: str |
         if ref_feats is not None:
             s.fid_vs_ref_images, s.kid_vs_ref_images = fid(feats, ref_feats), kid(feats, ref_feats)
         if refs.stats is not None:
-            s.fid_vs_ref_stats = frechet_distance(*gaussian_stats(feats), *refs.stats)
+            s.fid_vs_ref_stats = fid_to_stats(feats, *refs.stats)
         out[name] = s
     return out
 
