@@ -351,6 +351,19 @@ def test_bench_quality_end_to_end_with_protocol(tiny_artifact, tiny_clip, tmp_pa
     assert "## Quality" in md and "not conformant" in md and "N = 3" in md
 
 
+def test_latents_of_the_wrong_shape_are_rejected(tmp_path):
+    from sdopt.bench.quality_run import check_latents
+    from sdopt.bench.records import Job
+
+    job = Job(prompt="p", negative_prompt=None, steps=2, guidance=7.5, height=64, width=64, batch=1, seed=0,
+              scheduler="pndm", threads=1, latent_shape=[1, 4, 8, 8])
+    np.save(tmp_path / "ok.npy", np.zeros((1, 4, 8, 8), np.float32))
+    check_latents(str(tmp_path / "ok.npy"), job)
+    np.save(tmp_path / "bad.npy", np.zeros((1, 4, 128, 128), np.float32))
+    with pytest.raises(SdoptError, match=r"shape \(1, 4, 128, 128\), but 64x64 needs \(1, 4, 8, 8\)"):
+        check_latents(str(tmp_path / "bad.npy"), job)
+
+
 def test_quality_gate_failure_exits_nonzero(tiny_artifact, tmp_path):
     result = invoke(str(tiny_artifact()), "--backends", "onnxruntime", "--runs", "1", "--warmup", "0", "--steps", "2",
                     "--height", "64", "--width", "64", "--quality", "2", "--min-clip-score", "10",

@@ -64,6 +64,22 @@ def generate_sets(runs: dict[str, BackendRun], config: BenchConfig, job: Job, ou
     return plan
 
 
+def check_latents(path: str, job: Job) -> None:
+    """--latents must hold one image's initial latents of the job's shape (MLPerf's latents, 1x4x128x128)."""
+    import numpy as np
+
+    from sdopt.errors import SdoptError
+
+    want = (1, *job.latent_shape[1:])
+    try:
+        shape = tuple(np.load(path, mmap_mode="r").shape)
+    except (OSError, ValueError) as e:
+        raise SdoptError(f"--latents {path} is not a readable .npy ({e})", "save it with numpy.save") from None
+    if shape != want:
+        raise SdoptError(f"--latents {path} has shape {shape}, but {job.height}x{job.width} needs {want}",
+                         f"pass latents of shape {want} (height / {job.height // job.latent_shape[2]} per side)")
+
+
 def _generate(r: BackendRun, items: list[dict[str, Any]], job: Job, plan: QualityPlan, label: str, log: Log) -> bool:
     from sdopt.bench.runner import close_worker, request
 

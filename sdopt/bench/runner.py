@@ -93,6 +93,10 @@ def _prepare(p: Plan, config: BenchConfig, manifest: Manifest, artifact: Path, l
                     manifest.image.max_batch, f"the export of {p.model}")
     job = make_job(config, manifest, artifact, p.threads)
     job.build_engines = p.artifact is None  # TensorRT engines: built on demand into the harness's cached export
+    if config.quality and config.latents:
+        from sdopt.bench.quality_run import check_latents
+
+        check_latents(config.latents, job)  # before any worker starts
     log(f"job: {job.height}x{job.width}, {job.steps} steps, batch {job.batch}, "
         f"scheduler {job.scheduler}, guidance {job.guidance}, {p.threads} threads")
     machine = machine_info(p.threads)
