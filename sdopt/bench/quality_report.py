@@ -71,6 +71,8 @@ def notes(results: dict[str, Any]) -> list[str]:
              f"reference set: {s['reference']}; Inception: {s['inception_weights']}"]
     if s.get("fid_bias_note"):
         lines.append(s["fid_bias_note"])
+    if s.get("kid_note"):
+        lines.append(s["kid_note"])
     withq = [b for b in results["backends"] if b.get("quality")]
     if withq and withq[0]["quality"].get("inception_score_note"):
         lines.append("Inception Score null: " + withq[0]["quality"]["inception_score_note"])

@@ -158,7 +158,7 @@ def add_metrics(results: dict[str, Any], runs: dict[str, BackendRun], plan: Qual
 
 
 def _summary(config: BenchConfig, plan: QualityPlan, inception: str, refs: Any, n: int) -> dict[str, Any]:
-    from sdopt.bench.quality import FID_UNBIASED_N, NO_CLIP, bias_note
+    from sdopt.bench.quality import FID_UNBIASED_N, KID_NOTE, NO_CLIP, bias_note
 
     return {"n": n, "prompts": config.prompts or "built-in list (sdopt.bench.quality_inputs.BUILTIN_PROMPTS)",
             "seeds": f"{config.seed}..{config.seed + n - 1} (one per prompt)" if not plan.latents_path
@@ -166,7 +166,7 @@ def _summary(config: BenchConfig, plan: QualityPlan, inception: str, refs: Any, 
             "clip_model": config.clip_model, "clip_note": None if config.clip_model else NO_CLIP,
             "ref_images": config.ref_images, "ref_images_n": None if refs.images is None else len(refs.images),
             "ref_stats": config.ref_stats, "fid_unbiased_n": FID_UNBIASED_N, "fid_bias_note": bias_note(n),
-            "images": str(plan.folder)}
+            "kid_note": KID_NOTE, "images": str(plan.folder)}
 
 
 def gate(results: dict[str, Any], config: BenchConfig) -> dict[str, Any]:
