@@ -21,18 +21,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from sdopt.engines.ort import session_options
+from sdopt.hardware import physical_cores
 from sdopt.manifest import load_manifest
-from sdopt.runtime.backends.onnxruntime import physical_cores
 
 
-def session(path: Path, threads: int, level: ort.GraphOptimizationLevel, parallel: bool = False, arena: bool = True) -> tuple[ort.InferenceSession, float]:
-    o = ort.SessionOptions()
-    o.log_severity_level = 3
-    o.intra_op_num_threads = threads
-    o.inter_op_num_threads = 2 if parallel else 1
-    o.execution_mode = ort.ExecutionMode.ORT_PARALLEL if parallel else ort.ExecutionMode.ORT_SEQUENTIAL
-    o.graph_optimization_level = level
-    o.enable_cpu_mem_arena = arena
+def session(path: Path, threads: int, level: ort.GraphOptimizationLevel, parallel: bool = False,
+            arena: bool = True) -> tuple[ort.InferenceSession, float]:
+    o = session_options(threads, level, parallel=parallel, mem_arena=arena)
     t0 = time.perf_counter()
     s = ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
     return s, time.perf_counter() - t0

@@ -20,3 +20,13 @@ def check_image_size(height: int, width: int, multiple: int = 8) -> None:
                 f"{name} {value} is not a positive multiple of {multiple}",
                 f"use e.g. {max(multiple, round(value / multiple) * multiple)}",
             )
+
+
+class EnginesMissingError(SdoptError):
+    """The artifact has no TensorRT engine this host can load (none built, or only for another GPU or
+    TensorRT version): `sdopt build` would fix it. Callers that build on demand catch this type."""
+
+
+class NoGpuError(SdoptError):
+    """This host has no usable NVIDIA GPU: no device, or no NVIDIA driver loaded at all. A driver that is
+    present but too old for the CUDA of the installed wheels is a plain `SdoptError`, not this."""

@@ -299,9 +299,10 @@ def test_worker_crash_mid_run_is_a_failed_row(tiny_artifact, tmp_path):
 
 def test_tensorrt_worker_builds_engines_only_when_they_are_missing():
     from sdopt.bench.worker_runtime import _needs_engines
+    from sdopt.errors import EnginesMissingError
 
-    assert _needs_engines(SdoptError("/a has no TensorRT engine for unet", "build them: sdopt build /a --force"))
-    assert _needs_engines(SdoptError("none of the 2 unet engines fits this host; closest: ...", "rebuild"))
+    assert _needs_engines(EnginesMissingError("/a has no TensorRT engine for unet", "build them: sdopt build /a"))
+    assert not _needs_engines(SdoptError("/a has no TensorRT engine for unet", "text alone decides nothing"))
     assert not _needs_engines(SdoptError("tensorrt is not installed", "pip install ..."))
 
 

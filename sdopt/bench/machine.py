@@ -23,13 +23,13 @@ THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def physical_cores() -> int:
-    from sdopt.runtime.backends.onnxruntime import physical_cores as cores
+    from sdopt.hardware import physical_cores as cores
 
     return cores()
 
 
 def cpu_model() -> str:
-    from sdopt.runtime.backends.onnxruntime import cpuinfo_fields
+    from sdopt.hardware import cpuinfo_fields
 
     names = ("model name", "hardware", "cpu model")
     found = next((v for k, v in cpuinfo_fields() if k.lower() in names), None)

@@ -95,8 +95,10 @@ class EngineBuildFailed(RuntimeError):
 
 
 def _needs_engines(e: Exception) -> bool:
-    """The artifact lacks engines for this GPU/TensorRT (as sdopt.runtime.backends.tensorrt words it)."""
-    return "TensorRT engine for" in e.problem or "engines fits this host" in e.problem
+    """The artifact lacks engines for this GPU/TensorRT: `sdopt build` would fix it."""
+    from sdopt.errors import EnginesMissingError
+
+    return isinstance(e, EnginesMissingError)
 
 
 def _build_engines(artifact: str, job: Job) -> float:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.table import Table
 
 from sdopt.cli.common import app, console, friendly_errors, split_list
 from sdopt.errors import SdoptError
+
+if TYPE_CHECKING:
+    from sdopt.export.tensorrt_build import BuildOptions
+    from sdopt.manifest import EngineEntry
 
 
 @app.command()
@@ -74,17 +78,28 @@ def export(
 @app.command()
 @friendly_errors
 def build(
-    artifact: Path = typer.Argument(..., help="Artifact folder written by `sdopt export` (fp16 export for fp16 engines)."),
-    static: bool = typer.Option(False, "--static", help="One fixed batch and size (fastest); default: the exported ranges."),
+    artifact: Path = typer.Argument(
+        ..., help="Artifact folder written by `sdopt export` (fp16 export for fp16 engines)."),
+    static: bool = typer.Option(
+        False, "--static", help="One fixed batch and size (fastest); default: the exported ranges."),
     batch: Optional[int] = typer.Option(None, help="Images per call (static), or the profile's opt batch (dynamic)."),
     height: Optional[int] = typer.Option(None, help="Image height (static), or the profile's opt height."),
     width: Optional[int] = typer.Option(None, help="Image width (static), or the profile's opt width."),
     opt_level: int = typer.Option(3, help="TensorRT builder optimization level 0..5."),
     workspace_gb: Optional[float] = typer.Option(None, help="Workspace memory pool limit in GiB."),
-    timing_cache: Optional[Path] = typer.Option(None, help="Timing cache file (default ARTIFACT/engines/timing.cache)."),
-    refittable: bool = typer.Option(False, "--refittable", help="Engines whose weights can be refitted (LoRA)."),
-    version_compatible: bool = typer.Option(False, "--version-compatible", help="Engines for later TensorRT versions (embed host code)."),
-    exclude_lean_runtime: bool = typer.Option(False, "--exclude-lean-runtime", help="With --version-compatible: smaller plans."),
+    timing_cache: Optional[Path] = typer.Option(
+        None, help="Timing cache file (default: timing.cache in the engines' own folder, one per GPU model and "
+                   "TensorRT version)."),
+    refittable: bool = typer.Option(
+        False, "--refittable", help="BuilderFlag.REFIT: engine weights can be replaced later without a rebuild "
+                                    "(LoRA). TensorRT 11.3 lists a known issue: such engines may drop a GEMM bias "
+                                    "even when never refitted."),
+    version_compatible: bool = typer.Option(
+        False, "--version-compatible", help="Engines that also load in later TensorRT of the same major or the next "
+                                            "(10 -> 11); they embed host code, so loading needs --allow-host-code."),
+    tf32: bool = typer.Option(
+        True, "--tf32/--no-tf32", help="Let fp32 matmuls and convolutions round inputs to TF32 (TensorRT's default "
+                                       "on Ampere and newer); --no-tf32 for full fp32."),
     components: Optional[str] = typer.Option(None, help="Comma-separated subset. Default: all."),
     force: bool = typer.Option(False, "--force", help="Rebuild engines that exist for this GPU and TensorRT version."),
 ) -> None:
@@ -93,20 +108,32 @@ def build(
 
     _build(artifact, BuildOptions(static=static, batch=batch, height=height, width=width, opt_level=opt_level,
                                   workspace_gb=workspace_gb, timing_cache=timing_cache, refittable=refittable,
-                                  version_compatible=version_compatible, exclude_lean_runtime=exclude_lean_runtime,
+                                  version_compatible=version_compatible, tf32=tf32,
                                   components=split_list(components), force=force))
 
 
-def _build(artifact: Path, options) -> None:
+def _build(artifact: Path, options: BuildOptions) -> None:
     from sdopt.export.tensorrt_build import build_engines, check_build_options
 
     check_build_options(options)
     with console.status("building TensorRT engines") as status:
         entries = build_engines(artifact, options, lambda c, stage, d: status.update(f"{c}: {stage} {d}"))
-    table = Table("component", "engine", "TensorRT", "GPU", "build s")
+    console.print(_engine_table(entries))
+
+
+def _engine_table(entries: list[EngineEntry]) -> Table:
+    """One row per manifest EngineEntry: what it is for, how it was built, its profile."""
+    table = Table("component", "engine", "TensorRT", "GPU (sm)", "flags", "profile (min..max)", "MB", "build s")
     for e in entries:
-        table.add_row(e["component"], e["path"], e["tensorrt"], e["gpu"], f"{e.get('build_seconds', 0):.1f}")
-    console.print(table)
+        f = e.flags
+        flags = [name for name, on in (("static", f.static), ("refittable", f.refittable),
+                                       ("version-compatible", f.version_compatible), ("no-tf32", not f.tf32),
+                                       ("excludes-lean-runtime", f.exclude_lean_runtime)) if on]
+        profile = "\n".join(f"{k} {r.min}..{r.max}" for k, r in (e.profiles[0].items() if e.profiles else []))
+        table.add_row(e.component, e.path, e.tensorrt, f"{e.gpu} ({e.compute_capability})",
+                      ", ".join(flags + [f"opt {f.opt_level}"]), profile, f"{e.bytes / 2**20:.1f}",
+                      f"{e.build_seconds:.1f}")
+    return table
 
 
 @app.command()
@@ -130,8 +157,8 @@ def inspect(artifact: Path = typer.Argument(..., help="Artifact folder written b
     console.print(io)
     _print_components(m)
     console.print("versions: " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
-    for e in m.engines:
-        console.print(f"engine: {e}")
+    if m.engines:
+        console.print(_engine_table(m.engines))
     if verify:
         verify_files(artifact, m)
         console.print("[green]all file hashes match[/]")

@@ -31,7 +31,10 @@ def generate(
     provider: str = typer.Option("cpu", help="cpu, cuda (onnxruntime-gpu) or tensorrt."),
     fast: bool = typer.Option(False, "--fast", help="Fast mode: DeepCache with a full U-Net pass every 3 steps (see --deepcache)."),
     deepcache: int = typer.Option(1, help="Full U-Net pass every N steps, the last layer only between (1 = exact)."),
-    cuda_graph: bool = typer.Option(False, "--cuda-graph", help="TensorRT: replay the U-Net as a CUDA graph (static shapes)."),
+    cuda_graph: bool = typer.Option(
+        False, "--cuda-graph", help="TensorRT: capture each component's engine call as a CUDA graph per input shape "
+                                    "and replay it (best with static engines; a shape that cannot be captured runs "
+                                    "without, after one warning)."),
     allow_host_code: bool = typer.Option(False, "--allow-host-code", help="TensorRT: trust version-compatible engines' embedded code."),
 ) -> None:
     """Generate images from an artifact with the lean runtime (no torch)."""

@@ -154,7 +154,7 @@ def _export_component(plan: ComponentPlan, root: Path, image: ImageSpec, scale: 
     ort_cpu_path = ort_cpu_target = None
     if opts.ort_optimize:
         progress(plan.name, "optimize", "")
-        from sdopt.runtime.backends.onnxruntime import cpu_target, save_optimized
+        from sdopt.engines.ort import cpu_target, save_optimized
 
         save_optimized(path, folder / "model.ort-cpu.onnx")
         ort_cpu_path, ort_cpu_target = f"{plan.name}/model.ort-cpu.onnx", cpu_target()

@@ -1,9 +1,9 @@
 """Build TensorRT engines from an artifact's verified ONNX files, into the artifact itself.
 
 Engines are specific to a GPU model and TensorRT version, so they live under
-`engines/<gpu>_sm<cc>_trt<version>/<component>.plan` and each one is recorded in the
-manifest's `engines` list (schema in `sdopt.runtime.backends.tensorrt`), which the runtime
-checks before it deserializes anything. Networks are strongly typed: precision comes from
+`engines/<gpu>_sm<cc>_trt<version>/<component>.plan` (with that folder's own timing cache) and
+each one is recorded as a `sdopt.manifest.EngineEntry`, which the runtime checks before it
+deserializes anything. Networks are strongly typed: precision comes from
 the ONNX (an fp16 export gives fp16 engines with its fp32 islands), never from builder
 flags, which is the only mode TensorRT 11 has and the opt-in `STRONGLY_TYPED` mode of 10.x.
 
@@ -17,14 +17,25 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from sdopt.engines.trt import import_tensorrt, trt_logger
 from sdopt.errors import SdoptError
-from sdopt.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file, verify_files
-from sdopt.runtime.backends.tensorrt import GpuFacts, gpu_facts, import_tensorrt, trt_logger
+from sdopt.hardware import GpuFacts, gpu_facts
+from sdopt.manifest import (
+    MANIFEST_NAME,
+    EngineEntry,
+    EngineFlags,
+    Manifest,
+    ShapeRange,
+    load_manifest,
+    sha256_file,
+    verify_files,
+)
 
 Shape = tuple[int, ...]
 Profile = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
@@ -44,10 +55,10 @@ class BuildOptions:
     width: int | None = None
     opt_level: int = 3  # builder optimization level 0..5: higher builds slower, may run faster
     workspace_gb: float | None = None  # workspace memory pool limit; None: TensorRT's default
-    timing_cache: Path | None = None  # None: <artifact>/engines/timing.cache (read and updated)
-    refittable: bool = False  # weights can be replaced later without a rebuild
+    timing_cache: Path | None = None  # None: timing.cache in the engines' own folder (read and updated)
+    refittable: bool = False  # BuilderFlag.REFIT: weights can be replaced later (sdopt.engines.trt.refit_engine)
     version_compatible: bool = False  # loads in later TensorRT versions; embeds host code
-    exclude_lean_runtime: bool = False  # smaller plans; needs version_compatible
+    tf32: bool = True  # TensorRT's default; False clears BuilderFlag.TF32 (full fp32 matmuls and convolutions)
     components: list[str] | None = None  # None: every component of the artifact
     force: bool = False  # replace engines already built for this GPU and TensorRT version
 
@@ -61,24 +72,6 @@ def check_build_options(options: BuildOptions) -> None:
     if options.workspace_gb is not None and options.workspace_gb <= 0:
         raise SdoptError(f"--workspace-gb {options.workspace_gb} must be positive",
                          "omit it to let TensorRT use what it needs")
-    if options.exclude_lean_runtime and not options.version_compatible:
-        raise SdoptError("--exclude-lean-runtime needs --version-compatible", "add --version-compatible, or drop it")
-
-
-def _check_request(manifest: Manifest, batch: int | None, height: int | None, width: int | None) -> None:
-    img = manifest.image
-    if batch is not None and not 1 <= batch <= img.max_batch:
-        raise SdoptError(f"--batch {batch} is outside this artifact's 1..{img.max_batch} images per call",
-                         f"use --batch {min(max(batch, 1), img.max_batch)}, or re-export with --max-batch {batch}")
-    for label, size in (("--height", height), ("--width", width)):
-        if size is None:
-            continue
-        if size % img.multiple:
-            nearest = max(img.multiple, round(size / img.multiple) * img.multiple)
-            raise SdoptError(f"{label} {size} is not a multiple of {img.multiple}, which this model needs", f"use {nearest}")
-        if not img.min_size <= size <= img.max_size:
-            raise SdoptError(f"{label} {size} is outside this artifact's {img.min_size}..{img.max_size} px",
-                             "choose a size in that range, or re-export with --min-size/--max-size")
 
 
 def dim_ranges(manifest: Manifest, component: str, static: bool = False, batch: int | None = None,
@@ -89,9 +82,9 @@ def dim_ranges(manifest: Manifest, component: str, static: bool = False, batch: 
     requested (or default) values, with the batch doubled where the manifest's batch range is
     (guidance runs the conditional and unconditional halves in one call).
     """
-    _check_request(manifest, batch, height, width)
     img, comp = manifest.image, manifest.components[component]
     images, h, w = batch or 1, height or img.default_height, width or img.default_width
+    img.check(h, w, batch, flag="--")  # the one size rule (sdopt.manifest.ImageSpec)
     factor = max(1, comp.dims["batch"].max // img.max_batch) if "batch" in comp.dims else 1
     values = {"batch": images * factor, "height": h, "width": w,
               "latent_height": h // manifest.vae.scale, "latent_width": w // manifest.vae.scale}
@@ -147,11 +140,11 @@ def _atomic_write(path: Path, data: Any) -> None:
         raise
 
 
-def _record(root: Path, entries: list[dict[str, Any]]) -> Manifest:
+def _record(root: Path, entries: list[EngineEntry]) -> Manifest:
     """Merge `entries` into the manifest on disk (re-read, so a concurrent build's are kept)."""
     manifest = load_manifest(root)
-    paths = {e["path"] for e in entries}
-    manifest.engines = [e for e in manifest.engines if e.get("path") not in paths] + entries
+    paths = {e.path for e in entries}
+    manifest.engines = [e for e in manifest.engines if e.path not in paths] + entries
     _atomic_write(root / MANIFEST_NAME, manifest.to_json().encode())
     return manifest
 
@@ -163,8 +156,17 @@ def preflight() -> tuple[Any, GpuFacts]:
     return trt, gpu_facts(0)  # TensorRT builds on the current CUDA device (0 unless CUDA_VISIBLE_DEVICES)
 
 
-def build_engines(artifact_dir: str | Path, options: BuildOptions, progress: Progress | None = None) -> list[dict[str, Any]]:
-    """Build one engine per component into the artifact and record them in its manifest."""
+def build_engines(artifact_dir: str | Path, options: BuildOptions,
+                  progress: Progress | None = None) -> list[EngineEntry]:
+    """Build one engine per component into the artifact and record them in its manifest.
+
+    Args:
+        artifact_dir: an artifact folder written by `sdopt export`.
+        options: what to build (see BuildOptions).
+        progress: called with (component, stage, detail) as each engine is parsed, built and done.
+    Returns:
+        The new manifest entries, one per component built.
+    """
     root = Path(artifact_dir).expanduser().resolve()
     progress = progress or (lambda *_: None)
     check_build_options(options)
@@ -174,14 +176,14 @@ def build_engines(artifact_dir: str | Path, options: BuildOptions, progress: Pro
                 for n in names}
     trt, gpu = preflight()
     folder = engine_dir(trt.__version__, gpu.name, gpu.compute_capability)
-    clash = [e["component"] for e in manifest.engines if e.get("path") in {f"{folder}/{n}.plan" for n in names}]
+    clash = [e.component for e in manifest.engines if e.path in {f"{folder}/{n}.plan" for n in names}]
     if clash and not options.force:
         raise SdoptError(f"{root} already has {', '.join(clash)} engines for this GPU and TensorRT {trt.__version__}",
                          f"pass --force to rebuild them: sdopt build {root} --force")
     verify_files(root, manifest, names)  # build only from the ONNX the manifest vouches for
 
     builder = trt.Builder(trt_logger(trt))
-    cache_path = options.timing_cache or root / "engines" / "timing.cache"
+    cache_path = timing_cache_path(root, folder, options)
     cache = None
     entries = []
     for name in names:
@@ -195,24 +197,29 @@ def build_engines(artifact_dir: str | Path, options: BuildOptions, progress: Pro
     return entries
 
 
+def timing_cache_path(root: Path, folder: str, options: BuildOptions) -> Path:
+    """`--timing-cache`, else `timing.cache` in the engine folder (one per GPU model and TensorRT version).
+
+    Builds on other GPUs or TensorRT versions write their own folder's cache, so none replaces
+    another's: each is read with ignore_mismatch=False and only ever holds timings it can use.
+    """
+    return options.timing_cache or root / folder / "timing.cache"
+
+
 def _load_timing_cache(config: Any, path: Path) -> Any:
-    """The persisted timing cache, or an empty one when absent or from another GPU/TensorRT."""
+    """The persisted timing cache, or an empty one when absent or unreadable."""
     data = path.read_bytes() if path.is_file() else b""
     try:
         cache = config.create_timing_cache(data)
-    except Exception:  # noqa: BLE001 - unreadable or foreign cache: start afresh
+    except Exception:  # noqa: BLE001 - unreadable cache: start afresh
         cache = None
     if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
         cache = config.create_timing_cache(b"")
     return cache
 
 
-def _build_one(trt: Any, builder: Any, config: Any, cache: Any, root: Path, manifest: Manifest,
-               name: str, profiles: list[Profile], folder: str, gpu: GpuFacts, options: BuildOptions,
-               progress: Progress) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    onnx_path = root / manifest.components[name].path
-    progress(name, "parse", str(onnx_path))
+def _parse(trt: Any, builder: Any, onnx_path: Path) -> tuple[Any, Any]:
+    """(network, parser) of one ONNX file, strongly typed; keep the parser while the network is in use."""
     # STRONGLY_TYPED: opt-in on 10.x; on 11.x always on, the flag kept (ignored) for compatibility.
     flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     network = builder.create_network(1 << int(flag) if flag is not None else 0)
@@ -223,45 +230,87 @@ def _build_one(trt: Any, builder: Any, config: Any, cache: Any, root: Path, mani
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise SdoptError(f"TensorRT {trt.__version__} could not parse {onnx_path}: {errors[:500]}",
                          "re-export with a supported opset (`sdopt export --opset 17`), or update TensorRT")
+    return network, parser
+
+
+def add_profiles(builder: Any, config: Any, network: Any, profiles: list[Profile], what: str) -> None:
+    """Add each profile to `config`; TensorRT answers -1 for an invalid one, which is raised here.
+
+    Args:
+        builder: the trt.Builder (makes the IOptimizationProfile objects).
+        config: the IBuilderConfig to add them to.
+        network: the parsed network (its inputs name the shapes; static inputs take none).
+        profiles: input name -> (min, opt, max) per profile.
+        what: the ONNX file, for messages.
+    """
     for shapes in profiles:
         profile = builder.create_optimization_profile()
         for i in range(network.num_inputs):
             tensor = network.get_input(i)
             if tensor.name not in shapes:
-                raise SdoptError(f"{onnx_path} input {tensor.name} is not in the manifest", "re-export the artifact")
+                raise SdoptError(f"{what} input {tensor.name} is not in the manifest", "re-export the artifact")
             if any(d < 0 for d in tuple(tensor.shape)):  # only dynamic inputs take a profile
                 profile.set_shape(tensor.name, *shapes[tensor.name])
-        config.add_optimization_profile(profile)
+        if config.add_optimization_profile(profile) < 0:
+            shown = ", ".join(f"{k} min {list(lo)} opt {list(opt)} max {list(hi)}"
+                              for k, (lo, opt, hi) in shapes.items())
+            raise SdoptError(f"TensorRT rejected the optimization profile of {what}: {shown}",
+                             "each input needs min <= opt <= max inside the exported ranges; check `sdopt inspect`")
+
+
+def configure(trt: Any, config: Any, options: BuildOptions) -> None:
+    """Builder flags and limits of `options` on one IBuilderConfig."""
     config.builder_optimization_level = options.opt_level
     if options.workspace_gb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * 2**30))
-    for enabled, flag_name in ((options.refittable, "REFIT"), (options.version_compatible, "VERSION_COMPATIBLE"),
-                               (options.exclude_lean_runtime, "EXCLUDE_LEAN_RUNTIME")):
-        if enabled:
-            config.set_flag(getattr(trt.BuilderFlag, flag_name))
+    if options.refittable:
+        # REFIT, not REFIT_IDENTICAL: sdopt refits to change weights (LoRA), which REFIT_IDENTICAL forbids.
+        config.set_flag(trt.BuilderFlag.REFIT)
+    if options.version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    if not options.tf32:
+        config.clear_flag(trt.BuilderFlag.TF32)
+    if hasattr(trt.BuilderFlag, "DISABLE_COMPILATION_CACHE"):
+        config.set_flag(trt.BuilderFlag.DISABLE_COMPILATION_CACHE)  # keep JIT code out of the timing cache
+
+
+def _build_one(trt: Any, builder: Any, config: Any, cache: Any, root: Path, manifest: Manifest,
+               name: str, profiles: list[Profile], folder: str, gpu: GpuFacts, options: BuildOptions,
+               progress: Progress) -> EngineEntry:
+    t0 = time.perf_counter()
+    onnx_path = root / manifest.components[name].path
+    progress(name, "parse", str(onnx_path))
+    network, _parser = _parse(trt, builder, onnx_path)  # the parser owns weights the network points at
+    add_profiles(builder, config, network, profiles, str(onnx_path))
+    configure(trt, config, options)
     config.set_timing_cache(cache, ignore_mismatch=False)
 
     progress(name, "build", f"opt level {options.opt_level}")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise SdoptError(f"TensorRT failed to build the {name} engine (see its log above)",
-                         "try --workspace-gb with more memory, a lower --opt-level, or a narrower size range (--static)")
+                         "try --workspace-gb with more memory, a lower --opt-level, "
+                         "or a narrower size range (--static)")
     rel = f"{folder}/{name}.plan"
     _atomic_write(root / rel, serialized)
     seconds = round(time.perf_counter() - t0, 2)
     progress(name, "done", f"{seconds:.1f} s")
-    return {
-        "component": name, "path": rel, "sha256": sha256_file(root / rel), "bytes": (root / rel).stat().st_size,
-        "tensorrt": trt.__version__, "gpu": gpu.name, "compute_capability": gpu.compute_capability,
-        "profiles": [{k: {"min": list(lo), "opt": list(opt), "max": list(hi)} for k, (lo, opt, hi) in p.items()}
-                     for p in profiles],
-        "flags": {"static": options.static, "refittable": options.refittable,
-                  "version_compatible": options.version_compatible,
-                  "exclude_lean_runtime": options.exclude_lean_runtime, "strongly_typed": True,
-                  "opt_level": options.opt_level, "workspace_gb": options.workspace_gb},
-        "build_seconds": seconds, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    return engine_entry(name, rel, root, trt.__version__, gpu, profiles, options, seconds)
 
 
-__all__ = ["BuildOptions", "build_engines", "check_build_options", "dim_ranges", "engine_dir", "engine_profiles",
-           "preflight"]
+def engine_entry(name: str, rel: str, root: Path, trt_version: str, gpu: GpuFacts, profiles: list[Profile],
+                 options: BuildOptions, seconds: float) -> EngineEntry:
+    """The manifest entry of an engine file just written to `root / rel`."""
+    return EngineEntry(
+        component=name, path=rel, sha256=sha256_file(root / rel), bytes=(root / rel).stat().st_size,
+        tensorrt=trt_version, gpu=gpu.name, compute_capability=gpu.compute_capability,
+        profiles=[{k: ShapeRange(list(lo), list(opt), list(hi)) for k, (lo, opt, hi) in p.items()} for p in profiles],
+        flags=EngineFlags(static=options.static, refittable=options.refittable,
+                          version_compatible=options.version_compatible, strongly_typed=True, tf32=options.tf32,
+                          opt_level=options.opt_level, workspace_gb=options.workspace_gb),
+        build_seconds=seconds, created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+
+
+__all__ = ["BuildOptions", "add_profiles", "build_engines", "check_build_options", "configure", "dim_ranges",
+           "engine_dir", "engine_entry", "engine_profiles", "preflight", "timing_cache_path"]

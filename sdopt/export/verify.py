@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sdopt.engines.ort import session_options
 from sdopt.export.components import ComponentPlan
 from sdopt.manifest import Verification
 
@@ -22,9 +23,7 @@ def verify_component(plan: ComponentPlan, onnx_path: Path, shapes: list[dict[str
     """Run the graph and the module on seeded inputs of each dim-value set in `shapes`."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(onnx_path), session_options(), providers=["CPUExecutionProvider"])
     input_types = {i.name: _np_dtype(i.type) for i in session.get_inputs()}
     per_output: dict[str, dict[str, float]] = {}
     for k, values in enumerate(shapes):
