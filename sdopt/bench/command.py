@@ -103,16 +103,21 @@ def bench_command(
     from sdopt.bench.config import make_config
 
     cfg = make_config(config, **{k: v for k, v in options.items() if k not in NOT_CONFIG})
+    _run(cfg, out, cache_dir, _command_line(locals_for_command(options.pop("model"), **options)))
+
+
+def _run(cfg: Any, out: Optional[Path], cache_dir: Optional[Path], command: str) -> None:
+    """Run, print the tables, and exit 1 when the quality gate failed."""
+    from sdopt.bench import report
+    from sdopt.bench.runner import run_benchmark
+
     console = Console()
     if not console.is_terminal:  # piped or logged: no terminal width to squeeze the table into
         console = Console(width=max(console.width, 150))
-    from sdopt.bench import report
-    from sdopt.bench.runner import run_benchmark
 
     def log(message: str) -> None:
         console.print(f"[dim]{escape(message)}[/]", highlight=False)
 
-    command = _command_line(locals_for_command(options.pop("model"), **options))
     results = run_benchmark(cfg, out_dir=out, cache_dir=cache_dir, log=log, command=command)
     report.print_table(results, console)
     console.print(f"wrote [bold]{results['_out']}[/] (results.json, results.md, stages.png)")
