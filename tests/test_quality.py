@@ -365,10 +365,18 @@ def test_latents_of_the_wrong_shape_are_rejected(tmp_path):
 
 
 def test_quality_gate_failure_exits_nonzero(tiny_artifact, tmp_path):
+    from PIL import Image
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for i in range(3):  # another size than the generated 64x64: resized on reading
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(refs / f"{i}.png")
     result = invoke(str(tiny_artifact()), "--backends", "onnxruntime", "--runs", "1", "--warmup", "0", "--steps", "2",
                     "--height", "64", "--width", "64", "--quality", "2", "--min-clip-score", "10",
-                    "--out", str(tmp_path / "out"))
+                    "--ref-images", str(refs), "--out", str(tmp_path / "out"))
     assert result.exit_code == 1, result.output
     assert "quality gate failed" in result.output and "CLIP score not measured < 10" in result.output
     data = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert data["quality"]["gate"]["passed"] is False
+    assert data["quality"]["gate"]["passed"] is False and data["quality"]["ref_images_n"] == 3
+    ort = data["backends"][0]["quality"]
+    assert ort["fid"] is None and ort["fid_vs_ref_images"] > 0 and ort["kid_vs_ref_images"]["subset_size"] == 2
