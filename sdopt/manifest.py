@@ -19,10 +19,15 @@ from sdopt.errors import SdoptError
 
 MANIFEST_NAME = "sdopt.json"
 MANIFEST_FORMAT = "sdopt-artifact"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: unet_deep beside unet, output aliases (Optimum's graph interface)
+READABLE_VERSIONS = (1, 2)  # version 1 artifacts run unchanged (their unet has deep_feature)
 
 FAMILIES = ("sd1", "sd2", "sdxl")
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "unet_shallow", "vae_decoder", "vae_encoder")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "unet_deep", "unet_shallow", "vae_decoder", "vae_encoder")
+# `unet` is Optimum's interface (one output, out_sample); `unet_deep` is the same graph with the
+# DeepCache `deep_feature` output too, in this file beside it and over the same weights file.
+# The runtime loads one of the two (`Manifest.runtime_components`): one copy of the weights.
+UNET_DEEP_FILE = "model_deep.onnx"
 
 
 @dataclass
@@ -73,6 +78,9 @@ class Component:
     # It holds layouts for one CPU instruction set: used only where `ort_cpu_target` matches.
     ort_cpu_path: str | None = None
     ort_cpu_target: str | None = None
+    # Runtime role -> graph output name, e.g. {"pooled": "text_embeds", "penultimate_hidden_state":
+    # "hidden_states.11"}: the graphs keep Optimum's output names, the runtime reads roles.
+    aliases: dict[str, str] = field(default_factory=dict)
 
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
@@ -85,12 +93,12 @@ class Component:
 class ImageSpec:
     """Image sizes and batch the exported graphs accept (pixels; latents are /vae scale)."""
 
-    min_size: int
-    max_size: int
+    min_size: int | None  # None: not recorded (an Optimum export: the graphs' sizes are dynamic)
+    max_size: int | None
     multiple: int  # height and width must be multiples (VAE scale x U-Net downsampling)
     default_height: int
     default_width: int
-    max_batch: int  # images per call; the U-Net and text encoders see 2x for CFG
+    max_batch: int | None  # images per call; the U-Net and text encoders see 2x for CFG. None: not recorded
 
     def check(self, height: int, width: int, batch: int | None = None, flag: str = "") -> None:
         """The one image-size rule, for export, runtime, TensorRT builds and the benchmark.
@@ -111,17 +119,21 @@ class ImageSpec:
         for name, value in ((f"{flag}height", height), (f"{flag}width", width)):
             check_multiple(name, value, 8)
             check_multiple(name, value, self.multiple)
-            if not self.min_size <= value <= self.max_size:
+            lo, hi = self.min_size, self.max_size  # None: not recorded (an Optimum export)
+            if lo is not None and hi is not None and not lo <= value <= hi:
                 raise SdoptError(
                     f"{name} {value} is outside the exported range {self.min_size}..{self.max_size}",
                     f"use a size in range, or re-export with --min-size/--max-size covering {value}",
                 )
-        if batch is not None and not 1 <= batch <= self.max_batch:
+        too_many = batch is not None and self.max_batch is not None and batch > self.max_batch
+        if batch is not None and (batch < 1 or too_many):
             raise SdoptError(
                 f"{batch} images per call exceed the exported maximum batch {self.max_batch}"
-                if batch > self.max_batch
+                if too_many
                 else f"images per call must be at least 1, got {batch}",
-                f"generate 1..{self.max_batch} at once, or re-export with --max-batch {max(batch, 1)}",
+                f"generate 1..{self.max_batch} at once, or re-export with --max-batch {max(batch, 1)}"
+                if self.max_batch is not None
+                else "generate at least one image",
             )
 
 
@@ -220,6 +232,11 @@ class Manifest:
     format: str = MANIFEST_FORMAT
     version: int = MANIFEST_VERSION
 
+    def runtime_components(self) -> list[str]:
+        """The components the runtime loads: all but `unet` where `unet_deep` (the same graph over
+        the same weights, plus DeepCache's output) is there, so memory holds one U-Net."""
+        return [n for n in self.components if not (n == "unet" and "unet_deep" in self.components)]
+
     # -- serialisation -------------------------------------------------------------------
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"
@@ -257,8 +274,13 @@ def load_manifest(root: str | Path) -> Manifest:
         )
     path = root / MANIFEST_NAME
     if not path.is_file():
+        from sdopt.optimum_layout import is_optimum_folder, optimum_manifest  # imports this module
+
+        if is_optimum_folder(root):
+            return optimum_manifest(root)
         raise SdoptError(
-            f"{root} is not an sdopt artifact (no {MANIFEST_NAME})", "pass a folder written by `sdopt export`"
+            f"{root} is not an sdopt artifact (no {MANIFEST_NAME})",
+            "pass a folder written by `sdopt export` or `optimum-cli export onnx`",
         )
     try:
         raw = json.loads(path.read_text())
@@ -266,7 +288,7 @@ def load_manifest(root: str | Path) -> Manifest:
         raise SdoptError(f"{path} is unreadable ({e})", rebuild) from e
     if raw.get("format") != MANIFEST_FORMAT:
         raise SdoptError(f"{path} is not an sdopt manifest", "pass a folder written by `sdopt export`")
-    if raw.get("version") != MANIFEST_VERSION:
+    if raw.get("version") not in READABLE_VERSIONS:
         raise SdoptError(
             f"{path} has manifest version {raw.get('version')}, this sdopt reads version {MANIFEST_VERSION}", rebuild
         )
@@ -287,15 +309,19 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 def verify_files(root: str | Path, manifest: Manifest, names: list[str] | None = None) -> None:
     """Check that every file of the named components exists and has its recorded hash."""
     root = Path(root)
-    for name in names or list(manifest.components):
-        for rel, digest in manifest.components[name].files.items():
-            p = root / rel
-            if not p.is_file():
-                raise SdoptError(
-                    f"{p} is missing from the artifact", f"re-export: sdopt export MODEL --out {root} --force"
-                )
-            if sha256_file(p) != digest:
-                raise SdoptError(
-                    f"{p} does not match the hash in {MANIFEST_NAME} (modified or corrupt)",
-                    f"re-export: sdopt export MODEL --out {root} --force",
-                )
+    files = {  # a weights file that several graphs share is checked once
+        rel: digest
+        for name in names or list(manifest.components)
+        for rel, digest in manifest.components[name].files.items()
+    }
+    for rel, digest in files.items():
+        p = root / rel
+        if not p.is_file():
+            raise SdoptError(
+                f"{p} is missing from the artifact", f"re-export: sdopt export MODEL --out {root} --force"
+            )
+        if sha256_file(p) != digest:
+            raise SdoptError(
+                f"{p} does not match the hash in {MANIFEST_NAME} (modified or corrupt)",
+                f"re-export: sdopt export MODEL --out {root} --force",
+            )

@@ -19,9 +19,9 @@ from sdopt.manifest import MANIFEST_VERSION, load_manifest, sha256_file, verify_
 from conftest import FAMILY_PRESETS
 
 EXPECTED = {
-    "sd1": ["text_encoder", "unet", "unet_shallow", "vae_decoder", "vae_encoder"],
-    "sd2": ["text_encoder", "unet", "unet_shallow", "vae_decoder", "vae_encoder"],
-    "sdxl": ["text_encoder", "text_encoder_2", "unet", "unet_shallow", "vae_decoder", "vae_encoder"],
+    "sd1": ["text_encoder", "unet", "unet_deep", "unet_shallow", "vae_decoder", "vae_encoder"],
+    "sd2": ["text_encoder", "unet", "unet_deep", "unet_shallow", "vae_decoder", "vae_encoder"],
+    "sdxl": ["text_encoder", "text_encoder_2", "unet", "unet_deep", "unet_shallow", "vae_decoder", "vae_encoder"],
 }
 
 
@@ -41,7 +41,7 @@ def test_each_family_exports_verified(family, tiny_artifact):
     for folder in ["scheduler", *m.tokenizers]:
         assert (root / folder).is_dir()
     index = json.loads((root / "model_index.json").read_text())
-    assert set(EXPECTED[family]) <= set(index)
+    assert set(EXPECTED[family]) - {"unet_deep"} <= set(index)  # unet_deep: a second graph in unet/
     assert m.vae.scaling_factor == (0.13025 if family == "sdxl" else 0.18215)
     assert m.versions["torch"] and m.versions["onnx"]
 
@@ -69,8 +69,8 @@ def test_shallow_unet_reproduces_the_full_unet_from_its_deep_feature(family, tin
 
     root = tiny_artifact(FAMILY_PRESETS[family])
     m = load_manifest(root)
-    unet, shallow = m.components["unet"], m.components["unet_shallow"]
-    plan = ComponentPlan("unet", None, unet.inputs, unet.outputs, unet.dims, vocab_size=1)
+    unet, shallow = m.components["unet_deep"], m.components["unet_shallow"]
+    plan = ComponentPlan("unet_deep", None, unet.inputs, unet.outputs, unet.dims, vocab_size=1)
     feed = plan.example_inputs({"batch": 2, "latent_height": 16, "latent_width": 16}, seed=3)
     out, deep = ort.InferenceSession(str(root / unet.path)).run(["out_sample", "deep_feature"], feed)
     feed["deep_feature"] = deep

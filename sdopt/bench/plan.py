@@ -24,6 +24,7 @@ from sdopt.bench.config import DEFAULT_MODEL, BenchConfig, benchmarks_dir, valid
 from sdopt.bench.machine import has_gpu, physical_cores
 from sdopt.errors import SdoptError
 from sdopt.manifest import MANIFEST_NAME, load_manifest
+from sdopt.optimum_layout import is_optimum_folder
 
 Log = Callable[[str], None]
 
@@ -35,8 +36,9 @@ def default_cache_dir() -> Path:
 
 
 def is_artifact(path: str) -> bool:
+    """An sdopt artifact, or a folder written by `optimum-cli export onnx` (read as one)."""
     p = Path(path).expanduser()
-    return p.is_dir() and (p / MANIFEST_NAME).is_file()
+    return p.is_dir() and ((p / MANIFEST_NAME).is_file() or is_optimum_folder(p))
 
 
 def export_settings(model: str, config: BenchConfig) -> dict[str, Any]:
@@ -64,8 +66,8 @@ def preset_image_limits(model: str) -> dict[str, int] | None:
     return {"min_size": lo, "max_size": hi, "multiple": multiple, "default": preset["default_size"]}
 
 
-def check_image(config: BenchConfig, min_size: int, max_size: int, multiple: int, max_batch: int | None,
-                where: str) -> None:
+def check_image(config: BenchConfig, min_size: int | None, max_size: int | None, multiple: int,
+                max_batch: int | None, where: str) -> None:
     for name in ("height", "width"):
         value = getattr(config, name)
         if value is None:
@@ -73,7 +75,7 @@ def check_image(config: BenchConfig, min_size: int, max_size: int, multiple: int
         if value % multiple:
             raise SdoptError(f"--{name} {value} is not a multiple of {multiple}, which {where} needs",
                              f"use e.g. --{name} {max(multiple, round(value / multiple) * multiple)}")
-        if not min_size <= value <= max_size:
+        if min_size is not None and max_size is not None and not min_size <= value <= max_size:
             raise SdoptError(f"--{name} {value} is outside {where}'s range {min_size}..{max_size}",
                              f"use a size in {min_size}..{max_size}")
     if max_batch is not None and config.batch > max_batch:
@@ -125,12 +127,7 @@ def plan(config: BenchConfig, cache_dir: Path | None = None) -> Plan:
     artifact = None
     if is_artifact(model):
         artifact = Path(model).expanduser().resolve()
-        m = load_manifest(artifact)
-        check_image(config, m.image.min_size, m.image.max_size, m.image.multiple, m.image.max_batch,
-                    f"the artifact {artifact.name}")
-        if config.precision != "fp32" and config.precision != m.precision:
-            raise SdoptError(f"--precision {config.precision} but the artifact is {m.precision}",
-                             "leave --precision out when benchmarking an artifact folder")
+        _check_artifact(config, artifact, runnable, skipped)
     else:
         if Path(model).expanduser().is_dir() and not (Path(model).expanduser() / "model_index.json").is_file():
             raise SdoptError(f"{model} is neither an sdopt artifact (no {MANIFEST_NAME}) nor a diffusers model folder",
@@ -140,6 +137,23 @@ def plan(config: BenchConfig, cache_dir: Path | None = None) -> Plan:
             check_image(config, limits["min_size"], limits["max_size"], limits["multiple"], None, model)
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     return Plan(config, runnable, skipped, artifact, model, cache, config.threads or physical_cores())
+
+
+def _check_artifact(config: BenchConfig, artifact: Path, runnable: list[str], skipped: dict[str, str]) -> None:
+    """Size, batch and precision against the artifact's manifest; an Optimum export skips the torch backends."""
+    m = load_manifest(artifact)
+    check_image(config, m.image.min_size, m.image.max_size, m.image.multiple, m.image.max_batch,
+                f"the artifact {artifact.name}")
+    if m.source.get("kind") == "optimum":  # no PyTorch weights to run the torch backends on
+        for b in [b for b in runnable if b.startswith("torch")]:
+            skipped[b] = "an Optimum ONNX export has no PyTorch weights (benchmark the diffusers model for torch)"
+            runnable.remove(b)
+        if not runnable:
+            raise SdoptError("no requested backend can run an Optimum ONNX export",
+                             "use --backends onnxruntime (or tensorrt)")
+    if config.precision != "fp32" and config.precision != m.precision:
+        raise SdoptError(f"--precision {config.precision} but the artifact is {m.precision}",
+                         "leave --precision out when benchmarking an artifact folder")
 
 
 def ensure_artifact(p: Plan, log: Log) -> tuple[Path, dict[str, Any]]:

@@ -138,7 +138,8 @@ def _engine_table(entries: list[EngineEntry]) -> Table:
 
 @app.command()
 @friendly_errors
-def inspect(artifact: Path = typer.Argument(..., help="Artifact folder written by `sdopt export`."),
+def inspect(artifact: Path = typer.Argument(..., help="Artifact folder written by `sdopt export`, or an "
+                                                      "`optimum-cli export onnx` folder."),
             verify: bool = typer.Option(False, "--verify", help="Also check every file's sha256.")) -> None:
     """Print an artifact's manifest readably."""
     from sdopt.manifest import load_manifest, verify_files
@@ -146,9 +147,14 @@ def inspect(artifact: Path = typer.Argument(..., help="Artifact folder written b
     m = load_manifest(artifact)
     console.print(f"[bold]{artifact}[/]: {m.family} ({m.prediction_type}) from {m.source.get('kind')} "
                   f"{m.source.get('id')}, {m.precision}, opset {m.opset}, {m.exporter} exporter, created {m.created}")
-    console.print(f"images {m.image.min_size}..{m.image.max_size} px (multiple of {m.image.multiple}, default "
-                  f"{m.image.default_height}x{m.image.default_width}), batch <= {m.image.max_batch}; VAE scaling "
-                  f"{m.vae.scaling_factor}, text length {m.text_max_length}")
+    size = "any size" if m.image.min_size is None else f"{m.image.min_size}..{m.image.max_size} px"
+    batch = "batch not recorded" if m.image.max_batch is None else f"batch <= {m.image.max_batch}"
+    console.print(f"images {size} (multiple of {m.image.multiple}, default {m.image.default_height}x"
+                  f"{m.image.default_width}), {batch}; VAE scaling {m.vae.scaling_factor}, "
+                  f"text length {m.text_max_length}")
+    if m.source.get("kind") == "optimum":
+        console.print("an Optimum ONNX export: verification errors, file hashes, the size range and the maximum "
+                      "batch are not recorded there (shown as —)")
     io = Table("component", "inputs", "outputs", "dims")
     for c in m.components.values():
         fmt = lambda specs: "\n".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in specs)  # noqa: E731
@@ -161,13 +167,17 @@ def inspect(artifact: Path = typer.Argument(..., help="Artifact folder written b
         console.print(_engine_table(m.engines))
     if verify:
         verify_files(artifact, m)
-        console.print("[green]all file hashes match[/]")
+        hashed = any(c.files for c in m.components.values())
+        console.print("[green]all file hashes match[/]" if hashed else "no file hashes recorded: nothing to verify")
 
 
 def _print_components(m) -> None:
     table = Table("component", "precision", "export s", "max abs err", "max rel err", "tolerance", "verified")
     for c in m.components.values():
         v = c.verification
+        if v is None:  # not recorded (an Optimum export): absent, not invented
+            table.add_row(c.name, c.precision, "—", "—", "—", "—", "—")
+            continue
         table.add_row(c.name, c.precision, f"{c.export_seconds:.1f}", f"{v.max_abs_err:.2e}", f"{v.max_rel_err:.2e}",
                       f"{v.tolerance:.0e}", "[green]ok[/]" if v.passed else "[red]FAILED[/]")
     console.print(table)

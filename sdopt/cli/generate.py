@@ -14,7 +14,8 @@ from sdopt.cli.common import app, console, err_console, friendly_errors
 @app.command()
 @friendly_errors
 def generate(
-    artifact: Path = typer.Argument(..., help="Artifact folder written by `sdopt export`."),
+    artifact: Path = typer.Argument(..., help="Artifact folder written by `sdopt export`, or an "
+                                                "`optimum-cli export onnx` folder."),
     prompt: str = typer.Argument(..., help="What to draw."),
     out: Path = typer.Option(Path("out.png"), "--out", "-o", help="Image file; with --batch N: out-0.png ... out-(N-1).png."),
     negative: Optional[str] = typer.Option(None, "--negative", help="Negative prompt."),

@@ -7,6 +7,7 @@ place. An interrupted or failed export leaves no folder that a later run would t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -22,8 +23,20 @@ from sdopt.errors import SdoptError
 from sdopt.export import onnx_graph
 from sdopt.export.components import ComponentPlan, plan_components, vae_scale
 from sdopt.export.sources import LoadedModel, load_model
+from sdopt.export.tokenizer_files import save_tokenizer
 from sdopt.export.verify import TOLERANCE, verify_component
-from sdopt.manifest import COMPONENTS, MANIFEST_NAME, Component, ImageSpec, Manifest, TensorSpec, VaeSpec, sha256_file
+from sdopt.manifest import (
+    COMPONENTS,
+    MANIFEST_NAME,
+    UNET_DEEP_FILE,
+    Component,
+    ImageSpec,
+    Manifest,
+    TensorSpec,
+    VaeSpec,
+    Verification,
+    sha256_file,
+)
 
 
 
@@ -101,6 +114,12 @@ def export_artifact(model_id: str, out: Path, opts: ExportOptions, progress: Pro
     image = image_spec(model, opts)
     available = [c for c in COMPONENTS if c != "text_encoder_2" or model.family == "sdxl"]
     names = opts.components or available
+    if "unet_shallow" in names and "unet_deep" not in names:  # fast mode needs the deep feature
+        names = [*names, "unet_deep"]
+    if "unet_deep" in names and "unet" not in names:  # the deep graph's weights are the plain graph's file
+        names = [*names, "unet"]
+    names = [c for c in COMPONENTS if c in names]
+    n_deep = names.count("unet_deep")
     missing = [c for c in names if c not in available]
     if missing:
         raise SdoptError(f"a {model.family} model has no {', '.join(missing)}", f"choose from {', '.join(available)}")
@@ -113,11 +132,17 @@ def export_artifact(model_id: str, out: Path, opts: ExportOptions, progress: Pro
     try:
         components: dict[str, Component] = {}
         failures: list[str] = []
-        for plan in plan_components(model.pipe, model.family, image, names):
-            comp = _export_component(plan, tmp, image, vae_scale(model.pipe), opts, tolerance, progress)
+        for plan in plan_components(model.pipe, model.family, image, [n for n in names if n != "unet" or n_deep == 0]):
+            if plan.name == "unet_deep":  # traced once: the plain unet graph shares its weights file
+                comp = _export_component(plan, tmp, image, vae_scale(model.pipe), opts, tolerance, progress,
+                                         folder="unet", filename=UNET_DEEP_FILE, weights=onnx_graph.EXTERNAL_DATA)
+                components["unet"] = _plain_unet(comp, tmp)
+            else:
+                comp = _export_component(plan, tmp, image, vae_scale(model.pipe), opts, tolerance, progress)
             components[plan.name] = comp
             if not comp.verification.passed:
                 failures.append(f"{plan.name}: max relative error {comp.verification.max_rel_err:.2e} > {tolerance:.0e}")
+        components = {name: components[name] for name in names}  # manifest order: COMPONENTS order
         if failures and not opts.allow_verify_failure:
             raise SdoptError("verification failed: " + "; ".join(failures),
                              "inspect the model, or pass --allow-verify-failure to keep the export anyway")
@@ -132,10 +157,13 @@ def export_artifact(model_id: str, out: Path, opts: ExportOptions, progress: Pro
 
 
 def _export_component(plan: ComponentPlan, root: Path, image: ImageSpec, scale: int, opts: ExportOptions,
-                      tolerance: float, progress: Progress) -> Component:
+                      tolerance: float, progress: Progress, folder: str | None = None, filename: str = "model.onnx",
+                      weights: str | None = None) -> Component:
+    """Export, clean, verify and (optionally) ORT-optimise one graph into `root/folder/filename`;
+    `weights`: always keep the weights in that external data file (shared by several graphs)."""
     t0 = time.perf_counter()
-    folder = root / plan.name
-    raw_dir = folder / "_raw"
+    folder_path = root / (folder or plan.name)
+    raw_dir = folder_path / f"_raw-{plan.name}"
     raw_dir.mkdir(parents=True)
     small = {"batch": 2, "height": image.min_size, "width": image.min_size,
              "latent_height": image.min_size // scale, "latent_width": image.min_size // scale}
@@ -145,8 +173,8 @@ def _export_component(plan: ComponentPlan, root: Path, image: ImageSpec, scale: 
     onnx_graph.export_raw(plan, raw_dir / "model.onnx", plan.example_inputs(small, opts.seed), opts.opset, opts.exporter)
     progress(plan.name, "clean", "")
     fp16_ops = None if opts.precision == "fp32" or plan.keep_fp32 else plan.fp32_ops
-    path = folder / "model.onnx"
-    onnx_graph.finalize(raw_dir / "model.onnx", path, fp16_ops)
+    path = folder_path / filename
+    onnx_graph.finalize(raw_dir / "model.onnx", path, fp16_ops, location=weights)
     onnx_graph.remove(raw_dir)
     progress(plan.name, "verify", "")
     verification = verify_component(plan, path, [small, opt], tolerance if fp16_ops is not None else min(
@@ -156,20 +184,37 @@ def _export_component(plan: ComponentPlan, root: Path, image: ImageSpec, scale: 
         progress(plan.name, "optimize", "")
         from sdopt.engines.ort import cpu_target, save_optimized
 
-        save_optimized(path, folder / "model.ort-cpu.onnx")
-        ort_cpu_path, ort_cpu_target = f"{plan.name}/model.ort-cpu.onnx", cpu_target()
+        ort_path = path.with_name(path.stem + ".ort-cpu.onnx")
+        save_optimized(path, ort_path)
+        ort_cpu_path, ort_cpu_target = str(ort_path.relative_to(root)), cpu_target()
     io_types = onnx_graph.graph_io(path)
     retype = lambda specs: [TensorSpec(s.name, io_types[s.name], s.shape) for s in specs]  # noqa: E731
-    files = {str(p.relative_to(root)): sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    files = {str(p.relative_to(root)): sha256_file(p) for p in sorted(folder_path.iterdir()) if p.is_file()}
     comp = Component(
-        name=plan.name, path=f"{plan.name}/model.onnx",
+        name=plan.name, path=str(path.relative_to(root)),
         precision="fp16" if fp16_ops is not None else "fp32",
         inputs=retype(plan.inputs), outputs=retype(plan.outputs), dims=plan.dims, files=files,
         verification=verification, fp32_ops=list(fp16_ops or []), export_seconds=round(time.perf_counter() - t0, 2),
-        ort_cpu_path=ort_cpu_path, ort_cpu_target=ort_cpu_target,
+        ort_cpu_path=ort_cpu_path, ort_cpu_target=ort_cpu_target, aliases=dict(plan.aliases),
     )
     progress(plan.name, "done", f"{verification.max_abs_err:.2e} abs / {verification.max_rel_err:.2e} rel")
     return comp
+
+
+def _plain_unet(deep: Component, root: Path) -> Component:
+    """`unet/model.onnx`: the deep U-Net graph without its `deep_feature` output (Optimum's
+    interface), over the same weights file; verified as the deep graph's `out_sample`."""
+    path = root / "unet" / "model.onnx"
+    onnx_graph.drop_outputs(root / deep.path, path, ["deep_feature"])
+    weights = str(path.with_name(onnx_graph.EXTERNAL_DATA).relative_to(root))
+    v = deep.verification
+    own = v.per_output["out_sample"]
+    verification = Verification(own["max_abs_err"], own["max_rel_err"], v.tolerance, own["max_rel_err"] <= v.tolerance,
+                                {"out_sample": own})
+    return dataclasses.replace(
+        deep, name="unet", path=str(path.relative_to(root)), outputs=deep.outputs[:1],
+        files={str(path.relative_to(root)): sha256_file(path), weights: deep.files[weights]},
+        verification=verification, ort_cpu_path=None, ort_cpu_target=None)
 
 
 def _manifest(model: LoadedModel, image: ImageSpec, opts: ExportOptions, components: dict[str, Component]) -> Manifest:
@@ -207,10 +252,13 @@ def _write_support_files(model: LoadedModel, root: Path, names: list[str]) -> No
     pipe = model.pipe
     for tok in ("tokenizer", "tokenizer_2"):
         if getattr(pipe, tok, None) is not None:
-            getattr(pipe, tok).save_pretrained(root / tok)
+            save_tokenizer(getattr(pipe, tok), root / tok)
     _write_scheduler_config(pipe.scheduler, root / "scheduler")
-    configs = {"unet": pipe.unet, "unet_shallow": pipe.unet, "vae_decoder": pipe.vae, "vae_encoder": pipe.vae}
+    configs = {"unet": pipe.unet, "unet_deep": pipe.unet, "unet_shallow": pipe.unet, "vae_decoder": pipe.vae,
+               "vae_encoder": pipe.vae}
     for name in names:
+        if name == "unet_deep":  # lives in unet/, beside the plain graph and its config
+            continue
         if name in configs:
             configs[name].save_config(root / name)
         else:
@@ -222,7 +270,8 @@ def _write_support_files(model: LoadedModel, root: Path, names: list[str]) -> No
         if (root / tok).is_dir():
             index[tok] = ["transformers", "CLIPTokenizer"]
     for name in names:
-        index[name] = ["onnxruntime", "InferenceSession"]
+        if name != "unet_deep":  # a second graph in unet/, not a pipeline component of its own
+            index[name] = ["onnxruntime", "InferenceSession"]
     if model.family == "sdxl":
         index["force_zeros_for_empty_prompt"] = bool(pipe.config.get("force_zeros_for_empty_prompt", True))
     (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -18,34 +18,43 @@ from sdopt.manifest import DimRange, ImageSpec, TensorSpec
 
 
 class TextEncoderGraph(torch.nn.Module):
-    """CLIP text encoder -> (last hidden state, penultimate hidden state, pooled embedding).
-
-    SD 1.x/2.x condition on the last hidden state, SDXL on the penultimate one, and SDXL's
-    second encoder adds its projected pooled embedding; one graph shape serves all three.
+    """CLIP text encoder with Optimum's outputs, in Optimum's order (diffusers reads some by position):
+    CLIPTextModel -> last_hidden_state, pooler_output; CLIPTextModelWithProjection -> text_embeds,
+    last_hidden_state; with `hidden_states` (SDXL) also hidden_states.0 .. hidden_states.N, of
+    which SDXL conditions on the penultimate. The manifest's `aliases` name the roles the runtime
+    reads (pooled, penultimate_hidden_state).
     """
 
-    def __init__(self, text_encoder: torch.nn.Module) -> None:
+    def __init__(self, text_encoder: torch.nn.Module, hidden_states: bool) -> None:
         super().__init__()
         self.text_encoder = text_encoder
+        self.hidden_states = hidden_states
+        self.projection = hasattr(text_encoder, "text_projection")
 
     def forward(self, input_ids: torch.Tensor):
-        out = self.text_encoder(input_ids, output_hidden_states=True)
-        pooled = out.text_embeds if hasattr(out, "text_embeds") and out.text_embeds is not None else out.pooler_output
-        return out.last_hidden_state, out.hidden_states[-2], pooled
+        out = self.text_encoder(input_ids, output_hidden_states=self.hidden_states)
+        if self.projection:
+            first = (out.text_embeds, out.last_hidden_state)
+        else:
+            first = (out.last_hidden_state, out.pooler_output)
+        return (*first, *out.hidden_states) if self.hidden_states else first
 
 
 class UNetGraph(torch.nn.Module):
     """U-Net noise prediction; SDXL's added conditions (pooled text embeds, time ids) as inputs.
 
-    Second output `deep_feature`: the input of the U-Net's very last layer (DeepCache, Ma et
-    al. 2023). It is an intermediate the graph computes anyway; the runtime's fast mode keeps
-    it and, on the steps between full passes, runs only `UNetShallowGraph`.
+    With `deep=True` a second output `deep_feature`: the input of the U-Net's very last layer
+    (DeepCache, Ma et al. 2023). It is an intermediate the graph computes anyway; the runtime's
+    fast mode keeps it and, on the steps between full passes, runs only `UNetShallowGraph`.
+    The export traces this deep graph once and writes the plain one (Optimum's interface: one
+    output, `out_sample`) as the same graph without that output, over the same weights file.
     """
 
-    def __init__(self, unet: torch.nn.Module, sdxl: bool) -> None:
+    def __init__(self, unet: torch.nn.Module, sdxl: bool, deep: bool = True) -> None:
         super().__init__()
         self.unet = unet
         self.sdxl = sdxl
+        self.deep = deep
 
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
         added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.sdxl else None
@@ -56,7 +65,7 @@ class UNetGraph(torch.nn.Module):
             out = self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
         finally:
             handle.remove()
-        return out, captured[-1]
+        return (out, captured[-1]) if self.deep else out
 
 
 class UNetShallowGraph(torch.nn.Module):
@@ -106,15 +115,16 @@ class VaeDecoderGraph(torch.nn.Module):
 
 
 class VaeEncoderGraph(torch.nn.Module):
-    """Image in [-1, 1] -> mean and std of the latent distribution (the runtime draws the sample)."""
+    """Image in [-1, 1] -> `latent_parameters`, Optimum's output: the latent distribution's mean
+    and log-variance stacked on the channel axis (diffusers' DiagonalGaussianDistribution
+    parameters). The runtime derives mean and std as diffusers does and draws the sample."""
 
     def __init__(self, vae: torch.nn.Module) -> None:
         super().__init__()
         self.vae = vae
 
     def forward(self, sample):
-        dist = self.vae.encode(sample).latent_dist
-        return dist.mean, dist.std
+        return self.vae.encode(sample).latent_dist.parameters
 
 
 @dataclass
@@ -127,6 +137,7 @@ class ComponentPlan:
     keep_fp32: bool = False  # the whole graph stays fp32 in --precision fp16 (VAE overflows in fp16)
     fp32_ops: list[str] = field(default_factory=list)  # op types kept fp32 in fp16 mode
     vocab_size: int = 0  # text encoders: range of seeded input ids
+    aliases: dict[str, str] = field(default_factory=dict)  # runtime role -> graph output name
     size_multiple: int = 1  # latent/pixel dims must be multiples (U-Net downsampling)
 
     def example_inputs(self, values: dict[str, int], seed: int) -> dict[str, np.ndarray]:
@@ -164,6 +175,30 @@ def vae_scale(pipe: Any) -> int:
     return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
 
 
+def _text_encoder_plan(pipe: Any, name: str, family: str, image: ImageSpec) -> ComponentPlan:
+    te = getattr(pipe, name)
+    hidden, f32 = te.config.hidden_size, "float32"
+    L = pipe.tokenizer.model_max_length
+    sdxl = family == "sdxl"  # as optimum-cli: every hidden state only where the pipeline reads one
+    states = [TensorSpec(f"hidden_states.{i}", f32, ["batch", L, hidden])
+              for i in range(te.config.num_hidden_layers + 1)] if sdxl else []
+    last = TensorSpec("last_hidden_state", f32, ["batch", L, hidden])
+    if hasattr(te, "text_projection"):
+        outputs, pooled = [TensorSpec("text_embeds", f32, ["batch", te.config.projection_dim]), last], "text_embeds"
+    else:
+        outputs, pooled = [last, TensorSpec("pooler_output", f32, ["batch", hidden])], "pooler_output"
+    aliases = {"pooled": pooled}
+    if sdxl:
+        aliases["penultimate_hidden_state"] = states[-2].name
+    return ComponentPlan(
+        name, TextEncoderGraph(te, hidden_states=sdxl),
+        inputs=[TensorSpec("input_ids", "int64", ["batch", L])], outputs=outputs + states,
+        dims={"batch": DimRange(1, 2, 2 * image.max_batch)},
+        fp32_ops=["LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Softmax"],
+        vocab_size=min(te.config.vocab_size, len(pipe.tokenizer)), aliases=aliases,
+    )
+
+
 def plan_components(pipe: Any, family: str, image: ImageSpec, names: list[str]) -> list[ComponentPlan]:
     """The export plan of the requested components of a loaded diffusers pipeline."""
     scale = vae_scale(pipe)
@@ -174,21 +209,8 @@ def plan_components(pipe: Any, family: str, image: ImageSpec, names: list[str]) 
     plans: list[ComponentPlan] = []
     for name in names:
         if name in ("text_encoder", "text_encoder_2"):
-            te = getattr(pipe, name)
-            hidden = te.config.hidden_size
-            pooled = te.config.projection_dim if hasattr(te, "text_projection") else hidden
-            L = pipe.tokenizer.model_max_length
-            plans.append(ComponentPlan(
-                name, TextEncoderGraph(te),
-                inputs=[TensorSpec("input_ids", "int64", ["batch", L])],
-                outputs=[TensorSpec("last_hidden_state", f32, ["batch", L, hidden]),
-                         TensorSpec("penultimate_hidden_state", f32, ["batch", L, hidden]),
-                         TensorSpec("pooled", f32, ["batch", pooled])],
-                dims={"batch": DimRange(1, 2, 2 * image.max_batch)},
-                fp32_ops=["LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Softmax"],
-                vocab_size=min(te.config.vocab_size, len(pipe.tokenizer)),
-            ))
-        elif name == "unet":
+            plans.append(_text_encoder_plan(pipe, name, family, image))
+        elif name in ("unet", "unet_deep"):
             L = pipe.tokenizer.model_max_length
             inputs = [TensorSpec("sample", f32, ["batch", unet_cfg.in_channels, "latent_height", "latent_width"]),
                       TensorSpec("timestep", f32, ["batch"]),
@@ -198,10 +220,12 @@ def plan_components(pipe: Any, family: str, image: ImageSpec, names: list[str]) 
                            TensorSpec("time_ids", f32, ["batch", 6])]
             deep = TensorSpec("deep_feature", f32, ["batch", unet_cfg.block_out_channels[0], "latent_height", "latent_width"])
             out = TensorSpec("out_sample", f32, ["batch", unet_cfg.out_channels, "latent_height", "latent_width"])
-            plans.append(ComponentPlan(name, UNetGraph(pipe.unet, family == "sdxl"), inputs=inputs, outputs=[out, deep],
+            is_deep = name == "unet_deep"
+            plans.append(ComponentPlan(name, UNetGraph(pipe.unet, family == "sdxl", deep=is_deep), inputs=inputs,
+                                       outputs=[out, deep] if is_deep else [out],
                                        dims=_dims(image, scale, 2, pixels=False), size_multiple=unet_multiple))
         elif name == "unet_shallow":
-            unet_plan = plan_components(pipe, family, image, ["unet"])[0]
+            unet_plan = plan_components(pipe, family, image, ["unet_deep"])[0]
             inputs = [*unet_plan.inputs[:3], unet_plan.outputs[1], *unet_plan.inputs[3:]]
             if not getattr(pipe.unet.up_blocks[-1], "attentions", None):  # SDXL: no cross-attention there
                 inputs = [t for t in inputs if t.name != "encoder_hidden_states"]
@@ -222,8 +246,8 @@ def plan_components(pipe: Any, family: str, image: ImageSpec, names: list[str]) 
             plans.append(ComponentPlan(
                 name, VaeEncoderGraph(pipe.vae),
                 inputs=[TensorSpec("sample", f32, ["batch", 3, "height", "width"])],
-                outputs=[TensorSpec("latent_mean", f32, ["batch", latent_c, "latent_height", "latent_width"]),
-                         TensorSpec("latent_std", f32, ["batch", latent_c, "latent_height", "latent_width"])],
+                outputs=[TensorSpec("latent_parameters", f32,  # mean and log-variance: 2x the latent channels
+                                    ["batch", 2 * latent_c, "latent_height", "latent_width"])],
                 dims={**_dims(image, scale, 1, pixels=True),
                       **{k: v for k, v in _dims(image, scale, 1, pixels=False).items() if k != "batch"}},
                 keep_fp32=True,

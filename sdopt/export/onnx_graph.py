@@ -51,8 +51,9 @@ def _dynamo_shapes(plan: ComponentPlan) -> tuple[dict[int, object], ...]:
     return tuple({i: dims[d] for i, d in enumerate(s.shape) if isinstance(d, str)} for s in plan.inputs)
 
 
-def finalize(raw: Path, out: Path, fp16_ops: list[str] | None) -> None:
-    """Clean the raw export and write `out` (one external data file when over 2 GB).
+def finalize(raw: Path, out: Path, fp16_ops: list[str] | None, location: str | None = None) -> None:
+    """Clean the raw export and write `out` (one external data file when over 2 GB, or always
+    into `location` when given: a weights file that several graphs of one folder share).
 
     fp16_ops=None keeps fp32; a list converts to fp16 while keeping those op types in fp32
     (the islands where fp16 overflows), which is how TensorRT 11 strongly typed networks
@@ -67,14 +68,28 @@ def finalize(raw: Path, out: Path, fp16_ops: list[str] | None) -> None:
     if fp16_ops is not None:
         model = to_fp16(model, fp16_ops, shape_inference=not large)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if sum(t.ByteSize() for t in model.graph.initializer) < TWO_GB - (256 << 20):  # room for the graph
-        model = onnx.shape_inference.infer_shapes(model)
+    if location is None and sum(t.ByteSize() for t in model.graph.initializer) < TWO_GB - (256 << 20):
+        model = onnx.shape_inference.infer_shapes(model)  # (the check above leaves room for the graph)
         onnx.save_model(model, str(out))
     else:
         onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=EXTERNAL_DATA, size_threshold=1024)
+                        location=location or EXTERNAL_DATA, size_threshold=1024)
         del model
         onnx.shape_inference.infer_shapes_path(str(out))
+
+
+def drop_outputs(src: Path, dst: Path, names: list[str]) -> None:
+    """Write `src`'s graph without the outputs `names` to `dst` in the same folder: the weights
+    stay in `src`'s external data file, which both graphs then reference (no second copy)."""
+    if src.parent != dst.parent:
+        raise ValueError("graphs share external data only within one folder (onnx and ONNX Runtime reject '..')")
+    model = onnx.load(str(src), load_external_data=False)
+    kept = [o for o in model.graph.output if o.name not in names]
+    if len(kept) != len(model.graph.output) - len(names):
+        raise ValueError(f"{src} lacks some of the outputs {names}")
+    del model.graph.output[:]
+    model.graph.output.extend(kept)
+    onnx.save_model(model, str(dst))
 
 
 def _fold(model: onnx.ModelProto) -> onnx.ModelProto:

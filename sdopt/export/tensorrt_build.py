@@ -59,7 +59,7 @@ class BuildOptions:
     refittable: bool = False  # BuilderFlag.REFIT: weights can be replaced later (sdopt.engines.trt.refit_engine)
     version_compatible: bool = False  # loads in later TensorRT versions; embeds host code
     tf32: bool = True  # TensorRT's default; False clears BuilderFlag.TF32 (full fp32 matmuls and convolutions)
-    components: list[str] | None = None  # None: every component of the artifact
+    components: list[str] | None = None  # None: every component the runtime loads
     force: bool = False  # replace engines already built for this GPU and TensorRT version
 
 
@@ -171,7 +171,7 @@ def build_engines(artifact_dir: str | Path, options: BuildOptions,
     progress = progress or (lambda *_: None)
     check_build_options(options)
     manifest = load_manifest(root)
-    names = options.components or list(manifest.components)
+    names = options.components or manifest.runtime_components()  # one U-Net engine: unet_deep where present
     profiles = {n: engine_profiles(manifest, n, options.static, options.batch, options.height, options.width)
                 for n in names}
     trt, gpu = preflight()

@@ -26,6 +26,7 @@ from sdopt.manifest import Manifest, load_manifest, verify_files
 from sdopt.runtime import images as imageops
 from sdopt.runtime import stages
 from sdopt.runtime.backends import Backend, EngineSession, open_backend
+from sdopt.runtime.io_adapter import adapt
 from sdopt.runtime.request import GenerationRequest, make_request
 from sdopt.runtime.schedulers import DIFFUSERS_CLASS_NAMES, Scheduler, make_scheduler
 from sdopt.runtime.stages import DenoiseState, Feeds
@@ -75,7 +76,7 @@ class Pipeline:
         """Open an artifact folder and create one engine session per component.
 
         Args:
-            path: The artifact folder written by `sdopt export`.
+            path: The artifact folder written by `sdopt export`, or an `optimum-cli export onnx` folder.
             provider: "cpu" or "cuda" (ONNX Runtime), or "tensorrt".
             verify_hashes: Check every file's sha256 against the manifest first.
             **backend_options: Passed to the backend, e.g. `threads=` for ONNX Runtime,
@@ -90,10 +91,14 @@ class Pipeline:
         """
         root = Path(path).expanduser()
         manifest = load_manifest(root)
+        names = manifest.runtime_components()  # one U-Net graph in memory: unet_deep where there is one
         if verify_hashes:
-            verify_files(root, manifest)
+            verify_files(root, manifest)  # every file (a weights file two graphs share: hashed once)
         backend = open_backend(provider, root, manifest, **backend_options)
-        sessions = {name: backend.load(name) for name in manifest.components}
+        # Sessions are keyed by role: "unet" is the full U-Net, whichever graph backs it (unet_deep
+        # has the same inputs and weights as unet, plus the deep_feature output fast mode needs).
+        sessions = {("unet" if name == "unet_deep" else name): adapt(backend.load(name), manifest.components[name])
+                    for name in names}
         tokenizers = [ClipTokenizer(root / t, manifest.text_max_length) for t in manifest.tokenizers]
         scheduler_config = json.loads((root / manifest.scheduler_config).read_text())
         return cls(root, manifest, backend, sessions, tokenizers, scheduler_config)
@@ -215,7 +220,8 @@ class Pipeline:
             yield state
 
     def unet(self, component: str, feeds: Feeds) -> tuple[np.ndarray, np.ndarray | None]:
-        """One U-Net call ("unet" or "unet_shallow") on feeds of any batch.
+        """One U-Net call ("unet" or "unet_shallow") on feeds of any batch. The "unet" session runs
+        the full U-Net graph the pipeline loaded: `unet_deep` (with DeepCache's output) where there is one.
 
         Returns:
             (out_sample, deep_feature); deep_feature is None where the graph has no such output.
