@@ -7,6 +7,7 @@ libraries are imported inside the commands that need them, so `sdopt --help` and
 
 from __future__ import annotations
 
+import sdopt.cli.serve  # noqa: F401  (registers serve, bench-serve)
 from sdopt.cli import export, generate  # noqa: F401  (registers the commands)
 from sdopt.cli.common import app, friendly_errors
 

@@ -1,0 +1,176 @@
+"""`sdopt serve` (an HTTP server on Ray Serve) and `sdopt bench-serve` (its load benchmark).
+
+Ray, FastAPI and the HTTP client are imported inside the commands (the `[serve]` extra).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from sdopt.cli.common import app, console, friendly_errors
+from sdopt.errors import SdoptError
+
+
+@app.command()
+@friendly_errors
+def serve(
+    artifact: Path = typer.Argument(
+        ..., help="Artifact folder written by `sdopt export` (fixed for the server's life)."
+    ),
+    host: str = typer.Option(
+        "127.0.0.1",
+        help="Address to listen on. Loopback by default; 0.0.0.0 exposes the "
+        "server to the network and must be asked for.",
+    ),
+    port: int = typer.Option(8000, help="HTTP port."),
+    address: Optional[str] = typer.Option(
+        None,
+        "--address",
+        help="Deploy onto a running Ray cluster: 'auto' or "
+        "'ray://HOST:PORT' (then exit; the app keeps running there). Default: "
+        "start a local Ray instance and serve until Ctrl-C.",
+    ),
+    write_config: Optional[Path] = typer.Option(
+        None,
+        "--write-config",
+        help="Write the Serve config YAML for `serve deploy` / a KubeRay RayService's serveConfigV2, then exit.",
+    ),
+    replicas: int = typer.Option(1, help="Replicas (each loads the artifact once and batches on its own)."),
+    min_replicas: Optional[int] = typer.Option(None, help="Autoscale: lower bound (with --max-replicas)."),
+    max_replicas: Optional[int] = typer.Option(
+        None, help="Autoscale: upper bound (target: --max-batch ongoing requests per replica)."
+    ),
+    cpus_per_replica: float = typer.Option(1.0, help="CPUs Ray reserves per replica."),
+    threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads per replica (default: physical cores)."),
+    max_batch: int = typer.Option(
+        8,
+        help="Images stacked into one U-Net call per replica (step-level continuous batching); 1 turns batching off.",
+    ),
+    max_queue: int = typer.Option(
+        16, help="Requests that may wait beyond what the replicas hold; the next gets 503 with Retry-After."
+    ),
+    provider: str = typer.Option("cpu", help="cpu, cuda (onnxruntime-gpu) or tensorrt."),
+    api_key_env: Optional[str] = typer.Option(
+        None,
+        help="Name of an environment variable holding an API key; "
+        "requests must then send 'Authorization: Bearer <key>'.",
+    ),
+    request_timeout: float = typer.Option(600.0, help="Seconds a request may take; then 504 and its steps stop."),
+    max_steps: int = typer.Option(100, help="Largest num_inference_steps a request may ask for."),
+    max_size: int = typer.Option(1024, help="Largest image side in pixels (the artifact's own range applies too)."),
+    max_images: int = typer.Option(4, help="Largest n (images per request)."),
+    max_body_bytes: int = typer.Option(16 * 1024 * 1024, help="Largest request body in bytes; beyond: 413."),
+) -> None:
+    """Serve an artifact over HTTP (OpenAI Images API shape) on Ray Serve, with step-level batching."""
+    from sdopt.serve.config import ServeConfig, ServeLimits
+
+    limits = ServeLimits(max_steps=max_steps, max_size=max_size, max_images=max_images, max_body_bytes=max_body_bytes)
+    config = ServeConfig(
+        artifact=str(artifact.expanduser().resolve()),
+        provider=provider,
+        replicas=replicas,
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
+        cpus_per_replica=cpus_per_replica,
+        threads=threads,
+        host=host,
+        port=port,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        api_key_env=api_key_env,
+        request_timeout_s=request_timeout,
+        limits=limits,
+    )
+    config.check()
+    if not (artifact / "sdopt.json").is_file() and not write_config:
+        raise SdoptError(
+            f"{artifact} is not an sdopt artifact (no sdopt.json)", "pass a folder written by `sdopt export`"
+        )
+    try:
+        from sdopt.serve import deploy
+    except ImportError as e:
+        raise SdoptError(f"serving needs Ray Serve and FastAPI ({e})", "pip install 'sdopt[serve]'") from None
+    if api_key_env and not write_config and not os.environ.get(api_key_env):
+        if not address:  # the local Ray instance's replicas inherit this environment
+            raise SdoptError(f"--api-key-env {api_key_env}: the variable is not set", f"export {api_key_env}=<key>")
+        console.print(f"note: {api_key_env} is not set here; the cluster's workers must have it")
+    if write_config:
+        path = deploy.write_config(config, write_config)
+        console.print(f"wrote {path}: `serve deploy {path}`, or its applications into a RayService's serveConfigV2")
+        return
+    _run(config, address, deploy)
+
+
+def _run(config: Any, address: Optional[str], deploy: Any) -> None:
+    import signal
+    import threading
+
+    try:
+        url = deploy.start(config, address)
+    except BaseException:
+        if not address:  # leave no local Ray instance behind
+            deploy.stop()
+        raise
+    if address:
+        console.print(
+            f"deployed on the Ray cluster at {address}: {url} (the cluster's HTTP proxy). "
+            "Remove it with `serve shutdown`.",
+            soft_wrap=True,
+        )
+        return
+    console.print(
+        f"sdopt serving {config.artifact} at {url} (POST {url}/v1/images/generations, docs {url}/docs); "
+        f"local Ray instance {deploy.ray_address()}; Ctrl-C stops",
+        soft_wrap=True,
+        highlight=False,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        console.print("shutting down")
+        deploy.stop()
+
+
+@app.command("bench-serve")
+@friendly_errors
+def bench_serve(
+    url: str = typer.Argument(..., help="Base URL of a running `sdopt serve` on this machine (loopback only)."),
+    requests: int = typer.Option(16, "--requests", "-n", help="Requests to send."),
+    concurrency: int = typer.Option(4, "--concurrency", "-c", help="Requests in flight at once."),
+    steps: int = typer.Option(8, help="num_inference_steps per request."),
+    size: Optional[str] = typer.Option(None, help="'WxH' (default: the server's)."),
+    guidance: float = typer.Option(7.5, help="guidance_scale per request."),
+    time_limit: float = typer.Option(
+        600.0, help="Stop sending after this many seconds; unanswered requests count as 'timeout'."
+    ),
+    api_key_env: Optional[str] = typer.Option(None, help="Environment variable holding the server's API key."),
+    out: Optional[Path] = typer.Option(None, help="Also write the result as JSON here."),
+    label: str = typer.Option("", help="Free text stored with the result (e.g. the server's options)."),
+) -> None:
+    """Load-test a running server: N requests at concurrency C; images/s, p50/p90/p99, counts by status."""
+    from sdopt.serve.bench import BenchServeOptions, run_bench_serve, write_result
+
+    options = BenchServeOptions(
+        url=url,
+        requests=requests,
+        concurrency=concurrency,
+        steps=steps,
+        size=size,
+        guidance=guidance,
+        time_limit_s=time_limit,
+        api_key_env=api_key_env,
+        label=label,
+    )
+    result = run_bench_serve(options)
+    console.print(result.summary())
+    if out:
+        console.print(f"wrote {write_result(result, out)}")
