@@ -155,6 +155,49 @@ class VaeSpec:
     force_upcast: bool = False
 
 
+FULL_UNETS = ("unet", "unet_deep")  # U-Net graphs the residual U-Net stands in for (ControlNet)
+
+
+# -- ControlNet (issue 15; sdopt/export/controlnet*.py writes it, sdopt/runtime/controlnet.py reads it) --
+@dataclass
+class ControlNetSpec:
+    """One exported ControlNet: its graph is `Manifest.components[component]`."""
+
+    name: str  # what `controlnet=` / `--controlnet` selects: the source folder's name, or NAME= at export
+    component: str  # "controlnet.<name>"; its graph is controlnet/<name>/model.onnx
+    source: dict[str, str]
+    conditioning_channels: int = 3
+
+
+@dataclass
+class ControlNetSection:
+    """The artifact's ControlNets and the U-Net graph that takes their residuals.
+
+    Each ControlNet graph maps (sample, timestep, encoder_hidden_states [, text_embeds, time_ids],
+    controlnet_cond, conditioning_scale[batch, len(residuals)]) to the scaled residuals named in
+    `residuals`, which are also the extra inputs of the `unet` component (unet/control.onnx).
+    That graph reads its weights from `shared_weights`, the same file as unet/model.onnx.
+    """
+
+    unet: str  # component key of the residual-taking U-Net, "unet_control"
+    residuals: list[str]  # down_block_additional_residual_0..N-1, then mid_block_additional_residual
+    controlnets: list[ControlNetSpec]
+    shared_weights: str  # e.g. "unet/model.onnx.data"
+    shared_bytes: int = 0  # bytes of unet_control's weights read from shared_weights
+    own_bytes: int = 0  # bytes stored in unet/control.onnx itself (tensors the plain U-Net lacks)
+
+    def get(self, name: str) -> ControlNetSpec | None:
+        return next((c for c in self.controlnets if c.name == name), None)
+
+    def components_to_load(self, names: list[str], controlnet: bool = True) -> list[str]:
+        """What a runtime (or a TensorRT build for it) loads of `names`: with ControlNets, the
+        residual U-Net in place of every full U-Net graph (same weights: one U-Net in memory)
+        plus the ControlNets; without, everything but those."""
+        control = [self.unet, *(c.component for c in self.controlnets)]
+        names = [n for n in names if n not in control]
+        return [n for n in names if n not in FULL_UNETS] + control if controlnet else names
+
+
 @dataclass
 class ShapeRange:
     """One engine input's (min, opt, max) shape in a TensorRT optimization profile."""
@@ -229,6 +272,7 @@ class Manifest:
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
     engines: list[EngineEntry] = field(default_factory=list)  # TensorRT builds
+    controlnet: ControlNetSection | None = None  # exported with --controlnet (issue 15)
     format: str = MANIFEST_FORMAT
     version: int = MANIFEST_VERSION
 
@@ -251,6 +295,10 @@ class Manifest:
         d["vae"] = VaeSpec(**d["vae"])
         d["components"] = {k: _component(v) for k, v in d["components"].items()}
         d["engines"] = [EngineEntry.from_dict(e) for e in d.get("engines", [])]
+        if d.get("controlnet"):  # ControlNet section (issue 15)
+            cn = dict(d["controlnet"])
+            cn["controlnets"] = [ControlNetSpec(**c) for c in cn["controlnets"]]
+            d["controlnet"] = ControlNetSection(**cn)
         return cls(**d)
 
 

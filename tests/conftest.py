@@ -1,22 +1,52 @@
-"""Session-wide fixtures: each tiny preset is exported once per test session, on demand."""
+"""Session-wide fixtures: tiny artifacts exported once per session, references from the other libraries,
+and a report of the measured numbers. Full and lean installs: see tests/helpers.py."""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
+from helpers import ReferenceStore, artifacts_dir, lean_mode
 
-FAMILY_PRESETS = {"sd1": "tiny", "sd2": "tiny-sd2", "sdxl": "tiny-sdxl"}
+LEAN = lean_mode()
 
-_artifacts: dict[tuple[str, str], Path] = {}
-_references: dict[str, object] = {}
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_METRICS] = {}
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    import sdopt
+
+    mode = "lean: saved references" if LEAN else "full: live references"
+    return f"sdopt from {Path(sdopt.__file__).parent} ({mode}; SDOPT_TEST_ARTIFACTS={artifacts_dir()})"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """Lean install: collect only the modules that hold lean tests (the others import torch and co.)."""
+    if LEAN and collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
+        return "mark.lean" not in collection_path.read_text(encoding="utf-8")
+    return None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Lean install: a lean test that skips is a failure, so nothing the lean run claims goes unchecked."""
+    outcome = yield
+    report = outcome.get_result()
+    if LEAN and report.skipped and item.get_closest_marker("lean") and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"lean test skipped in the lean install: {report.longrepr}"
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_diffusers():
     """diffusers logs every ignored config key; tests share configs across classes on purpose."""
+    if LEAN:
+        yield
+        return
     import diffusers
 
     level = diffusers.utils.logging.get_verbosity()
@@ -27,17 +57,31 @@ def _quiet_diffusers():
 
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory) -> Callable[..., Path]:
-    """tiny_artifact(preset="tiny", precision="fp32") -> folder of its verified export."""
-    from sdopt.export.artifact import ExportOptions, export_artifact
+    """tiny_artifact(preset="tiny", precision="fp32") -> folder of its verified export.
+
+    Exported on first use (into SDOPT_TEST_ARTIFACTS/artifacts when that is set, for the lean run);
+    the lean install only reads what the full install exported there.
+    """
+    cache: dict[tuple[str, str], Path] = {}
+    shared = artifacts_dir()
 
     def get(preset: str = "tiny", precision: str = "fp32") -> Path:
         key = (preset, precision)
-        if key not in _artifacts:
-            out = tmp_path_factory.mktemp("artifacts") / f"{preset}-{precision}"
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                _artifacts[key] = export_artifact(f"synthetic:{preset}", out, ExportOptions(precision=precision)).out
-        return _artifacts[key]
+        if key not in cache:
+            parent = shared / "artifacts" if shared else tmp_path_factory.mktemp("artifacts")
+            out = parent / f"{preset}-{precision}"
+            if LEAN:
+                if not (out / "sdopt.json").is_file():
+                    pytest.fail(f"no exported artifact {out}: run the full suite with SDOPT_TEST_ARTIFACTS={shared} "
+                                "first (the lean install cannot export)", pytrace=False)
+            elif not (out / "sdopt.json").is_file():
+                from sdopt.export.artifact import ExportOptions, export_artifact
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    export_artifact(f"synthetic:{preset}", out, ExportOptions(precision=precision))
+            cache[key] = out
+        return cache[key]
 
     return get
 
@@ -46,11 +90,55 @@ def tiny_artifact(tmp_path_factory) -> Callable[..., Path]:
 def reference_pipeline() -> Callable[[str], object]:
     """reference_pipeline(preset) -> the diffusers pipeline the artifact was exported from
     (same seeded weights). Shared: tests that swap its scheduler must restore it."""
-    from sdopt.export.synthetic import build_pipeline
+    cache: dict[str, object] = {}
 
     def get(preset: str = "tiny"):
-        if preset not in _references:
-            _references[preset] = build_pipeline(preset)
-        return _references[preset]
+        if LEAN:
+            pytest.fail("reference_pipeline needs diffusers: compute references inside reference_store.get()")
+        if preset not in cache:
+            from sdopt.export.synthetic import build_pipeline
+
+            cache[preset] = build_pipeline(preset)
+        return cache[preset]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def reference_store() -> ReferenceStore:
+    """reference_store.get(kind, key, compute) -> another library's result, live or saved (helpers.py)."""
+    return ReferenceStore(artifacts_dir(), LEAN)
+
+
+# -- the numbers: each test records its own, the summary prints them after the run -------------
+_METRICS = pytest.StashKey[dict]()
+
+
+@pytest.fixture
+def record_metric(request: pytest.FixtureRequest) -> Callable[[str, str, float], None]:
+    """record_metric(table, row, value): keeps the worst (largest) value per row; printed at the end.
+
+    Order-independent: whatever ran is summarised, whichever tests ran first.
+    """
+    tables = request.config.stash[_METRICS]
+
+    def record(table: str, row: str, value: float) -> None:
+        rows = tables.setdefault(table, {})
+        rows[row] = max(rows.get(row, value), value)
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """The recorded numbers: each table's worst row; every row with -v."""
+    tables = config.stash.get(_METRICS, {})
+    if not tables:
+        return
+    terminalreporter.section("measured numbers")
+    for table, rows in tables.items():
+        worst = max(rows, key=rows.get)
+        terminalreporter.write_line(f"{table}: worst {rows[worst]:.3g} ({worst}; {len(rows)} rows)")
+        if config.get_verbosity() > 0:
+            width = max(map(len, rows))
+            for row, value in rows.items():
+                terminalreporter.write_line(f"    {row:<{width}}  {value:.3g}")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import FAMILY_PRESETS
 
 from sdopt.errors import SdoptError
 from sdopt.runtime import Pipeline
 
-from conftest import FAMILY_PRESETS
+pytestmark = pytest.mark.lean
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -21,6 +22,7 @@ def test_deepcache_interval_one_is_exact_and_larger_intervals_stay_close(family,
     pipe = Pipeline.load(tiny_artifact(FAMILY_PRESETS[family]))
     args = dict(prompt="a photo of a cat", num_inference_steps=12, seed=3, height=64, width=64, output_type="np")
     exact = pipe(**args).images
+    # Exact: the runtime against itself, and deepcache=1 must run the very same full passes.
     np.testing.assert_array_equal(pipe(**args, deepcache=1).images, exact)
     psnrs = []
     for n in (2, 4):
@@ -37,7 +39,7 @@ def test_deepcache_with_interval_beyond_the_steps_only_runs_full_passes(tiny_art
     deterministic (same seed, same image)."""
     pipe = Pipeline.load(tiny_artifact("tiny"))
     args = dict(prompt="a dog", num_inference_steps=3, seed=0, height=64, width=64, output_type="np", deepcache=10)
-    np.testing.assert_array_equal(pipe(**args).images, pipe(**args).images)
+    np.testing.assert_array_equal(pipe(**args).images, pipe(**args).images)  # the runtime against itself
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5])

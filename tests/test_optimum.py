@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import FAMILY_PRESETS
 
 from sdopt.manifest import load_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 OPTIMUM_PY = Path(os.environ.get("SDOPT_OPTIMUM_VENV", REPO / ".venv-optimum")) / "bin" / "python"
-PRESETS = {"sd1": "tiny", "sdxl": "tiny-sdxl"}
+PRESETS = {family: FAMILY_PRESETS[family] for family in ("sd1", "sdxl")}  # Optimum has no SD 2.x specifics
 PROMPT = "a photo of an astronaut riding a horse on mars"
 STEPS, GUIDANCE, SIZE = 4, 7.5, 128
 # Both sides run the same fp32 ONNX graphs (or the same fp32 weights) from the same latents; what
@@ -37,7 +38,6 @@ STEPS, GUIDANCE, SIZE = 4, 7.5, 128
 # (3.9e-3) yet ~30x that float32 noise, and any real mismatch (a wrong output taken by position,
 # another scheduler, missing weights) is > 1e-2.
 TOL = 1e-4
-DIFFS: dict[str, float] = {}
 
 
 def _latents(seed: int) -> np.ndarray:
@@ -121,21 +121,22 @@ def _sdopt_images(root: Path, latents: np.ndarray) -> np.ndarray:
     ).images
 
 
-def _check(case: str, ours: np.ndarray, ref: np.ndarray) -> None:
+def _check(record_metric, case: str, ours: np.ndarray, ref: np.ndarray) -> None:
     assert ours.shape == ref.shape, (case, ours.shape, ref.shape)
-    DIFFS[case] = err = float(np.abs(ours.astype(np.float64) - ref).max())
+    err = float(np.abs(ours.astype(np.float64) - ref).max())
+    record_metric("optimum interop: max abs pixel diff", case, err)
     assert err <= TOL, f"{case}: max abs pixel diff {err:.3e} > {TOL:.0e}"
 
 
 # -- 1. Optimum reads sdopt's artifacts --------------------------------------------------------
 @pytest.mark.parametrize("family", list(PRESETS))
-def test_optimum_generates_from_sdopt_artifact_like_sdopt(family, optimum, tiny_artifact):
+def test_optimum_generates_from_sdopt_artifact_like_sdopt(family, optimum, tiny_artifact, record_metric):
     got = np.load(optimum[f"images-{family}"])
     assert str(got["pipeline"]) == (
         "ORTStableDiffusionXLPipeline" if family == "sdxl" else "ORTStableDiffusionPipeline"
     )
     ours = _sdopt_images(tiny_artifact(PRESETS[family]), np.load(optimum[f"latents-{family}"]))
-    _check(f"{family}: Optimum on the sdopt artifact vs sdopt", got["images"], ours)
+    _check(record_metric, f"{family}: Optimum on the sdopt artifact vs sdopt", got["images"], ours)
 
 
 def test_unet_has_optimums_interface_and_fast_mode_shares_its_weights(tiny_artifact):
@@ -177,7 +178,7 @@ def test_tokenizer_folders_carry_transformers_4_and_5_files(preset, tiny_artifac
 
 # -- 2. sdopt reads Optimum's exports ----------------------------------------------------------
 @pytest.mark.parametrize("family", list(PRESETS))
-def test_sdopt_generates_from_optimum_export_like_diffusers(family, optimum, reference_pipeline):
+def test_sdopt_generates_from_optimum_export_like_diffusers(family, optimum, reference_pipeline, record_metric):
     import torch
 
     latents = np.load(optimum[f"latents-{family}"])
@@ -191,7 +192,7 @@ def test_sdopt_generates_from_optimum_export_like_diffusers(family, optimum, ref
         latents=torch.from_numpy(latents),
         output_type="np",
     ).images
-    _check(f"{family}: sdopt on the Optimum export vs diffusers", ours, ref)
+    _check(record_metric, f"{family}: sdopt on the Optimum export vs diffusers", ours, ref)
 
 
 def test_optimum_export_manifest_shows_sdopt_only_figures_as_absent(optimum):
@@ -266,9 +267,3 @@ def test_cli_inspect_generate_and_bench_accept_an_optimum_export(optimum, tmp_pa
     assert ran.exit_code == 0, ran.output
     by = {b["name"]: b for b in json.loads((out / "results.json").read_text())["backends"]}
     assert by["onnxruntime"]["status"] == "ok" and by["torch"]["status"] == "skipped", by
-
-
-def test_zz_report_image_diffs():
-    """Prints the measured diffs (pytest -s, or the -rA summary) for the record."""
-    for case, err in DIFFS.items():
-        print(f"{case}: max abs pixel diff {err:.2e}")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import FAMILY_PRESETS
+from helpers import FAMILY_PRESETS
 from onnx import TensorProto
 
 from sdopt.errors import EnginesMissingError, SdoptError

@@ -1,6 +1,8 @@
 """The runtime's CLIP tokenizer (tokenizers library, no transformers) against transformers'
 CLIPTokenizer: the same ids for tricky prompts, from an artifact's tokenizer.json and from a
-folder with only vocab.json + merges.txt; long prompts truncated with a warning."""
+folder with only vocab.json + merges.txt; long prompts truncated with a warning.
+
+In the lean install (tests/helpers.py) transformers' ids are the ones the full install saved."""
 
 from __future__ import annotations
 
@@ -9,10 +11,10 @@ import warnings
 import numpy as np
 import pytest
 
-transformers = pytest.importorskip("transformers")
+from sdopt.export.tokenizer_files import write_clip_tokenizer
+from sdopt.runtime.tokenizer import ClipTokenizer, PromptTruncatedWarning
 
-from sdopt.export.tokenizer_files import write_clip_tokenizer  # noqa: E402
-from sdopt.runtime.tokenizer import ClipTokenizer, PromptTruncatedWarning  # noqa: E402
+pytestmark = pytest.mark.lean
 
 PROMPTS = [
     "",
@@ -32,9 +34,18 @@ PROMPTS = [
 ]
 
 
-def transformers_ids(folder, prompt: str) -> list[int]:
-    tok = transformers.CLIPTokenizer.from_pretrained(folder)
-    return tok(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+def transformers_ids(reference_store, label: str, folder, prompts: list[str]) -> np.ndarray:
+    """transformers' CLIPTokenizer ids, one row per prompt (live, or as the full install saved them)."""
+
+    def compute():
+        import transformers
+
+        tok = transformers.CLIPTokenizer.from_pretrained(folder)
+        ids = [tok(p, padding="max_length", max_length=77, truncation=True).input_ids for p in prompts]
+        unpadded = [len(tok(p, add_special_tokens=False).input_ids) for p in prompts]
+        return {"ids": np.array(ids, dtype=np.int64), "unpadded": np.array(unpadded)}
+
+    return reference_store.get("tokenizer", label, compute)
 
 
 def tokenizer_folders(tiny_artifact, tmp_path):
@@ -49,7 +60,7 @@ def tokenizer_folders(tiny_artifact, tmp_path):
         yield f"vocab.json + merges.txt ({pad!r} pad)", folder
 
 
-def test_ids_match_transformers(tiny_artifact, tmp_path):
+def test_ids_match_transformers(tiny_artifact, tmp_path, reference_store):
     mismatches = []
     for label, folder in tokenizer_folders(tiny_artifact, tmp_path):
         ours = ClipTokenizer(folder)
@@ -57,21 +68,22 @@ def test_ids_match_transformers(tiny_artifact, tmp_path):
             warnings.simplefilter("ignore", PromptTruncatedWarning)
             got = ours(PROMPTS)
         assert got.shape == (len(PROMPTS), 77) and got.dtype == np.int64
-        for prompt, row in zip(PROMPTS, got.tolist()):
-            expected = transformers_ids(folder, prompt)
+        want = transformers_ids(reference_store, label, folder, PROMPTS)["ids"].tolist()
+        for prompt, row, expected in zip(PROMPTS, got.tolist(), want, strict=True):
             if row != expected:
                 mismatches.append(f"{label} {prompt[:30]!r}: {row[:12]} != transformers {expected[:12]}")
     assert not mismatches, "\n".join(mismatches)
 
 
-def test_long_prompt_truncated_with_warning(tiny_artifact):
+def test_long_prompt_truncated_with_warning(tiny_artifact, reference_store):
     folder = tiny_artifact("tiny") / "tokenizer"
     prompt = " ".join(["a red cat"] * 40)
-    n = len(transformers.CLIPTokenizer.from_pretrained(folder)(prompt, add_special_tokens=False).input_ids)
+    want = transformers_ids(reference_store, "sd1 long prompt", folder, [prompt])
+    n = int(want["unpadded"][0])
     assert n > 75
     with pytest.warns(PromptTruncatedWarning, match=rf"{n - 75} tokens were dropped"):
         ids = ClipTokenizer(folder)([prompt])
-    assert ids[0].tolist() == transformers_ids(folder, prompt)
+    assert ids[0].tolist() == want["ids"][0].tolist()
     with warnings.catch_warnings():
         warnings.simplefilter("error", PromptTruncatedWarning)
         ClipTokenizer(folder)(["a red cat"])  # short prompts do not warn

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
+from rich import box
 from rich.table import Table
 
 from sdopt.cli.common import app, console, friendly_errors, split_list
@@ -33,13 +34,19 @@ def export(
     seed: int = typer.Option(0, help="Seed of synthetic weights and of verification inputs."),
     backend: str = typer.Option("onnx", help="onnx, or tensorrt to also build engines (default dynamic profiles; see `sdopt build`)."),
     ort_optimize: bool = typer.Option(True, help="Also save ONNX Runtime's optimised CPU graph (sessions start in seconds)."),
+    controlnet: Optional[str] = typer.Option(
+        None, "--controlnet", help="ControlNets to export with the model, comma-separated: a diffusers ControlNetModel "
+        "folder, a hub id, or synthetic[:SEED] (random weights, derived from the U-Net); NAME=SOURCE names one "
+        "(default name: the folder's). Adds controlnet/NAME/model.onnx and unet/control.onnx (shares the U-Net's "
+        "weights)."),
 ) -> None:
     """Export a Stable Diffusion model to verified ONNX in one artifact folder."""
     from sdopt.export.artifact import ExportOptions, check_options
 
     opts = ExportOptions(precision=precision, components=split_list(components), min_size=min_size, max_size=max_size,
                          max_batch=max_batch, opset=opset, exporter=exporter, force=force,
-                         allow_verify_failure=allow_verify_failure, seed=seed, ort_optimize=ort_optimize)
+                         allow_verify_failure=allow_verify_failure, seed=seed, ort_optimize=ort_optimize,
+                         controlnets=split_list(controlnet) or [])
     check_options(out.expanduser().resolve(), opts)  # fail before the slow imports
     if backend not in ("onnx", "tensorrt"):
         raise SdoptError(f"unknown backend {backend!r}", "use onnx or tensorrt")
@@ -156,6 +163,7 @@ def inspect(artifact: Path = typer.Argument(..., help="Artifact folder written b
         console.print("an Optimum ONNX export: verification errors, file hashes, the size range and the maximum "
                       "batch are not recorded there (shown as —)")
     io = Table("component", "inputs", "outputs", "dims")
+    io.columns[0].no_wrap = True  # names are never cut: the other columns wrap instead
     for c in m.components.values():
         fmt = lambda specs: "\n".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in specs)  # noqa: E731
         io.add_row(c.name, fmt(c.inputs), fmt(c.outputs),
@@ -163,6 +171,12 @@ def inspect(artifact: Path = typer.Argument(..., help="Artifact folder written b
     console.print(io)
     _print_components(m)
     console.print("versions: " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
+    if m.controlnet:  # ControlNet section (issue 15)
+        cn = m.controlnet
+        console.print("ControlNets: " + ", ".join(f"{c.name} ({c.source.get('kind')} {c.source.get('id')})"
+                                                  for c in cn.controlnets)
+                      + f"; residual U-Net {m.components[cn.unet].path} reads {cn.shared_bytes / 2**20:.1f} MiB of "
+                      f"weights from {cn.shared_weights} and stores {cn.own_bytes / 2**20:.2f} MiB itself")
     if m.engines:
         console.print(_engine_table(m.engines))
     if verify:
@@ -172,7 +186,11 @@ def inspect(artifact: Path = typer.Argument(..., help="Artifact folder written b
 
 
 def _print_components(m) -> None:
-    table = Table("component", "precision", "export s", "max abs err", "max rel err", "tolerance", "verified")
+    """The per-component verification summary; fits an 80-column terminal without cutting names."""
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
+    table.add_column("component", no_wrap=True, min_width=max(len(c) for c in m.components))
+    for header in ("precision", "export\nseconds", "max abs\nerr", "max rel\nerr", "tolerance", "verified"):
+        table.add_column(header, no_wrap=True)
     for c in m.components.values():
         v = c.verification
         if v is None:  # not recorded (an Optimum export): absent, not invented

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from sdopt.cli.common import app, console, err_console, friendly_errors
+from sdopt.cli.common import app, console, err_console, friendly_errors, split_list
 
 
 @app.command()
@@ -32,6 +32,19 @@ def generate(
     provider: str = typer.Option("cpu", help="cpu, cuda (onnxruntime-gpu) or tensorrt."),
     fast: bool = typer.Option(False, "--fast", help="Fast mode: DeepCache with a full U-Net pass every 3 steps (see --deepcache)."),
     deepcache: int = typer.Option(1, help="Full U-Net pass every N steps, the last layer only between (1 = exact)."),
+    # -- ControlNet (artifacts exported with --controlnet) --
+    control_image: Optional[list[Path]] = typer.Option(
+        None, "--control-image", help="ControlNet conditioning image, resized to the output size. Repeat it for "
+        "several ControlNets (one per ControlNet, in --controlnet order)."),
+    control_scale: Optional[list[float]] = typer.Option(
+        None, "--control-scale", help="ControlNet conditioning scale (default 1.0); once for all, or once per "
+        "ControlNet."),
+    controlnet: Optional[str] = typer.Option(
+        None, "--controlnet", help="Comma-separated ControlNet names of the artifact (default: all, in export "
+        "order)."),
+    control_start: float = typer.Option(0.0, help="Fraction of the steps before which the ControlNets are off."),
+    control_end: float = typer.Option(1.0, help="Fraction of the steps after which the ControlNets are off."),
+    guess_mode: bool = typer.Option(False, "--guess-mode", help="ControlNet guess mode (conditional half only)."),
     cuda_graph: bool = typer.Option(
         False, "--cuda-graph", help="TensorRT: capture each component's engine call as a CUDA graph per input shape "
                                     "and replay it (best with static engines; a shape that cannot be captured runs "
@@ -57,7 +70,9 @@ def generate(
         result = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
                       height=height, width=width, num_images_per_prompt=batch, seed=seed, scheduler=scheduler,
                       image=image, mask_image=mask, strength=strength, deepcache=3 if fast and deepcache == 1 else deepcache,
-                      callback=lambda done, total: bar.update(task, completed=done, total=total))
+                      callback=lambda done, total: bar.update(task, completed=done, total=total),
+                      **_control_args(control_image, control_scale, controlnet, control_start, control_end,
+                                      guess_mode))
     for w in caught:
         err_console.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False)
     paths = [out] if len(result.images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(result.images))]
@@ -66,5 +81,25 @@ def generate(
         im.save(path)
     t = result.timings
     console.print(f"seed {result.seed}; wrote {', '.join(map(str, paths))}")
+    if "controlnet" in t:
+        console.print(f"ControlNet {t['controlnet']:.2f} s")
     console.print(f"load {load_s:.2f} s, text encoder {t['text_encoder']:.2f} s, U-Net {t['unet']:.2f} s "
                   f"({t['unet_per_step'] * 1000:.0f} ms/step), VAE decode {t['vae_decoder']:.2f} s, total {t['total']:.2f} s")
+
+
+def _control_args(images: Optional[list[Path]], scales: Optional[list[float]], names: Optional[str], start: float,
+                  end: float, guess_mode: bool) -> dict[str, object]:
+    """`sdopt generate`'s ControlNet options as Pipeline call arguments (none when unused)."""
+    if not images and not names:
+        if scales:
+            from sdopt.errors import SdoptError
+
+            raise SdoptError("--control-scale without --control-image",
+                             "pass --control-image PATH (a ControlNet artifact)")
+        return {}
+    chosen = split_list(names)
+    one = len(images or []) == 1 and (chosen is None or len(chosen) == 1)
+    return {"control_image": (images[0] if one else images) if images else None,
+            "controlnet_conditioning_scale": scales[0] if scales and len(scales) == 1 else scales or 1.0,
+            "controlnet": chosen, "control_guidance_start": start, "control_guidance_end": end,
+            "guess_mode": guess_mode}

@@ -22,6 +22,7 @@ from sdopt import __version__
 from sdopt.errors import SdoptError
 from sdopt.export import onnx_graph
 from sdopt.export.components import ComponentPlan, plan_components, vae_scale
+from sdopt.export.controlnet_export import export_controlnets, prepare_controlnets  # ControlNet hook (issue 15)
 from sdopt.export.sources import LoadedModel, load_model
 from sdopt.export.tokenizer_files import save_tokenizer
 from sdopt.export.verify import TOLERANCE, verify_component
@@ -35,6 +36,7 @@ from sdopt.manifest import (
     TensorSpec,
     VaeSpec,
     Verification,
+    check_multiple,
     sha256_file,
 )
 
@@ -54,6 +56,7 @@ class ExportOptions:
     seed: int = 0
     tolerance: float | None = None  # None: TOLERANCE[precision]
     ort_optimize: bool = True  # also save ONNX Runtime's optimised CPU graph (fast session start)
+    controlnets: list[str] = field(default_factory=list)  # ControlNet hook: --controlnet SOURCE / NAME=SOURCE
 
 
 # Stage callback: (component, stage, detail), stage in {"export", "clean", "verify", "optimize", "done"}.
@@ -79,8 +82,8 @@ def check_options(out: Path, opts: ExportOptions) -> None:
         if name not in COMPONENTS:
             raise SdoptError(f"unknown component {name!r}", f"choose from {', '.join(COMPONENTS)}")
     for label, size in (("--min-size", opts.min_size), ("--max-size", opts.max_size)):
-        if size is not None and (size <= 0 or size % 8):
-            raise SdoptError(f"{label} {size} is not a positive multiple of 8", f"use e.g. {max(8, size // 8 * 8)}")
+        if size is not None:
+            check_multiple(label, size, 8)
     if opts.min_size and opts.max_size and opts.min_size > opts.max_size:
         raise SdoptError(f"--min-size {opts.min_size} is larger than --max-size {opts.max_size}", "swap them")
     if opts.max_batch < 1:
@@ -95,9 +98,7 @@ def image_spec(model: LoadedModel, opts: ExportOptions) -> ImageSpec:
     lo, hi, default = model.size_range
     lo, hi = opts.min_size or lo, opts.max_size or hi
     for label, size in (("--min-size", lo), ("--max-size", hi)):
-        if size % multiple:
-            raise SdoptError(f"{label} {size} is not a multiple of {multiple}, which this U-Net needs "
-                             f"(VAE x{scale}, U-Net x{multiple // scale})", f"use {max(multiple, size // multiple * multiple)}")
+        check_multiple(label, size, multiple)  # VAE x scale, U-Net x multiple // scale
     if lo > hi:
         raise SdoptError(f"min size {lo} is larger than max size {hi}", "pass both --min-size and --max-size")
     default = min(max(default, lo), hi) // multiple * multiple
@@ -124,6 +125,7 @@ def export_artifact(model_id: str, out: Path, opts: ExportOptions, progress: Pro
     if missing:
         raise SdoptError(f"a {model.family} model has no {', '.join(missing)}", f"choose from {', '.join(available)}")
     tolerance = opts.tolerance if opts.tolerance is not None else TOLERANCE[opts.precision]
+    controlnets = prepare_controlnets(opts.controlnets, model, names, opts)  # ControlNet hook (issue 15)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -143,10 +145,14 @@ def export_artifact(model_id: str, out: Path, opts: ExportOptions, progress: Pro
             if not comp.verification.passed:
                 failures.append(f"{plan.name}: max relative error {comp.verification.max_rel_err:.2e} > {tolerance:.0e}")
         components = {name: components[name] for name in names}  # manifest order: COMPONENTS order
+        control, control_failures = export_controlnets(  # ControlNet hook (issue 15)
+            controlnets, model, tmp, image, opts, tolerance, components, progress)
+        failures += control_failures
         if failures and not opts.allow_verify_failure:
             raise SdoptError("verification failed: " + "; ".join(failures),
                              "inspect the model, or pass --allow-verify-failure to keep the export anyway")
         manifest = _manifest(model, image, opts, components)
+        manifest.controlnet = control  # ControlNet hook (issue 15)
         _write_support_files(model, tmp, names)
         manifest.write(tmp)
         _move_into_place(tmp, out)

@@ -25,6 +25,7 @@ from typing import Any
 
 from sdopt.engines.trt import import_tensorrt, trt_logger
 from sdopt.errors import SdoptError
+from sdopt.export.controlnet_trt import with_derived_dims  # ControlNet hook (issue 15)
 from sdopt.hardware import GpuFacts, gpu_facts
 from sdopt.manifest import (
     MANIFEST_NAME,
@@ -101,7 +102,7 @@ def dim_ranges(manifest: Manifest, component: str, static: bool = False, batch: 
             out[name] = (v, v, v)
         else:
             out[name] = (r.min, v if given.get(name) is not None else r.opt, r.max)
-    return out
+    return with_derived_dims(out)  # ControlNet hook: residual dims follow the latent dims
 
 
 def engine_profiles(manifest: Manifest, component: str, static: bool = False, batch: int | None = None,
@@ -172,6 +173,8 @@ def build_engines(artifact_dir: str | Path, options: BuildOptions,
     check_build_options(options)
     manifest = load_manifest(root)
     names = options.components or manifest.runtime_components()  # one U-Net engine: unet_deep where present
+    if manifest.controlnet and not options.components:  # ControlNet hook: the residual U-Net is that engine
+        names = manifest.controlnet.components_to_load(names)
     profiles = {n: engine_profiles(manifest, n, options.static, options.batch, options.height, options.width)
                 for n in names}
     trt, gpu = preflight()

@@ -23,6 +23,7 @@ import numpy as np
 
 from sdopt.errors import SdoptError
 from sdopt.manifest import Manifest, load_manifest, verify_files
+from sdopt.runtime import controlnet as control_stage
 from sdopt.runtime import images as imageops
 from sdopt.runtime import stages
 from sdopt.runtime.backends import Backend, EngineSession, open_backend
@@ -33,6 +34,8 @@ from sdopt.runtime.stages import DenoiseState, Feeds
 from sdopt.runtime.tokenizer import ClipTokenizer
 
 StepCallback = Callable[[int, int], None]  # (step done, total steps)
+CONTROL_ARGS = ("control_image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end",
+                "guess_mode", "controlnet")  # ControlNet hook: `__call__` arguments for sdopt.runtime.controlnet
 
 
 @dataclass
@@ -71,7 +74,8 @@ class Pipeline:
 
     @classmethod
     def load(
-        cls, path: str | Path, provider: str = "cpu", verify_hashes: bool = True, **backend_options: Any
+        cls, path: str | Path, provider: str = "cpu", verify_hashes: bool = True, controlnet: bool = True,
+        **backend_options: Any,
     ) -> Pipeline:
         """Open an artifact folder and create one engine session per component.
 
@@ -79,6 +83,8 @@ class Pipeline:
             path: The artifact folder written by `sdopt export`, or an `optimum-cli export onnx` folder.
             provider: "cpu" or "cuda" (ONNX Runtime), or "tensorrt".
             verify_hashes: Check every file's sha256 against the manifest first.
+            controlnet: For artifacts exported with ControlNets: load them and the residual U-Net
+                (in place of the plain one: same weights, so one U-Net in memory either way).
             **backend_options: Passed to the backend, e.g. `threads=` for ONNX Runtime,
                 `use_cuda_graph=` / `allow_host_code=` for TensorRT.
 
@@ -95,6 +101,7 @@ class Pipeline:
         if verify_hashes:
             verify_files(root, manifest)  # every file (a weights file two graphs share: hashed once)
         backend = open_backend(provider, root, manifest, **backend_options)
+        names = control_stage.components_to_load(manifest, controlnet, names)  # ControlNet hook: one U-Net graph
         # Sessions are keyed by role: "unet" is the full U-Net, whichever graph backs it (unet_deep
         # has the same inputs and weights as unet, plus the deep_feature output fast mode needs).
         sessions = {("unet" if name == "unet_deep" else name): adapt(backend.load(name), manifest.components[name])
@@ -122,6 +129,12 @@ class Pipeline:
         output_type: str = "pil",
         callback: StepCallback | None = None,
         deepcache: int = 1,
+        control_image: control_stage.ControlImages | None = None,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
+        guess_mode: bool = False,
+        controlnet: str | list[str] | None = None,
     ) -> GenerationResult:
         """Generate images: txt2img, img2img (`image=`) or inpainting (`image=` + `mask_image=`).
 
@@ -144,6 +157,13 @@ class Pipeline:
             deepcache: N > 1 is the fast mode: a full U-Net pass every N steps and, between them,
                 only its last layer over the cached deep feature (DeepCache, Ma et al. 2023).
                 Roughly N-fold fewer U-Net FLOPs at some loss of fidelity; 1 (default) is exact.
+            control_image: ControlNet conditioning: an image for one ControlNet (or a list: one per
+                prompt), or a list with one entry per selected ControlNet; resized to the output size.
+            controlnet_conditioning_scale: Residual scale, one for all or one per ControlNet.
+            control_guidance_start: Fraction of the steps before which a ControlNet is off (or one per ControlNet).
+            control_guidance_end: Fraction of the steps after which it is off (or one per ControlNet).
+            guess_mode: diffusers' guess mode: ControlNets see only the conditional half, with ramped scales.
+            controlnet: Which of the artifact's ControlNets (a name or a list); default all, in manifest order.
 
         Returns:
             A `GenerationResult` with the images, the seed and per-stage timings.
@@ -155,6 +175,9 @@ class Pipeline:
         request = self.make_request(
             prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, num_images_per_prompt,
             seed, scheduler, latents, image, mask_image, strength, output_type, deepcache,
+            control_image=control_image, controlnet_conditioning_scale=controlnet_conditioning_scale,
+            control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
+            guess_mode=guess_mode, controlnet=controlnet,
         )  # fmt: skip
         return self._generate(request, callback, t_start)
 
@@ -166,7 +189,7 @@ class Pipeline:
         for step in self._denoising_loop(state):
             if callback:
                 callback(step.step, step.total)
-        timings["unet"] = time.perf_counter() - t0
+        timings["unet"] = time.perf_counter() - t0 - timings.get("controlnet", 0.0)  # ControlNet: own stage
         timings["unet_per_step"] = timings["unet"] / max(state.total, 1)
         t0 = time.perf_counter()
         out = self.decode(state.latents)
@@ -182,7 +205,9 @@ class Pipeline:
             SdoptError: for the first argument the artifact cannot serve.
         """
         default = default_scheduler_name(self.scheduler_config)
-        return make_request(self.manifest, self.sessions.keys(), default, prompt, *args, **kwargs)
+        control = {k: kwargs.pop(k) for k in CONTROL_ARGS if k in kwargs}  # ControlNet hook
+        request = make_request(self.manifest, self.sessions.keys(), default, prompt, *args, **kwargs)
+        return control_stage.with_control(self.manifest, self.sessions.keys(), request, **control)
 
     def prepare(self, request: GenerationRequest) -> DenoiseState:
         """Encode the prompts and set up the initial latents: the state before the first step.
@@ -198,6 +223,7 @@ class Pipeline:
         cond = stages.encode_prompt(self.run, self.manifest, self.tokenizers, request)
         t1 = time.perf_counter()
         state = stages.initial_state(self.run, self.manifest, request, scheduler, cond)
+        state.control = control_stage.control_state(self.run, self.manifest, self.sessions.keys(), request)  # hook
         state.timings.update(text_encoder=t1 - t0, vae_encoder=time.perf_counter() - t1)
         return state
 

@@ -69,6 +69,7 @@ class GenerationRequest:
     mode: Mode
     deepcache: int = 1
     output_type: str = "pil"
+    control: Any = None  # ControlNet hook: sdopt.runtime.controlnet.ControlRequest, set by its with_control
 
     @property
     def batch(self) -> int:

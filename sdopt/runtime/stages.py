@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -139,6 +140,7 @@ class DenoiseState:
     step: int = 0
     deep_feature: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    control: Any = None  # ControlNet hook: sdopt.runtime.controlnet.ControlState (residual feeds), or None
 
     @property
     def total(self) -> int:
@@ -169,6 +171,8 @@ class DenoiseState:
             sample = np.concatenate([sample, extra], axis=1)
         feeds = {"sample": sample, "timestep": np.full((sample.shape[0],), t, dtype=np.float32), **self.cond}
         if self.step % self.deepcache == 0:
+            if self.control is not None:  # ControlNet hook: "unet_control" with this step's residuals
+                return self.control.unet_inputs(self, "unet", feeds)
             return "unet", feeds
         assert self.deep_feature is not None
         return "unet_shallow", {**feeds, "deep_feature": self.deep_feature}
