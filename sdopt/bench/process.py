@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, IO
+from typing import IO, Any
 
 from sdopt.bench.machine import thread_env
 

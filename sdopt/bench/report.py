@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from sdopt.bench import quality_report
 from sdopt.bench.stats import finite_or_none
 
 COLUMNS = ("backend", "status", "e2e median s", "p90 / min s", "img/s", "text enc ms", "U-Net/step ms",
@@ -125,6 +126,7 @@ def print_table(results: dict[str, Any], console: Console) -> None:
     console.print(table)
     for note in [*notes, *map(escape, fidelity_notes(results))]:
         console.print(note, highlight=False)
+    quality_report.print_table(results, console)
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -140,6 +142,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["", "Latencies are medians over the measured runs; stages are time inside the component calls "
               "(see benchmarks/README.md). Speedup: torch eager median / backend median, same run. Parity: "
               "max |Δ| and PSNR of the images vs torch eager on [0, 1] pixels, same initial latents.", ""]
+    lines += quality_report.markdown(results)
     return "\n".join(lines)
 
 
@@ -165,7 +168,7 @@ def write_png(results: dict[str, Any], path: Path) -> bool:
     for key, label, color in STAGE_PLOT:
         vals = [((b["stages_s"] or {}).get(key) or {}).get("median", 0.0) for b in ok]
         left.barh(y, vals, left=start, color=color, label=label)
-        start = [s + v for s, v in zip(start, vals)]
+        start = [s + v for s, v in zip(start, vals, strict=True)]
     for i, b in enumerate(ok):
         left.text(start[i], i, f" {b['e2e_s']['median']:.3f} s", va="center", fontsize=8)
     left.set_yticks(y, names)
