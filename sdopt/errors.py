@@ -12,16 +12,6 @@ class SdoptError(Exception):
         super().__init__(f"{problem} — {fix}" if fix else problem)
 
 
-def check_image_size(height: int, width: int, multiple: int = 8) -> None:
-    """Sizes must be multiples of the VAE/U-Net downsampling; odd sizes fail deep inside ORT."""
-    for name, value in (("height", height), ("width", width)):
-        if value <= 0 or value % multiple:
-            raise SdoptError(
-                f"{name} {value} is not a positive multiple of {multiple}",
-                f"use e.g. {max(multiple, round(value / multiple) * multiple)}",
-            )
-
-
 class EnginesMissingError(SdoptError):
     """The artifact has no TensorRT engine this host can load (none built, or only for another GPU or
     TensorRT version): `sdopt build` would fix it. Callers that build on demand catch this type."""

@@ -118,7 +118,9 @@ class ImageSpec:
     default_width: int
     max_batch: int | None  # images per call; the U-Net and text encoders see 2x for CFG. None: not recorded
 
-    def check(self, height: int, width: int, batch: int | None = None, flag: str = "") -> None:
+    def check(
+        self, height: int, width: int, batch: int | None = None, flag: str = "", where: str = "the exported"
+    ) -> None:
         """The one image-size rule, for export, runtime, TensorRT builds and the benchmark.
 
         Sizes must be positive multiples of 8 (the VAE's downsampling) and of `multiple` (the
@@ -130,6 +132,7 @@ class ImageSpec:
             width: Image width in pixels.
             batch: Images per call, or None to skip the batch check.
             flag: Prefix of the names in messages, e.g. "--" where the values came from CLI flags.
+            where: Whose limits these are, in messages ("the exported", "synthetic:tiny's").
 
         Raises:
             SdoptError: naming the first value that breaks the rule and a value that would not.
@@ -140,13 +143,13 @@ class ImageSpec:
             lo, hi = self.min_size, self.max_size  # None: not recorded (an Optimum export)
             if lo is not None and hi is not None and not lo <= value <= hi:
                 raise SdoptError(
-                    f"{name} {value} is outside the exported range {self.min_size}..{self.max_size}",
+                    f"{name} {value} is outside {where} range {self.min_size}..{self.max_size}",
                     f"use a size in range, or re-export with --min-size/--max-size covering {value}",
                 )
         too_many = batch is not None and self.max_batch is not None and batch > self.max_batch
         if batch is not None and (batch < 1 or too_many):
             raise SdoptError(
-                f"{batch} images per call exceed the exported maximum batch {self.max_batch}"
+                f"{batch} images per call exceed {where} maximum batch {self.max_batch}"
                 if too_many
                 else f"images per call must be at least 1, got {batch}",
                 f"generate 1..{self.max_batch} at once, or re-export with --max-batch {max(batch, 1)}"

@@ -123,8 +123,8 @@ def test_validate_rejects(field, value, message):
     (["--backends", "torch,onnx"], "unknown backend 'onnx'"),
     (["--runs", "0"], "--runs must be an integer >= 1"),
     (["--height", "100"], "--height 100 is not a positive multiple of 8"),
-    (["--height", "512"], "outside synthetic:tiny's range 64..256"),  # checked before exporting
-    (["--width", "72"], "not a multiple of 16"),
+    (["--height", "512"], "--height 512 is outside synthetic:tiny's range 64..256"),  # checked before exporting
+    (["--width", "72"], "not a positive multiple of 16"),
     (["--config", "no-such-config"], "no benchmark config"),
     (["--scheduler", "heun"], "unknown scheduler"),
 ])

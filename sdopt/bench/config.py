@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sdopt.errors import SdoptError
+from sdopt.manifest import check_multiple
 
 #: Every backend the harness knows, in table order. torch is the reference.
 BACKENDS = ("torch", "torch-compile", "onnxruntime", "onnxruntime-fast", "tensorrt")
@@ -210,10 +211,9 @@ def _check_size(config: BenchConfig) -> None:
         value = getattr(config, name)
         if value is None:
             continue
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % 8:
-            fix = max(8, round(value / 8) * 8) if isinstance(value, (int, float)) else 512
-            raise SdoptError(f"--{name} {value} is not a positive multiple of 8",
-                             f"use e.g. --{name} {fix}")
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise SdoptError(f"--{name} {value!r} is not a whole number of pixels", f"use e.g. --{name} 512")
+        check_multiple(f"--{name}", value, 8)  # the rest of the size rule needs the model (ImageSpec.check)
 
 
 def _int_at_least(name: str, value: Any, low: int, fix: str) -> None:

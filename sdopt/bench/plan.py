@@ -23,7 +23,7 @@ from sdopt import __version__
 from sdopt.bench.config import DEFAULT_MODEL, BenchConfig, benchmarks_dir, validate
 from sdopt.bench.machine import has_gpu, physical_cores
 from sdopt.errors import SdoptError
-from sdopt.manifest import MANIFEST_NAME, load_manifest
+from sdopt.manifest import MANIFEST_NAME, ImageSpec, load_manifest
 from sdopt.optimum_layout import is_optimum_folder
 
 Log = Callable[[str], None]
@@ -53,7 +53,7 @@ def cache_key(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def preset_image_limits(model: str) -> dict[str, int] | None:
+def preset_image_limits(model: str) -> ImageSpec | None:
     """Size limits of a synthetic preset, known without building it (None for other models)."""
     if not model.startswith("synthetic:"):
         return None
@@ -63,25 +63,15 @@ def preset_image_limits(model: str) -> dict[str, int] | None:
     lo, hi = preset["size_range"]
     vae_levels, unet_levels = len(preset["vae"]["block_out_channels"]), len(preset["unet"]["block_out_channels"])
     multiple = 2 ** (vae_levels - 1) * 2 ** (unet_levels - 1)
-    return {"min_size": lo, "max_size": hi, "multiple": multiple, "default": preset["default_size"]}
+    default = preset["default_size"]
+    return ImageSpec(lo, hi, multiple, default, default, max_batch=None)
 
 
-def check_image(config: BenchConfig, min_size: int | None, max_size: int | None, multiple: int,
-                max_batch: int | None, where: str) -> None:
-    for name in ("height", "width"):
-        value = getattr(config, name)
-        if value is None:
-            continue
-        if value % multiple:
-            raise SdoptError(f"--{name} {value} is not a multiple of {multiple}, which {where} needs",
-                             f"use e.g. --{name} {max(multiple, round(value / multiple) * multiple)}")
-        if min_size is not None and max_size is not None and not min_size <= value <= max_size:
-            raise SdoptError(f"--{name} {value} is outside {where}'s range {min_size}..{max_size}",
-                             f"use a size in {min_size}..{max_size}")
-    if max_batch is not None and config.batch > max_batch:
-        raise SdoptError(f"--batch {config.batch} exceeds {where}'s maximum batch {max_batch}",
-                         f"use --batch {max_batch} or less, or benchmark the model id so the harness exports "
-                         f"with --max-batch {config.batch}")
+def check_image(config: BenchConfig, spec: ImageSpec, where: str) -> None:
+    """The job's size and batch against what a model or artifact accepts: `ImageSpec.check`, the one
+    size rule (a size the job leaves to the model is its default, which always passes)."""
+    height, width = config.height or spec.default_height, config.width or spec.default_width
+    spec.check(height, width, config.batch, flag="--", where=where)
 
 
 def unavailable_reason(backend: str) -> str | None:
@@ -96,7 +86,8 @@ def unavailable_reason(backend: str) -> str | None:
         return None if not missing("onnxruntime") else "onnxruntime not installed (pip install onnxruntime)"
     if backend == "tensorrt":
         if missing("tensorrt"):
-            return "tensorrt not installed (pip install 'sdopt[tensorrt]' on a host with an NVIDIA GPU)"
+            return ("tensorrt not installed (pip install 'sdopt[tensorrt-cu12]' or 'sdopt[tensorrt-cu13]' "
+                    "on a host with an NVIDIA GPU)")
         if not has_gpu():
             return "no NVIDIA GPU found (nvidia-smi lists none)"
         return None
@@ -134,7 +125,7 @@ def plan(config: BenchConfig, cache_dir: Path | None = None) -> Plan:
                              "pass a folder written by `sdopt export`, a model id, or e.g. synthetic:tiny")
         limits = preset_image_limits(model)
         if limits:
-            check_image(config, limits["min_size"], limits["max_size"], limits["multiple"], None, model)
+            check_image(config, limits, f"{model}'s")
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     return Plan(config, runnable, skipped, artifact, model, cache, config.threads or physical_cores())
 
@@ -142,8 +133,7 @@ def plan(config: BenchConfig, cache_dir: Path | None = None) -> Plan:
 def _check_artifact(config: BenchConfig, artifact: Path, runnable: list[str], skipped: dict[str, str]) -> None:
     """Size, batch and precision against the artifact's manifest; an Optimum export skips the torch backends."""
     m = load_manifest(artifact)
-    check_image(config, m.image.min_size, m.image.max_size, m.image.multiple, m.image.max_batch,
-                f"the artifact {artifact.name}")
+    check_image(config, m.image, f"the artifact {artifact.name}'s")
     if m.source.get("kind") == "optimum":  # no PyTorch weights to run the torch backends on
         for b in [b for b in runnable if b.startswith("torch")]:
             skipped[b] = "an Optimum ONNX export has no PyTorch weights (benchmark the diffusers model for torch)"

@@ -89,8 +89,7 @@ def run_benchmark(config: BenchConfig, out_dir: Path | None = None, cache_dir: P
 def _prepare(p: Plan, config: BenchConfig, manifest: Manifest, artifact: Path, log: Log) -> tuple[Job, dict]:
     """The job (checked against the exported manifest) and the machine facts, matmul peak included."""
     if p.artifact is None:  # checks that needed the exported manifest (non-synthetic models)
-        check_image(config, manifest.image.min_size, manifest.image.max_size, manifest.image.multiple,
-                    manifest.image.max_batch, f"the export of {p.model}")
+        check_image(config, manifest.image, f"the export of {p.model}'s")
     job = make_job(config, manifest, artifact, p.threads)
     job.build_engines = p.artifact is None  # TensorRT engines: built on demand into the harness's cached export
     if config.quality and config.latents:
