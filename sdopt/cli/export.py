@@ -10,9 +10,9 @@ from rich import box
 from rich.table import Table
 
 from sdopt.cli.common import app, console, friendly_errors, split_list
-from sdopt.errors import SdoptError
 
 if TYPE_CHECKING:
+    from sdopt.export.artifact import ExportOptions, ExportResult
     from sdopt.export.tensorrt_build import BuildOptions
     from sdopt.manifest import EngineEntry
 
@@ -32,7 +32,9 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     allow_verify_failure: bool = typer.Option(False, help="Keep the export even if ONNX differs from PyTorch beyond tolerance."),
     seed: int = typer.Option(0, help="Seed of synthetic weights and of verification inputs."),
-    backend: str = typer.Option("onnx", help="onnx, or tensorrt to also build engines (default dynamic profiles; see `sdopt build`)."),
+    tensorrt: bool = typer.Option(
+        False, "--tensorrt", help="Also build TensorRT engines (dynamic profiles over the exported range; needs a GPU "
+                                  "host with the tensorrt-cuXX extra; see `sdopt build` for the options)."),
     ort_optimize: bool = typer.Option(True, help="Also save ONNX Runtime's optimised CPU graph (sessions start in seconds)."),
     controlnet: Optional[str] = typer.Option(
         None, "--controlnet", help="ControlNets to export with the model, comma-separated: a diffusers ControlNetModel "
@@ -53,19 +55,32 @@ def export(
                          allow_verify_failure=allow_verify_failure, seed=seed, ort_optimize=ort_optimize,
                          controlnets=split_list(controlnet) or [])
     check_options(out.expanduser().resolve(), opts)  # fail before the slow imports
-    if lora:  # LoRA: a missing or pickle file fails now, not after the model load
-        from sdopt.lora.files import parse_lora_arg, read_lora_file
-
-        opts.loras = [parse_lora_arg(text) for text in lora]
-        opts.lora_ignore_unmatched = lora_ignore_unmatched
-        for spec in opts.loras:
-            read_lora_file(spec.path)
-    if backend not in ("onnx", "tensorrt"):
-        raise SdoptError(f"unknown backend {backend!r}", "use onnx or tensorrt")
-    if backend == "tensorrt":  # fail in seconds, not after the export
+    _add_loras(opts, lora or [], lora_ignore_unmatched)
+    if tensorrt:  # fail in seconds, not after the export
         from sdopt.export.tensorrt_build import BuildOptions, preflight
 
         preflight()
+    result = _export_with_progress(model, out, opts)
+    _print_components(result.manifest)
+    console.print(f"wrote [bold]{result.out}[/] in {result.seconds:.1f} s (model load {result.load_seconds:.1f} s)")
+    if tensorrt:
+        _build(result.out, BuildOptions())
+
+
+def _add_loras(opts: ExportOptions, lora: list[str], ignore_unmatched: bool) -> None:
+    """LoRA files to merge: a missing or pickle file fails now, not after the model load."""
+    if not lora:
+        return
+    from sdopt.lora.files import parse_lora_arg, read_lora_file
+
+    opts.loras = [parse_lora_arg(text) for text in lora]
+    opts.lora_ignore_unmatched = ignore_unmatched
+    for spec in opts.loras:
+        read_lora_file(spec.path)
+
+
+def _export_with_progress(model: str, out: Path, opts: ExportOptions) -> ExportResult:
+    """`export_artifact` with one progress line per component and stage."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from sdopt.export.artifact import export_artifact
@@ -87,11 +102,7 @@ def export(
             else:
                 bar.update(tasks[component], description=f"{component}: {stages[stage]}")
 
-        result = export_artifact(model, out, opts, progress)
-    _print_components(result.manifest)
-    console.print(f"wrote [bold]{result.out}[/] in {result.seconds:.1f} s (model load {result.load_seconds:.1f} s)")
-    if backend == "tensorrt":
-        _build(result.out, BuildOptions())
+        return export_artifact(model, out, opts, progress)
 
 
 @app.command()

@@ -66,7 +66,7 @@ class BuildOptions:
 
 # -- pure parts ---------------------------------------------------------------------------------
 def check_build_options(options: BuildOptions) -> None:
-    """What can be checked without the artifact (before a long `export --backend tensorrt`)."""
+    """What can be checked without the artifact (before a long `export --tensorrt`)."""
     if options.opt_level not in OPT_LEVELS:
         raise SdoptError(f"--opt-level {options.opt_level} is not in 0..5",
                          "use 3 (the default), or 5 for the slowest, most thorough search")
