@@ -26,8 +26,9 @@ from sdopt.hardware import physical_cores
 from sdopt.manifest import load_manifest
 
 
-def session(path: Path, threads: int, level: ort.GraphOptimizationLevel, parallel: bool = False,
-            arena: bool = True) -> tuple[ort.InferenceSession, float]:
+def session(
+    path: Path, threads: int, level: ort.GraphOptimizationLevel, parallel: bool = False, arena: bool = True
+) -> tuple[ort.InferenceSession, float]:
     o = session_options(threads, level, parallel=parallel, mem_arena=arena)
     t0 = time.perf_counter()
     s = ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
@@ -41,8 +42,9 @@ def feeds(manifest, latent: int) -> dict[str, np.ndarray]:
     out = {}
     for t in unet.inputs:
         shape = unet.concrete_shape(t, values)
-        out[t.name] = (np.full(shape, 500, np.float32) if t.name == "timestep"
-                       else rng.standard_normal(shape).astype(t.dtype))
+        out[t.name] = (
+            np.full(shape, 500, np.float32) if t.name == "timestep" else rng.standard_normal(shape).astype(t.dtype)
+        )
     return out
 
 
@@ -60,8 +62,9 @@ def quantized_unet(src: Path, folder: Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     dst = folder / "unet-int8.onnx"
-    quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
-                     use_external_data_format=True)
+    quantize_dynamic(
+        str(src), str(dst), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8, use_external_data_format=True
+    )
     return dst
 
 
@@ -83,7 +86,10 @@ def main() -> None:
     variants: dict[str, tuple[Path, dict]] = {
         "default (saved optimised graph, ALL, threads=cores, sequential, arena)": (optimized, {}),
         "original graph, ORT_ENABLE_ALL at load": (plain, {}),
-        "original graph, ORT_ENABLE_EXTENDED (no NCHWc layouts)": (plain, {"level": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}),
+        "original graph, ORT_ENABLE_EXTENDED (no NCHWc layouts)": (
+            plain,
+            {"level": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED},
+        ),
         "original graph, ORT_ENABLE_BASIC": (plain, {"level": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}),
         "threads=1": (optimized, {"threads": 1}),
         "threads=2x cores (oversubscribed)": (optimized, {"threads": 2 * cores}),
@@ -102,8 +108,13 @@ def main() -> None:
     creates: dict[str, float] = {}
     reference = None
     for name, (path, opts) in variants.items():
-        s, creates[name] = session(path, opts.get("threads", cores), opts.get("level", all_level),
-                                   opts.get("parallel", False), opts.get("arena", True))
+        s, creates[name] = session(
+            path,
+            opts.get("threads", cores),
+            opts.get("level", all_level),
+            opts.get("parallel", False),
+            opts.get("arena", True),
+        )
         run = io_binding_runner(s, feed, out_shapes) if opts.get("io_binding") else (lambda s=s: s.run(None, feed))
         out = s.run(["out_sample"], feed)[0]  # warm-up and output check
         reference = out if reference is None else reference
@@ -120,13 +131,32 @@ def main() -> None:
     for name in variants:
         med = statistics.median(times[name])
         create = creates[name]
-        rows.append({"lever": name, "median_s_per_call": med, "vs_default": base / med,
-                     "session_create_s": create, "max_abs_diff_vs_default": diffs.get(name)})
-    result = {"artifact": str(args.artifact), "source": m.source, "size": args.size, "batch": 2,
-              "repeats": args.repeats, "threads_default": cores, "onnxruntime": ort.__version__, "rows": rows}
-    lines = [f"U-Net call (batch 2, {args.size}x{args.size} image), median of {args.repeats}, onnxruntime "
-             f"{ort.__version__}, {cores} physical cores", "",
-             "| lever | s/call | speed vs default | session create s | max abs diff |", "|---|---|---|---|---|"]
+        rows.append(
+            {
+                "lever": name,
+                "median_s_per_call": med,
+                "vs_default": base / med,
+                "session_create_s": create,
+                "max_abs_diff_vs_default": diffs.get(name),
+            }
+        )
+    result = {
+        "artifact": str(args.artifact),
+        "source": m.source,
+        "size": args.size,
+        "batch": 2,
+        "repeats": args.repeats,
+        "threads_default": cores,
+        "onnxruntime": ort.__version__,
+        "rows": rows,
+    }
+    lines = [
+        f"U-Net call (batch 2, {args.size}x{args.size} image), median of {args.repeats}, onnxruntime "
+        f"{ort.__version__}, {cores} physical cores",
+        "",
+        "| lever | s/call | speed vs default | session create s | max abs diff |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         create = "—" if r["session_create_s"] is None else f"{r['session_create_s']:.1f}"
         diff = "—" if r["max_abs_diff_vs_default"] is None else f"{r['max_abs_diff_vs_default']:.2e}"

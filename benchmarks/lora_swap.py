@@ -45,7 +45,7 @@ def write_lora(manifest, path: Path, rank: int, select, seed: int) -> int:
                 continue
             fan_in = int(np.prod(shape[1:]))
             down = (rng.standard_normal((rank, *shape[1:]), dtype=np.float32) / np.sqrt(fan_in)).astype(np.float16)
-            up = (rng.standard_normal((shape[0], rank, *[1] * (len(shape) - 2)), dtype=np.float32) * 0.01)
+            up = rng.standard_normal((shape[0], rank, *[1] * (len(shape) - 2)), dtype=np.float32) * 0.01
             tensors[f"{component}.{module}.lora_A.weight"] = down
             tensors[f"{component}.{module}.lora_B.weight"] = up.astype(np.float16)
             meta[f"{component}.r"], meta[f"{component}.lora_alpha"] = rank, rank
@@ -75,9 +75,16 @@ def main() -> None:
     load_s = time.perf_counter() - t0
     m = pipe.manifest
     style, lcm = out / "style-rank16.safetensors", out / "lcm-shaped-rank64.safetensors"
-    keys = {"style": write_lora(m, style, 16, lambda c, mod: mod.split(".")[-1] in STYLE_TEXT or
-                                any(mod.endswith(t) for t in STYLE_UNET), seed=1),
-            "lcm": write_lora(m, lcm, 64, lambda c, mod: c == "unet", seed=2)}
+    keys = {
+        "style": write_lora(
+            m,
+            style,
+            16,
+            lambda c, mod: mod.split(".")[-1] in STYLE_TEXT or any(mod.endswith(t) for t in STYLE_UNET),
+            seed=1,
+        ),
+        "lcm": write_lora(m, lcm, 64, lambda c, mod: c == "unet", seed=2),
+    }
     call = dict(height=args.size, width=args.size, seed=0, output_type="np")
     prompt = "a photograph of an astronaut riding a horse"
 
@@ -105,10 +112,17 @@ def main() -> None:
     pipe.set_loras([])
     med = lambda xs: round(statistics.median(xs), 4)  # noqa: E731
     result = {
-        "artifact": str(args.artifact), "size": args.size, "repeats": args.repeats, "load_s": round(load_s, 2),
-        "lora_keys": keys, "machine": platform.processor() or platform.machine(),
-        "swap_unet_te_rank16_s": med(swaps), "restore_s": med(restores), "swap_all_s": [round(x, 3) for x in swaps],
-        "restore_all_s": [round(x, 3) for x in restores], "swap_lcm_rank64_s": round(lcm_swap, 3),
+        "artifact": str(args.artifact),
+        "size": args.size,
+        "repeats": args.repeats,
+        "load_s": round(load_s, 2),
+        "lora_keys": keys,
+        "machine": platform.processor() or platform.machine(),
+        "swap_unet_te_rank16_s": med(swaps),
+        "restore_s": med(restores),
+        "swap_all_s": [round(x, 3) for x in swaps],
+        "restore_all_s": [round(x, 3) for x in restores],
+        "swap_lcm_rank64_s": round(lcm_swap, 3),
         "step_s_before_swap": med([t["unet_per_step"] for t in before]),
         "step_s_after_swap": med([t["unet_per_step"] for t in after]),
         "exact_20_steps_cfg_total_s": med([t["total"] for t in before]),

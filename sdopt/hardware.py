@@ -104,12 +104,16 @@ def gpu_facts(device: int = 0) -> GpuFacts:
     check_driver(driver, runtime)
     err, prop = cudart.cudaGetDeviceProperties(device)
     if err == cudart.cudaError_t.cudaErrorNoDevice or err == cudart.cudaError_t.cudaErrorInvalidDevice:
-        raise NoGpuError(f"no NVIDIA GPU {device} on this host ({error_name(err)})",
-                         "run on a host with an NVIDIA GPU (check CUDA_VISIBLE_DEVICES and `nvidia-smi`)")
+        raise NoGpuError(
+            f"no NVIDIA GPU {device} on this host ({error_name(err)})",
+            "run on a host with an NVIDIA GPU (check CUDA_VISIBLE_DEVICES and `nvidia-smi`)",
+        )
     if err == cudart.cudaError_t.cudaErrorInsufficientDriver:  # same major, yet too old for this runtime
-        raise SdoptError(f"the NVIDIA driver (CUDA {cuda_version_text(driver)}) is too old for the installed CUDA "
-                         f"{cuda_version_text(runtime)} wheels ({error_name(err)})",
-                         "update the NVIDIA driver, or install wheels for an older CUDA")
+        raise SdoptError(
+            f"the NVIDIA driver (CUDA {cuda_version_text(driver)}) is too old for the installed CUDA "
+            f"{cuda_version_text(runtime)} wheels ({error_name(err)})",
+            "update the NVIDIA driver, or install wheels for an older CUDA",
+        )
     prop = cuda_check(cudart, (err, prop), "cudaGetDeviceProperties")
     name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
     return GpuFacts(name.rstrip("\x00").strip(), f"{prop.major}.{prop.minor}")
@@ -118,18 +122,29 @@ def gpu_facts(device: int = 0) -> GpuFacts:
 def _gpu_facts_from_smi(device: int) -> GpuFacts:
     smi = shutil.which("nvidia-smi")
     if smi is None:
-        raise NoGpuError("no NVIDIA GPU found (no cuda-python and no nvidia-smi)",
-                         "run on a host with an NVIDIA GPU and driver")
+        raise NoGpuError(
+            "no NVIDIA GPU found (no cuda-python and no nvidia-smi)", "run on a host with an NVIDIA GPU and driver"
+        )
     # nvidia-smi ignores CUDA_VISIBLE_DEVICES, so ask for the physical GPU that CUDA calls `device`.
     visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
     ident = visible[device] if device < len(visible) else str(device)
-    proc = subprocess.run([smi, "-i", ident, "--query-gpu=name,compute_cap", "--format=csv,noheader"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [smi, "-i", ident, "--query-gpu=name,compute_cap", "--format=csv,noheader"], capture_output=True, text=True
+    )
     if proc.returncode != 0:
-        raise NoGpuError(f"nvidia-smi found no GPU {ident}: {proc.stderr.strip()[:200]}",
-                         "run on a host with an NVIDIA GPU")
+        raise NoGpuError(
+            f"nvidia-smi found no GPU {ident}: {proc.stderr.strip()[:200]}", "run on a host with an NVIDIA GPU"
+        )
     return parse_nvidia_smi(proc.stdout)
 
 
-__all__ = ["GpuFacts", "cpu_flags", "cpu_model", "cpuinfo_fields", "gpu_facts", "nvidia_device_present",
-           "parse_nvidia_smi", "physical_cores"]
+__all__ = [
+    "GpuFacts",
+    "cpu_flags",
+    "cpu_model",
+    "cpuinfo_fields",
+    "gpu_facts",
+    "nvidia_device_present",
+    "parse_nvidia_smi",
+    "physical_cores",
+]

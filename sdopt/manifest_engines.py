@@ -17,7 +17,8 @@ class ShapeRange:
 
     def contains(self, shape: tuple[int, ...] | list[int]) -> bool:
         return len(shape) == len(self.min) and all(
-            lo <= s <= hi for s, lo, hi in zip(shape, self.min, self.max, strict=True))
+            lo <= s <= hi for s, lo, hi in zip(shape, self.min, self.max, strict=True)
+        )
 
 
 @dataclass

@@ -72,8 +72,11 @@ def tiny_artifact(tmp_path_factory) -> Callable[..., Path]:
             out = parent / f"{preset}-{precision}"
             if LEAN:
                 if not (out / "sdopt.json").is_file():
-                    pytest.fail(f"no exported artifact {out}: run the full suite with SDOPT_TEST_ARTIFACTS={shared} "
-                                "first (the lean install cannot export)", pytrace=False)
+                    pytest.fail(
+                        f"no exported artifact {out}: run the full suite with SDOPT_TEST_ARTIFACTS={shared} "
+                        "first (the lean install cannot export)",
+                        pytrace=False,
+                    )
             elif not (out / "sdopt.json").is_file():
                 from sdopt.export.artifact import ExportOptions, export_artifact
 

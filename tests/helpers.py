@@ -67,8 +67,11 @@ class ReferenceStore:
         path = self.path(kind, key)
         if self.lean:
             if path is None or not path.is_file():
-                pytest.fail(f"no saved reference {kind}/{key} (looked for {path}); run the full suite first with "
-                            f"{ARTIFACTS_ENV}={self.root or 'DIR'} to record it", pytrace=False)
+                pytest.fail(
+                    f"no saved reference {kind}/{key} (looked for {path}); run the full suite first with "
+                    f"{ARTIFACTS_ENV}={self.root or 'DIR'} to record it",
+                    pytrace=False,
+                )
             with np.load(path, allow_pickle=False) as data:
                 return {k: data[k] for k in data.files}
         values = {k: np.asarray(v) for k, v in compute().items() if v is not None}

@@ -18,9 +18,17 @@ CONV_TARGETS = ["conv1", "conv2"]  # resnet 3x3 convolutions (conv LoRA)
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 
-def make_peft_lora(preset: str, path: Path, components: tuple[str, ...] = ("unet",), rank: int = 4,
-                   alpha: float = 8.0, seed: int = 0, conv: bool = False, std: float = 0.05,
-                   metadata: bool = True) -> Path:
+def make_peft_lora(
+    preset: str,
+    path: Path,
+    components: tuple[str, ...] = ("unet",),
+    rank: int = 4,
+    alpha: float = 8.0,
+    seed: int = 0,
+    conv: bool = False,
+    std: float = 0.05,
+    metadata: bool = True,
+) -> Path:
     """Write a diffusers-format LoRA for synthetic `preset`; returns `path` (a .safetensors file)."""
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -67,8 +75,11 @@ def peft_to_kohya(src: Path, dst: Path, layers_per_block: int | None = None, fp1
     unet_modules = [k.split(".lora_A.")[0][5:] for k in tensors if k.startswith("unet.") and ".lora_A." in k]
     up_attn = {int(m.split(".")[1]) for m in unet_modules if m.startswith("up_blocks.") and ".attentions." in m}
     out = {}
-    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_" if layers_per_block is None else "lora_te1_",
-                "text_encoder_2": "lora_te2_"}
+    prefixes = {
+        "unet": "lora_unet_",
+        "text_encoder": "lora_te_" if layers_per_block is None else "lora_te1_",
+        "text_encoder_2": "lora_te2_",
+    }
     for key, value in tensors.items():
         component, _, rest = key.partition(".")
         module, _, role = rest.partition(".lora_")

@@ -101,33 +101,39 @@ def test_config_file_errors(tmp_path):
     assert "tiny-cpu" in e.value.fix
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("runs", 0, "--runs must be an integer >= 1"),
-    ("warmup", -1, "--warmup"),
-    ("steps", 0, "--steps"),
-    ("batch", 0, "--batch"),
-    ("height", 100, "not a positive multiple of 8"),
-    ("width", -8, "not a positive multiple of 8"),
-    ("backends", ["torch", "onnx"], "unknown backend 'onnx'"),
-    ("backends", [], "no backends"),
-    ("scheduler", "heun", "unknown scheduler"),
-    ("precision", "int8", "unknown precision"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("runs", 0, "--runs must be an integer >= 1"),
+        ("warmup", -1, "--warmup"),
+        ("steps", 0, "--steps"),
+        ("batch", 0, "--batch"),
+        ("height", 100, "not a positive multiple of 8"),
+        ("width", -8, "not a positive multiple of 8"),
+        ("backends", ["torch", "onnx"], "unknown backend 'onnx'"),
+        ("backends", [], "no backends"),
+        ("scheduler", "heun", "unknown scheduler"),
+        ("precision", "int8", "unknown precision"),
+    ],
+)
 def test_validate_rejects(field, value, message):
     with pytest.raises(SdoptError, match=message):
         validate(BenchConfig(**{field: value}))
 
 
 # -- bad input through the CLI: clear error, exit 2, nothing heavy done --------------------------
-@pytest.mark.parametrize("args,message", [
-    (["--backends", "torch,onnx"], "unknown backend 'onnx'"),
-    (["--runs", "0"], "--runs must be an integer >= 1"),
-    (["--height", "100"], "--height 100 is not a positive multiple of 8"),
-    (["--height", "512"], "--height 512 is outside synthetic:tiny's range 64..256"),  # checked before exporting
-    (["--width", "72"], "not a positive multiple of 16"),
-    (["--config", "no-such-config"], "no benchmark config"),
-    (["--scheduler", "heun"], "unknown scheduler"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--backends", "torch,onnx"], "unknown backend 'onnx'"),
+        (["--runs", "0"], "--runs must be an integer >= 1"),
+        (["--height", "100"], "--height 100 is not a positive multiple of 8"),
+        (["--height", "512"], "--height 512 is outside synthetic:tiny's range 64..256"),  # checked before exporting
+        (["--width", "72"], "not a positive multiple of 16"),
+        (["--config", "no-such-config"], "no benchmark config"),
+        (["--scheduler", "heun"], "unknown scheduler"),
+    ],
+)
 def test_cli_bad_input_fails_before_heavy_work(tmp_path, args, message):
     out, cache = tmp_path / "out", tmp_path / "cache"
     t0 = time.perf_counter()
@@ -149,8 +155,15 @@ def test_cli_size_outside_artifact_range(tiny_artifact, tmp_path):
 
 @pytest.mark.skipif(TENSORRT_HERE, reason="tensorrt and a GPU are present here")
 def test_cli_tensorrt_alone_without_tensorrt_is_an_error(tmp_path):
-    result = invoke("synthetic:tiny", "--backends", "tensorrt", "--out", str(tmp_path / "out"),
-                    "--cache-dir", str(tmp_path / "cache"))
+    result = invoke(
+        "synthetic:tiny",
+        "--backends",
+        "tensorrt",
+        "--out",
+        str(tmp_path / "out"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    )
     assert result.exit_code == 2
     assert "no requested backend can run here" in result.output and "tensorrt" in result.output
     assert not (tmp_path / "cache").exists()
@@ -185,34 +198,82 @@ def test_cache_key_covers_model_options_and_version(tmp_path, tiny_artifact):
 # -- reports -------------------------------------------------------------------------------------
 def _fake_results() -> tuple[dict, dict]:
     def run(e2e, te, unet, vae, calls=3):
-        return {"e2e_s": e2e, "stages_s": {"text_encoder": te, "unet": unet, "vae_decoder": vae}, "unet_calls": calls,
-                "unet_per_step_s": unet / calls, "other_s": e2e - te - unet - vae}
+        return {
+            "e2e_s": e2e,
+            "stages_s": {"text_encoder": te, "unet": unet, "vae_decoder": vae},
+            "unet_calls": calls,
+            "unet_per_step_s": unet / calls,
+            "other_s": e2e - te - unet - vae,
+        }
 
-    torch_run = BackendRun("torch", "ok", info={"provider": "torch-cpu", "device": "cpu", "precision": "fp32",
-                                                 "import_s": 5.0, "load_s": 2.0},
-                           spawn_to_ready_s=8.0, first_image_s=2.5,
-                           runs=[run(2.0, 0.1, 1.5, 0.3), run(2.2, 0.1, 1.7, 0.3)],
-                           rss_peak_bytes=900 << 20, image_path="x", unet_flops_per_call=int(3e9))
-    ort_run = BackendRun("onnxruntime", "ok", info={"provider": "cpu", "device": "cpu", "precision": "fp32",
-                                                    "import_s": 0.5, "load_s": 1.0},
-                         spawn_to_ready_s=1.6, first_image_s=1.1,
-                         runs=[run(1.0, 0.05, 0.75, 0.15), run(1.2, 0.05, 0.9, 0.2)],
-                         rss_peak_bytes=300 << 20, image_path="y")
+    torch_run = BackendRun(
+        "torch",
+        "ok",
+        info={"provider": "torch-cpu", "device": "cpu", "precision": "fp32", "import_s": 5.0, "load_s": 2.0},
+        spawn_to_ready_s=8.0,
+        first_image_s=2.5,
+        runs=[run(2.0, 0.1, 1.5, 0.3), run(2.2, 0.1, 1.7, 0.3)],
+        rss_peak_bytes=900 << 20,
+        image_path="x",
+        unet_flops_per_call=int(3e9),
+    )
+    ort_run = BackendRun(
+        "onnxruntime",
+        "ok",
+        info={"provider": "cpu", "device": "cpu", "precision": "fp32", "import_s": 0.5, "load_s": 1.0},
+        spawn_to_ready_s=1.6,
+        first_image_s=1.1,
+        runs=[run(1.0, 0.05, 0.75, 0.15), run(1.2, 0.05, 0.9, 0.2)],
+        rss_peak_bytes=300 << 20,
+        image_path="y",
+    )
     failed = BackendRun("torch-compile")
     failed.fail("run 1/2", "RuntimeError: boom | with a pipe")
     skipped = BackendRun("tensorrt", "skipped", error="tensorrt not installed")
     runs = {r.name: r for r in (torch_run, failed, ort_run, skipped)}
     ref = np.random.default_rng(0).random((1, 8, 8, 3)).astype(np.float32)
     images = {"torch": ref, "onnxruntime": ref + 1e-3}
-    job = Job(prompt="p", negative_prompt=None, steps=2, guidance=7.5, height=128, width=128, batch=1, seed=0,
-              scheduler="pndm", threads=2, latent_shape=[1, 4, 16, 16])
-    manifest = SimpleNamespace(family="sd1", source={"kind": "synthetic", "id": "synthetic:tiny", "seed": "0"},
-                               precision="fp32", opset=18, created="now")
-    machine = {"cpu": {"model": "Test CPU", "physical_cores": 2, "logical_cores": 2, "arch": "x86_64"}, "threads": 2,
-               "ram_bytes": 1 << 34, "gpus": [], "os": "Linux", "hostname": "h", "python": "3.11",
-               "versions": {"sdopt": "0.1.0"}, "matmul_peak": {"cpu_fp32_gflops": 100.0}}
-    results = build_results(BenchConfig(model="synthetic:tiny", runs=2, warmup=0, name="unit"), job, manifest,
-                            {"path": "/a", "given": True}, machine, runs, images, command="sdopt bench --config unit")
+    job = Job(
+        prompt="p",
+        negative_prompt=None,
+        steps=2,
+        guidance=7.5,
+        height=128,
+        width=128,
+        batch=1,
+        seed=0,
+        scheduler="pndm",
+        threads=2,
+        latent_shape=[1, 4, 16, 16],
+    )
+    manifest = SimpleNamespace(
+        family="sd1",
+        source={"kind": "synthetic", "id": "synthetic:tiny", "seed": "0"},
+        precision="fp32",
+        opset=18,
+        created="now",
+    )
+    machine = {
+        "cpu": {"model": "Test CPU", "physical_cores": 2, "logical_cores": 2, "arch": "x86_64"},
+        "threads": 2,
+        "ram_bytes": 1 << 34,
+        "gpus": [],
+        "os": "Linux",
+        "hostname": "h",
+        "python": "3.11",
+        "versions": {"sdopt": "0.1.0"},
+        "matmul_peak": {"cpu_fp32_gflops": 100.0},
+    }
+    results = build_results(
+        BenchConfig(model="synthetic:tiny", runs=2, warmup=0, name="unit"),
+        job,
+        manifest,
+        {"path": "/a", "given": True},
+        machine,
+        runs,
+        images,
+        command="sdopt bench --config unit",
+    )
     return results, images
 
 
@@ -247,8 +308,19 @@ def test_report_files(tmp_path):
     for key in ("cpu", "threads", "ram_bytes", "gpus", "os", "python", "versions", "matmul_peak"):
         assert key in data["machine"]
     for b in data["backends"]:
-        for key in ("name", "status", "error", "e2e_s", "stages_s", "images_per_s", "speedup_vs_torch", "cold_start",
-                    "memory", "parity", "runs"):
+        for key in (
+            "name",
+            "status",
+            "error",
+            "e2e_s",
+            "stages_s",
+            "images_per_s",
+            "speedup_vs_torch",
+            "cold_start",
+            "memory",
+            "parity",
+            "runs",
+        ):
             assert key in b
     md = (tmp_path / "results.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ")]
@@ -307,9 +379,11 @@ def test_tensorrt_worker_builds_engines_only_when_they_are_missing():
 
 
 def test_importing_the_harness_does_not_import_torch():
-    code = ("import sys, sdopt.bench, sdopt.bench.command, sdopt.bench.runner, sdopt.bench.report, "
-            "sdopt.bench.workers, sdopt.bench.worker_torch, sdopt.bench.worker_runtime, sdopt.bench.quality, "
-            "sdopt.bench.quality_run, sdopt.bench.quality_report, sdopt.bench.protocol; print('torch' in sys.modules)")
+    code = (
+        "import sys, sdopt.bench, sdopt.bench.command, sdopt.bench.runner, sdopt.bench.report, "
+        "sdopt.bench.workers, sdopt.bench.worker_torch, sdopt.bench.worker_runtime, sdopt.bench.quality, "
+        "sdopt.bench.quality_run, sdopt.bench.quality_report, sdopt.bench.protocol; print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
@@ -317,8 +391,23 @@ def test_importing_the_harness_does_not_import_torch():
 # -- end to end: the real thing on the tiny model ------------------------------------------------
 def test_bench_end_to_end_on_tiny_artifact(tiny_artifact, tmp_path):
     out = tmp_path / "results"
-    result = invoke(str(tiny_artifact()), "--backends", "torch,onnxruntime,tensorrt", "--runs", "1", "--warmup", "0",
-                    "--steps", "2", "--prompt", "a red cube", "--negative-prompt", "blurry", "--out", str(out))
+    result = invoke(
+        str(tiny_artifact()),
+        "--backends",
+        "torch,onnxruntime,tensorrt",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--steps",
+        "2",
+        "--prompt",
+        "a red cube",
+        "--negative-prompt",
+        "blurry",
+        "--out",
+        str(out),
+    )
     assert result.exit_code == 0, result.output
     assert "sdopt bench" in result.output and "onnxruntime (cpu)" in result.output
     data = json.loads((out / "results.json").read_text())

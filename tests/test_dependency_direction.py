@@ -44,8 +44,13 @@ def test_export_never_imports_the_runtime():
 
 
 def test_shared_modules_import_neither_side():
-    files = [ROOT / "sdopt/hardware.py", ROOT / "sdopt/manifest.py", ROOT / "sdopt/errors.py",
-             *sorted((ROOT / "sdopt/engines").rglob("*.py")), *sorted((ROOT / "sdopt/lora").rglob("*.py"))]
+    files = [
+        ROOT / "sdopt/hardware.py",
+        ROOT / "sdopt/manifest.py",
+        ROOT / "sdopt/errors.py",
+        *sorted((ROOT / "sdopt/engines").rglob("*.py")),
+        *sorted((ROOT / "sdopt/lora").rglob("*.py")),
+    ]
     assert _offending(files, SIDES) == {}
 
 

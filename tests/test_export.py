@@ -96,8 +96,9 @@ def test_failed_verification_leaves_nothing(tmp_path):
         export_artifact("synthetic:tiny", out, ExportOptions(components=["text_encoder"], tolerance=1e-12))
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # no half-written folder left behind either
-    kept = export_artifact("synthetic:tiny", out, ExportOptions(components=["text_encoder"], tolerance=1e-12,
-                                                                allow_verify_failure=True))
+    kept = export_artifact(
+        "synthetic:tiny", out, ExportOptions(components=["text_encoder"], tolerance=1e-12, allow_verify_failure=True)
+    )
     assert not kept.manifest.components["text_encoder"].verification.passed
 
 
@@ -153,21 +154,30 @@ def test_tampered_artifact_is_refused(tiny_artifact, tmp_path):
 
 
 def _sdopt(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sdopt", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "COLUMNS": "200"}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "sdopt", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "COLUMNS": "200"},
+        timeout=300,
+    )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["synthetic:nope"], "unknown synthetic preset"),
-    (["/does/not/exist"], "does not exist"),
-    (["EMPTY"], "no model_index.json"),
-    (["--min-size", "100"], "not a positive multiple of 8"),
-    (["--min-size", "512", "--max-size", "256"], "larger than --max-size"),
-    (["--min-size", "72"], "not a positive multiple of 16"),
-    (["--precision", "int4"], "unknown precision"),
-    (["--components", "unet,foo"], "unknown component"),
-    (["--out", "EXISTS"], "already exists"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["synthetic:nope"], "unknown synthetic preset"),
+        (["/does/not/exist"], "does not exist"),
+        (["EMPTY"], "no model_index.json"),
+        (["--min-size", "100"], "not a positive multiple of 8"),
+        (["--min-size", "512", "--max-size", "256"], "larger than --max-size"),
+        (["--min-size", "72"], "not a positive multiple of 16"),
+        (["--precision", "int4"], "unknown precision"),
+        (["--components", "unet,foo"], "unknown component"),
+        (["--out", "EXISTS"], "already exists"),
+    ],
+)
 def test_cli_bad_input_is_one_clear_line(args, message, tmp_path):
     from typer.testing import CliRunner
 
@@ -204,11 +214,17 @@ def test_cli_export_and_inspect(tmp_path, tiny_artifact):
 
 def test_cli_tables_fit_80_columns(tmp_path, tiny_artifact):
     """`sdopt inspect` (and export's summary, the same table) on an 80-column terminal: no cut names."""
-    r = subprocess.run([sys.executable, "-m", "sdopt", "inspect", str(tiny_artifact("tiny-sdxl"))],
-                       capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "COLUMNS": "80"}, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "sdopt", "inspect", str(tiny_artifact("tiny-sdxl"))],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "COLUMNS": "80"},
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert max(map(len, r.stdout.splitlines())) <= 80
-    summary = r.stdout[r.stdout.index("verified"):]
+    summary = r.stdout[r.stdout.index("verified") :]
     for name in load_manifest(tiny_artifact("tiny-sdxl")).components:
         assert f" {name} " in summary, f"{name} cut in:\n{summary}"
     assert "…" not in summary, summary

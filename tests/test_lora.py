@@ -56,6 +56,8 @@ def _parity_recorder(record_metric):
 def parity(case: str, diff: float) -> None:
     """Record a measured max abs pixel difference for the session summary (order-independent)."""
     _recorder[0]("LoRA parity: max abs pixel diff", case, diff)
+
+
 _files: dict[tuple[str, str], Path] = {}
 _pipes: dict[str, Pipeline] = {}
 
@@ -103,8 +105,17 @@ def latents(preset: str) -> np.ndarray:
 
 
 def run(pipe: Pipeline, preset: str, **kw) -> np.ndarray:
-    return pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=SIZE, width=SIZE,
-                latents=latents(preset), output_type="np", seed=0, **kw).images
+    return pipe(
+        PROMPT,
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        height=SIZE,
+        width=SIZE,
+        latents=latents(preset),
+        output_type="np",
+        seed=0,
+        **kw,
+    ).images
 
 
 def reference(preset: str, loras: list[tuple[Path, float]]) -> np.ndarray:
@@ -116,8 +127,15 @@ def reference(preset: str, loras: list[tuple[Path, float]]) -> np.ndarray:
     pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
     pipe.fuse_lora(components=["unet", *text_encoders(preset)], lora_scale=1.0, adapter_names=names)
     pipe.unload_lora_weights()
-    out = pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=SIZE, width=SIZE,
-               latents=torch.from_numpy(latents(preset)), output_type="np")
+    out = pipe(
+        PROMPT,
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        height=SIZE,
+        width=SIZE,
+        latents=torch.from_numpy(latents(preset)),
+        output_type="np",
+    )
     return out.images
 
 
@@ -277,9 +295,11 @@ def test_optimised_graph_and_original_graph_swaps_agree(runtime, lora_file):
     assert fast_over.optimised and not slow_over.optimised
     assert set(fast_over.initializers) != set(slow_over.initializers)  # NCHWc filters under other names
     rng = np.random.default_rng(0)
-    feeds = {"sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
-             "timestep": np.array([500.0, 20.0], np.float32),
-             "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32)}
+    feeds = {
+        "sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
+        "timestep": np.array([500.0, 20.0], np.float32),
+        "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32),
+    }
     fast = pipe.backend.load_with_initializers(graph, fast_over.initializers, True).run(feeds)
     slow = pipe.backend.load_with_initializers(graph, slow_over.initializers, False).run(feeds)
     base = pipe.backend.load(graph).run(feeds)
@@ -417,9 +437,11 @@ def test_swap_waits_for_in_flight_call(runtime, lora_file):
 
 
 def test_runtime_lora_imports_no_torch():
-    code = ("import sys; import sdopt.lora.files, sdopt.runtime.lora_swap, sdopt.lora.onnx_weights; "
-            "bad = [m for m in ('torch', 'diffusers', 'transformers', 'onnx') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys; import sdopt.lora.files, sdopt.runtime.lora_swap, sdopt.lora.onnx_weights; "
+        "bad = [m for m in ('torch', 'diffusers', 'transformers', 'onnx') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -189,12 +189,26 @@ def tiny_clip(tmp_path_factory):
     write_clip_tokenizer(folder, "<|endoftext|>", 77)
     tokenizer = CLIPTokenizer.from_pretrained(folder)
     config = CLIPConfig(
-        text_config={"vocab_size": tokenizer.vocab_size + 2, "hidden_size": 32, "intermediate_size": 64,
-                     "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 77,
-                     "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        projection_dim=16)
+        text_config={
+            "vocab_size": tokenizer.vocab_size + 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 77,
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=16,
+    )
     import torch
 
     torch.manual_seed(0)
@@ -236,8 +250,11 @@ def test_prompt_files_and_ref_stats_errors(tmp_path):
     assert quality_inputs.read_prompts(str(lines)) == ["a cat", "a dog"]
     tsv = tmp_path / "captions.tsv"
     tsv.write_text("id\timage_id\tcaption\theight\n70\t1\tA city at night.\t640\n277\t2\tA clock.\t640\n")
-    assert quality_inputs.prompt_set(str(tsv), 3, 10) == [("A city at night.", 10), ("A clock.", 11),
-                                                          ("A city at night.", 12)]
+    assert quality_inputs.prompt_set(str(tsv), 3, 10) == [
+        ("A city at night.", 10),
+        ("A clock.", 11),
+        ("A city at night.", 12),
+    ]
     assert len(quality_inputs.read_prompts(None)) == len(quality_inputs.BUILTIN_PROMPTS)
     np.savez(tmp_path / "bad.npz", mean=np.zeros(3))
     with pytest.raises(SdoptError, match="'mu' and 'sigma'"):
@@ -246,13 +263,16 @@ def test_prompt_files_and_ref_stats_errors(tmp_path):
         quality_inputs.read_image_folder(tmp_path)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    ({"quality": 1}, "--quality 1 cannot estimate FID"),
-    ({"max_fid_delta": 2.0}, "only apply with --quality N"),
-    ({"quality": 4, "prompts": "/no/such/file"}, "--prompts /no/such/file: no such file"),
-    ({"quality": 4, "min_clip_score": -1.0}, "--min-clip-score must be a number >= 0"),
-    ({"quality": 4, "protocol": "mlperf-resnet"}, "unknown protocol"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"quality": 1}, "--quality 1 cannot estimate FID"),
+        ({"max_fid_delta": 2.0}, "only apply with --quality N"),
+        ({"quality": 4, "prompts": "/no/such/file"}, "--prompts /no/such/file: no such file"),
+        ({"quality": 4, "min_clip_score": -1.0}, "--min-clip-score must be a number >= 0"),
+        ({"quality": 4, "protocol": "mlperf-resnet"}, "unknown protocol"),
+    ],
+)
 def test_quality_options_rejected_before_heavy_work(overrides, message):
     with pytest.raises(SdoptError, match=message):
         make_config(model="synthetic:tiny", **overrides)
@@ -261,12 +281,15 @@ def test_quality_options_rejected_before_heavy_work(overrides, message):
 def test_gate_fails_on_fid_delta_and_missing_clip():
     from sdopt.bench.quality_run import gate
 
-    results = {"backends": [
-        {"name": "torch", "status": "ok", "quality": {"fid": 0.0, "clip_score": None}},
-        {"name": "onnxruntime", "status": "ok", "quality": {"fid": 0.5, "clip_score": None}},
-        {"name": "onnxruntime-fast", "status": "ok", "quality": {"fid": 7.0, "clip_score": None}},
-        {"name": "tensorrt", "status": "skipped", "error": "no GPU"},
-        {"name": "torch-compile", "status": "failed", "error": "boom"}]}
+    results = {
+        "backends": [
+            {"name": "torch", "status": "ok", "quality": {"fid": 0.0, "clip_score": None}},
+            {"name": "onnxruntime", "status": "ok", "quality": {"fid": 0.5, "clip_score": None}},
+            {"name": "onnxruntime-fast", "status": "ok", "quality": {"fid": 7.0, "clip_score": None}},
+            {"name": "tensorrt", "status": "skipped", "error": "no GPU"},
+            {"name": "torch-compile", "status": "failed", "error": "boom"},
+        ]
+    }
     g = gate(results, make_config(model="synthetic:tiny", quality=4, max_fid_delta=5.0))
     assert not g["passed"] and g["fid_key"] == "fid"
     assert any(f.startswith("onnxruntime-fast: FID delta 7.000 > 5") for f in g["failures"])
@@ -284,8 +307,9 @@ def test_mlperf_protocol_settings_deviations_and_window():
     reasons = protocol.deviations("mlperf-sdxl", cfg, "sd1")
     assert any("height 64 instead of 1024" in r for r in reasons) and any("model family sd1" in r for r in reasons)
     assert any("4 captions instead of 5000" in r for r in reasons)
-    full = make_config(model="synthetic:tiny", quality=5000, protocol="mlperf-sdxl", latents=__file__,
-                       ref_stats=__file__)
+    full = make_config(
+        model="synthetic:tiny", quality=5000, protocol="mlperf-sdxl", latents=__file__, ref_stats=__file__
+    )
     assert protocol.deviations("mlperf-sdxl", full, "sdxl") == []
     w = protocol.window_check("mlperf-sdxl", 23.5, 31.0)
     assert w["fid_ok"] is True and w["clip_ok"] is False
@@ -302,8 +326,9 @@ def test_server_scenario_queues_poisson_arrivals():
         served.append(i)
         now[0] += 1.0
 
-    result = protocol.run_server(serve, 5, qps=0.5, target_s=2.0, seed=1, clock=lambda: now[0],
-                                 sleep=lambda s: now.__setitem__(0, now[0] + s))
+    result = protocol.run_server(
+        serve, 5, qps=0.5, target_s=2.0, seed=1, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s)
+    )
     arr = protocol.poisson_arrivals(5, 0.5, seed=1)
     finish, lat = 0.0, []
     for a in arr:
@@ -317,18 +342,51 @@ def test_server_scenario_queues_poisson_arrivals():
 # -- end to end on the tiny model ------------------------------------------------------------------
 def test_bench_quality_end_to_end_with_protocol(tiny_artifact, tiny_clip, tmp_path):
     from sdopt.manifest import load_manifest
+
     artifact = tiny_artifact()
     m = load_manifest(artifact)
-    np.save(tmp_path / "latents.npy", np.random.default_rng(0).standard_normal(
-        (1, m.vae.latent_channels, 64 // m.vae.scale, 64 // m.vae.scale)).astype(np.float32))
+    np.save(
+        tmp_path / "latents.npy",
+        np.random.default_rng(0)
+        .standard_normal((1, m.vae.latent_channels, 64 // m.vae.scale, 64 // m.vae.scale))
+        .astype(np.float32),
+    )
     (tmp_path / "captions.tsv").write_text("id\tcaption\n1\ta red car\n2\ta cat on a house\n3\ta blue sky\n")
     np.savez(tmp_path / "stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     out = tmp_path / "out"
-    result = invoke(str(artifact), "--backends", "torch,onnxruntime", "--runs", "1", "--warmup", "0", "--steps", "2",
-                    "--height", "64", "--width", "64", "--quality", "3", "--protocol", "mlperf-sdxl",
-                    "--prompts", str(tmp_path / "captions.tsv"), "--latents", str(tmp_path / "latents.npy"),
-                    "--ref-stats", str(tmp_path / "stats.npz"), "--clip-model", str(tiny_clip),
-                    "--server-qps", "20", "--max-fid-delta", "100000", "--out", str(out))
+    result = invoke(
+        str(artifact),
+        "--backends",
+        "torch,onnxruntime",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--steps",
+        "2",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--quality",
+        "3",
+        "--protocol",
+        "mlperf-sdxl",
+        "--prompts",
+        str(tmp_path / "captions.tsv"),
+        "--latents",
+        str(tmp_path / "latents.npy"),
+        "--ref-stats",
+        str(tmp_path / "stats.npz"),
+        "--clip-model",
+        str(tiny_clip),
+        "--server-qps",
+        "20",
+        "--max-fid-delta",
+        "100000",
+        "--out",
+        str(out),
+    )
     assert result.exit_code == 0, result.output
     data = json.loads((out / "results.json").read_text())
     assert data["schema_version"] == 2 and data["job"]["steps"] == 2 and data["job"]["scheduler"] == "euler"
@@ -355,8 +413,19 @@ def test_latents_of_the_wrong_shape_are_rejected(tmp_path):
     from sdopt.bench.quality_run import check_latents
     from sdopt.bench.records import Job
 
-    job = Job(prompt="p", negative_prompt=None, steps=2, guidance=7.5, height=64, width=64, batch=1, seed=0,
-              scheduler="pndm", threads=1, latent_shape=[1, 4, 8, 8])
+    job = Job(
+        prompt="p",
+        negative_prompt=None,
+        steps=2,
+        guidance=7.5,
+        height=64,
+        width=64,
+        batch=1,
+        seed=0,
+        scheduler="pndm",
+        threads=1,
+        latent_shape=[1, 4, 8, 8],
+    )
     np.save(tmp_path / "ok.npy", np.zeros((1, 4, 8, 8), np.float32))
     check_latents(str(tmp_path / "ok.npy"), job)
     np.save(tmp_path / "bad.npy", np.zeros((1, 4, 128, 128), np.float32))
@@ -371,9 +440,29 @@ def test_quality_gate_failure_exits_nonzero(tiny_artifact, tmp_path):
     refs.mkdir()
     for i in range(3):  # another size than the generated 64x64: resized on reading
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(refs / f"{i}.png")
-    result = invoke(str(tiny_artifact()), "--backends", "onnxruntime", "--runs", "1", "--warmup", "0", "--steps", "2",
-                    "--height", "64", "--width", "64", "--quality", "2", "--min-clip-score", "10",
-                    "--ref-images", str(refs), "--out", str(tmp_path / "out"))
+    result = invoke(
+        str(tiny_artifact()),
+        "--backends",
+        "onnxruntime",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--steps",
+        "2",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--quality",
+        "2",
+        "--min-clip-score",
+        "10",
+        "--ref-images",
+        str(refs),
+        "--out",
+        str(tmp_path / "out"),
+    )
     assert result.exit_code == 1, result.output
     assert "quality gate failed" in result.output and "CLIP score not measured < 10" in result.output
     data = json.loads((tmp_path / "out" / "results.json").read_text())

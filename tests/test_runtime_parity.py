@@ -111,8 +111,11 @@ def diffusers_pipe(reference_pipeline):
         if components or (preset, kind) not in cache:
             family = "XL" if isinstance(ref, diffusers.StableDiffusionXLPipeline) else ""
             cls = getattr(diffusers, f"StableDiffusion{family}{'Img2Img' if kind == 'img2img' else 'Inpaint'}Pipeline")
-            extra = ({"force_zeros_for_empty_prompt": ref.config.force_zeros_for_empty_prompt,
-                      "add_watermarker": False} if family else {"requires_safety_checker": False})
+            extra = (
+                {"force_zeros_for_empty_prompt": ref.config.force_zeros_for_empty_prompt, "add_watermarker": False}
+                if family
+                else {"requires_safety_checker": False}
+            )
             pipe = cls(**{**ref.components, **components}, **extra)
             pipe.set_progress_bar_config(disable=True)
             if components:
@@ -144,8 +147,10 @@ def expected_images(reference_store, diffusers_pipe):
     def get(case: str, preset: str, kind: str, scheduler: str | None, seed: int, **kw) -> dict[str, np.ndarray]:
         def compute():
             pipe = diffusers_pipe(preset, kind)
-            return {"images": diffusers_images(pipe, scheduler, seed, **kw),
-                    "scheduler_config": json.dumps(dict(pipe.scheduler.config), default=list)}
+            return {
+                "images": diffusers_images(pipe, scheduler, seed, **kw),
+                "scheduler_config": json.dumps(dict(pipe.scheduler.config), default=list),
+            }
 
         return reference_store.get("images", case, compute)
 
@@ -205,8 +210,14 @@ def mask_image(height: int, width: int) -> Image.Image:
 def test_txt2img_matches_diffusers(family, name, runtime, expected_images, check, record_metric):
     preset = FAMILY_PRESETS[family]
     pipe = runtime(preset)
-    kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-              height=SIZE, width=SIZE)
+    kw = dict(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        height=SIZE,
+        width=SIZE,
+    )
     want = expected_images(f"{family} {name} txt2img", preset, "txt2img", name, seed=11, **kw)
     expected, model_config = want["images"], json.loads(str(want["scheduler_config"]))
     lost = lossy_scheduler_config(pipe, model_config, name, STEPS)
@@ -215,12 +226,17 @@ def test_txt2img_matches_diffusers(family, name, runtime, expected_images, check
         # carry it (an exporter bug, see lossy_scheduler_config): check the former, flag the latter.
         fixed = copy.copy(pipe)
         fixed.scheduler_config = model_config
-        check(f"{family} {name} txt2img (model's scheduler config)",
-              fixed(**kw, seed=11, scheduler=name, output_type="np").images, expected)
+        check(
+            f"{family} {name} txt2img (model's scheduler config)",
+            fixed(**kw, seed=11, scheduler=name, output_type="np").images,
+            expected,
+        )
         err = float(np.abs(pipe(**kw, seed=11, scheduler=name, output_type="np").images - expected).max())
         record_metric(PARITY_TABLE, f"{family} {name} txt2img (artifact's scheduler config) XFAIL", err)
-        pytest.xfail(f"artifact scheduler_config.json lost the model's class defaults {lost} "
-                     f"(exporter writes save_config without _use_default_values): max abs diff {err:.3f}")
+        pytest.xfail(
+            f"artifact scheduler_config.json lost the model's class defaults {lost} "
+            f"(exporter writes save_config without _use_default_values): max abs diff {err:.3f}"
+        )
     check(f"{family} {name} txt2img", pipe(**kw, seed=11, scheduler=name, output_type="np").images, expected)
 
 
@@ -235,8 +251,14 @@ INPAINT_SCHEDULER = {"sd1": "pndm", "sd2": "lcm", "sdxl": "euler-a"}
 def test_img2img_matches_diffusers(family, strength, runtime, expected_images, check):
     preset, name = FAMILY_PRESETS[family], IMG2IMG_SCHEDULER[family]
     # 64 x 70: both sides keep the input size, rounded down to the VAE's 8 (64 x 64, Lanczos).
-    kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, image=rgb_image(SIZE, SIZE + 6), strength=strength,
-              num_inference_steps=5, guidance_scale=GUIDANCE)
+    kw = dict(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        image=rgb_image(SIZE, SIZE + 6),
+        strength=strength,
+        num_inference_steps=5,
+        guidance_scale=GUIDANCE,
+    )
     case = f"{family} {name} img2img strength {strength}"
     expected = expected_images(case, preset, "img2img", name, seed=5, **kw)["images"]
     check(case, runtime(preset)(**kw, seed=5, scheduler=name, output_type="np").images, expected)
@@ -248,33 +270,74 @@ def test_img2img_matches_diffusers(family, strength, runtime, expected_images, c
 def test_inpaint_matches_diffusers(family, strength, runtime, expected_images, check):
     preset, name = FAMILY_PRESETS[family], INPAINT_SCHEDULER[family]
     # Image and mask of other sizes than the output: both are resized (Lanczos) to 64 x 64.
-    kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, image=rgb_image(80, 96), mask_image=mask_image(100, 72),
-              strength=strength, num_inference_steps=5, guidance_scale=GUIDANCE, height=SIZE, width=SIZE)
+    kw = dict(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        image=rgb_image(80, 96),
+        mask_image=mask_image(100, 72),
+        strength=strength,
+        num_inference_steps=5,
+        guidance_scale=GUIDANCE,
+        height=SIZE,
+        width=SIZE,
+    )
     case = f"{family} {name} inpaint strength {strength}"
     expected = expected_images(case, preset, "inpaint", name, seed=9, **kw)["images"]
     check(case, runtime(preset)(**kw, seed=9, scheduler=name, output_type="np").images, expected)
 
 
 BATCH_CASES = {
-    "sd1 batch 2x2 + negatives": ("sd1", "txt2img", dict(prompt=["a red cat", "a blue dog at night!"],
-                                                        negative_prompt=["blurry", "ugly, watermark"],
-                                                        num_images_per_prompt=2)),
-    "sdxl batch 2x2 + negatives": ("sdxl", "txt2img", dict(prompt=["a red cat", "a blue dog at night!"],
-                                                          negative_prompt=["blurry", "ugly, watermark"],
-                                                          num_images_per_prompt=2)),
-    "sd2 guidance 1.0 (no CFG) x2": ("sd2", "txt2img", dict(prompt=PROMPT, guidance_scale=1.0,
-                                                            num_images_per_prompt=2)),
+    "sd1 batch 2x2 + negatives": (
+        "sd1",
+        "txt2img",
+        dict(
+            prompt=["a red cat", "a blue dog at night!"],
+            negative_prompt=["blurry", "ugly, watermark"],
+            num_images_per_prompt=2,
+        ),
+    ),
+    "sdxl batch 2x2 + negatives": (
+        "sdxl",
+        "txt2img",
+        dict(
+            prompt=["a red cat", "a blue dog at night!"],
+            negative_prompt=["blurry", "ugly, watermark"],
+            num_images_per_prompt=2,
+        ),
+    ),
+    "sd2 guidance 1.0 (no CFG) x2": (
+        "sd2",
+        "txt2img",
+        dict(prompt=PROMPT, guidance_scale=1.0, num_images_per_prompt=2),
+    ),
     "sdxl no negative (zeroed uncond)": ("sdxl", "txt2img", dict(prompt=PROMPT)),
     "sd1 no negative (empty uncond)": ("sd1", "txt2img", dict(prompt=PROMPT)),
     # two input images (NHWC array in [0, 1], 64 x 70: nearest-resized to 64 x 64) for 2 prompts x 2:
     # diffusers tiles them [A, B, A, B]
-    "sd1 img2img 2 images -> 2x2": ("sd1", "img2img", dict(
-        prompt=["a red cat", "a blue dog"], num_images_per_prompt=2, strength=0.75,
-        image=np.stack([np.asarray(rgb_image(SIZE, SIZE + 6)),
-                        np.asarray(rgb_image(SIZE, SIZE + 6))[::-1]]) / np.float32(255))),
-    "sdxl inpaint x2": ("sdxl", "inpaint", dict(
-        prompt=PROMPT, num_images_per_prompt=2, strength=0.8, image=rgb_image(SIZE, SIZE),
-        mask_image=mask_image(SIZE, SIZE), height=SIZE, width=SIZE)),
+    "sd1 img2img 2 images -> 2x2": (
+        "sd1",
+        "img2img",
+        dict(
+            prompt=["a red cat", "a blue dog"],
+            num_images_per_prompt=2,
+            strength=0.75,
+            image=np.stack([np.asarray(rgb_image(SIZE, SIZE + 6)), np.asarray(rgb_image(SIZE, SIZE + 6))[::-1]])
+            / np.float32(255),
+        ),
+    ),
+    "sdxl inpaint x2": (
+        "sdxl",
+        "inpaint",
+        dict(
+            prompt=PROMPT,
+            num_images_per_prompt=2,
+            strength=0.8,
+            image=rgb_image(SIZE, SIZE),
+            mask_image=mask_image(SIZE, SIZE),
+            height=SIZE,
+            width=SIZE,
+        ),
+    ),
 }
 
 
@@ -304,8 +367,9 @@ class TorchUNetSession:
         t = {k: torch.from_numpy(v) for k, v in feeds.items()}
         added = {"text_embeds": t["text_embeds"], "time_ids": t["time_ids"]} if "time_ids" in t else None
         with torch.no_grad():
-            out = self.unet(t["sample"], t["timestep"], encoder_hidden_states=t["encoder_hidden_states"],
-                            added_cond_kwargs=added).sample
+            out = self.unet(
+                t["sample"], t["timestep"], encoder_hidden_states=t["encoder_hidden_states"], added_cond_kwargs=added
+            ).sample
         return {"out_sample": out.numpy()}
 
 
@@ -331,10 +395,22 @@ def test_inpaint_nine_channel_unet_matches_diffusers(strength, runtime, diffuser
     unet = seeded_unet("tiny", in_channels=9)
     ref = diffusers_pipe("tiny", "inpaint", unet=unet)
     pipe = with_unet(runtime("tiny"), unet, unet_in_channels=9)
-    kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, image=rgb_image(SIZE, SIZE), mask_image=mask_image(SIZE, SIZE),
-              strength=strength, num_inference_steps=5, guidance_scale=GUIDANCE, height=SIZE, width=SIZE)
-    check(f"sd1 9-channel inpaint strength {strength} (torch U-Net)", pipe(**kw, seed=4, output_type="np").images,
-          diffusers_images(ref, None, seed=4, **kw))
+    kw = dict(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        image=rgb_image(SIZE, SIZE),
+        mask_image=mask_image(SIZE, SIZE),
+        strength=strength,
+        num_inference_steps=5,
+        guidance_scale=GUIDANCE,
+        height=SIZE,
+        width=SIZE,
+    )
+    check(
+        f"sd1 9-channel inpaint strength {strength} (torch U-Net)",
+        pipe(**kw, seed=4, output_type="np").images,
+        diffusers_images(ref, None, seed=4, **kw),
+    )
 
 
 def test_sdxl_refiner_aesthetic_score_matches_diffusers(runtime, diffusers_pipe, check):
@@ -342,15 +418,25 @@ def test_sdxl_refiner_aesthetic_score_matches_diffusers(runtime, diffusers_pipe,
 
     preset = load_preset("tiny-sdxl")["unet"]
     time_dim = preset["projection_class_embeddings_input_dim"] - 6 * preset["addition_time_embed_dim"]
-    unet = seeded_unet("tiny-sdxl",
-                       projection_class_embeddings_input_dim=time_dim + 5 * preset["addition_time_embed_dim"])
+    unet = seeded_unet(
+        "tiny-sdxl", projection_class_embeddings_input_dim=time_dim + 5 * preset["addition_time_embed_dim"]
+    )
     ref = diffusers_pipe("tiny-sdxl", "img2img", unet=unet)
     ref.register_to_config(requires_aesthetics_score=True)
     pipe = with_unet(runtime("tiny-sdxl"), unet, requires_aesthetics_score=True)
-    kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, image=rgb_image(SIZE, SIZE), strength=0.6,
-              num_inference_steps=5, guidance_scale=GUIDANCE)
-    check("sdxl refiner img2img aesthetic score (torch U-Net)", pipe(**kw, seed=8, output_type="np").images,
-          diffusers_images(ref, None, seed=8, **kw))
+    kw = dict(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        image=rgb_image(SIZE, SIZE),
+        strength=0.6,
+        num_inference_steps=5,
+        guidance_scale=GUIDANCE,
+    )
+    check(
+        "sdxl refiner img2img aesthetic score (torch U-Net)",
+        pipe(**kw, seed=8, output_type="np").images,
+        diffusers_images(ref, None, seed=8, **kw),
+    )
 
 
 # -- 3. reproducibility ------------------------------------------------------------------------
@@ -385,16 +471,27 @@ def test_fp16_artifact_close_to_diffusers_fp32(runtime, expected_images, check):
     a wrong cast or an fp16 overflow (NaN, saturated pixels) lands far above them."""
     pipe = runtime("tiny", "fp16")
     assert pipe.manifest.precision == "fp16"
-    kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-              height=SIZE, width=SIZE)
+    kw = dict(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        height=SIZE,
+        width=SIZE,
+    )
     for name in ("dpm++2m", "euler-a"):
         case = f"sd1 {name} txt2img seed 3 (fp32)"
         expected = expected_images(case, "tiny", "txt2img", name, seed=3, **kw)["images"]
         got = pipe(**kw, seed=3, scheduler=name, output_type="np").images
         assert np.isfinite(got).all()
         mean = float(np.abs(got - expected).mean())
-        check(f"sd1 {name} txt2img (mean abs {mean:.1e})", got, expected, tol=FP16_TOL,
-              table="fp16 artifact max abs pixel diff vs diffusers fp32")
+        check(
+            f"sd1 {name} txt2img (mean abs {mean:.1e})",
+            got,
+            expected,
+            tol=FP16_TOL,
+            table="fp16 artifact max abs pixel diff vs diffusers fp32",
+        )
         assert mean <= FP16_MEAN_TOL, f"fp16 mean abs diff {mean:.2e} > {FP16_MEAN_TOL}"
 
 

@@ -245,10 +245,14 @@ REFERENCE = {  # what each name means in diffusers terms (written out, not taken
     "ddim": ("DDIMScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
     "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                                "use_karras_sigmas": False}),
-    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                                       "use_karras_sigmas": True}),
+    "dpm++2m": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
+    ),
+    "dpm++2m-karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
     "lcm": ("LCMScheduler", {}),
     "pndm": ("PNDMScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
@@ -368,9 +372,15 @@ def scheduler_reference(reference_store, name, config_name, steps, strength=None
         base = run_diffusers(name, config, steps, strength)
         unrounded = unrounded_timesteps(name, config, steps) if base.states else None
         alpha_bar_t = max(reference(name, config).alphas_cumprod[-1].item(), 2**-24)  # see the module docstring
-        return {"timesteps": base.timesteps, "unrounded": unrounded, "amplification": 1 / np.sqrt(alpha_bar_t),
-                "init_noise_sigma": base.init_noise_sigma, "failure": base.failure, "draws": base.draws,
-                "states": np.stack(base.states) if base.states else np.zeros((0, *SHAPE), np.float32)}
+        return {
+            "timesteps": base.timesteps,
+            "unrounded": unrounded,
+            "amplification": 1 / np.sqrt(alpha_bar_t),
+            "init_noise_sigma": base.init_noise_sigma,
+            "failure": base.failure,
+            "draws": base.draws,
+            "states": np.stack(base.states) if base.states else np.zeros((0, *SHAPE), np.float32),
+        }
 
     return reference_store.get("schedulers", key, compute)
 
@@ -397,7 +407,8 @@ def check_timesteps(ours: np.ndarray, ref: np.ndarray, unrounded: np.ndarray | N
         off = ours != ref
         assert np.all((ours >= low) & (ours <= high)), (
             f"timesteps {ours[off].tolist()} != diffusers {ref[off].tolist()}: no float32 rounding tie "
-            f"(unrounded {unrounded[:, off].T.tolist()} as is / 1 ulp down / 1 ulp up)")
+            f"(unrounded {unrounded[:, off].T.tolist()} as is / 1 ulp down / 1 ulp up)"
+        )
         return False
     # Fractional timesteps come from float32 log-sigma tables: a 1-ulp log/exp difference moves them
     # by ~1-2 ulps of the largest timestep.
@@ -469,8 +480,10 @@ def test_add_noise_matches_diffusers(name, config_name, reference_store, record_
 
         ref = reference(name, config)
         ref.set_timesteps(20)
-        out = {f"idx{i}": ref.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), ref.timesteps[idx]).numpy()
-               for i, idx in enumerate(picks)}
+        out = {
+            f"idx{i}": ref.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), ref.timesteps[idx]).numpy()
+            for i, idx in enumerate(picks)
+        }
         return {**out, "timesteps": ref.timesteps.numpy().astype(np.float32)}
 
     want = reference_store.get("add_noise", f"{name}-{config_name}", compute)

@@ -418,6 +418,7 @@ def test_replica_killed_mid_load(server):
     threads = [threading.Thread(target=one, args=(i,)) for i in range(held + 2)]
     for t in threads:
         t.start()
+
     def active() -> int:
         # Under this load Ray's proxy may itself answer /ready with a plain-text 503 (queue full):
         # that counts as "not known yet", not as a failure.
@@ -474,5 +475,3 @@ def test_address_deploys_onto_running_cluster(server):
         time.sleep(0.5)
     assert requests.get(server.url + "/ready", timeout=10).json()["max_batch"] == 2
     assert server.post({"prompt": "redeployed", "num_inference_steps": 2}).status_code == 200
-
-

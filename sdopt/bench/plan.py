@@ -45,8 +45,11 @@ def export_settings(model: str, config: BenchConfig) -> dict[str, Any]:
     """What the cached export depends on: the model, the export options, the sdopt version."""
     if not model.startswith("synthetic:") and Path(model).expanduser().exists():
         model = str(Path(model).expanduser().resolve())
-    return {"model": model, "options": {"precision": config.precision, "max_batch": max(4, config.batch)},
-            "sdopt": __version__}
+    return {
+        "model": model,
+        "options": {"precision": config.precision, "max_batch": max(4, config.batch)},
+        "sdopt": __version__,
+    }
 
 
 def cache_key(settings: dict[str, Any]) -> str:
@@ -59,7 +62,7 @@ def preset_image_limits(model: str) -> ImageSpec | None:
         return None
     from sdopt.export.synthetic import load_preset
 
-    preset = load_preset(model[len("synthetic:"):])
+    preset = load_preset(model[len("synthetic:") :])
     lo, hi = preset["size_range"]
     vae_levels, unet_levels = len(preset["vae"]["block_out_channels"]), len(preset["unet"]["block_out_channels"])
     multiple = 2 ** (vae_levels - 1) * 2 ** (unet_levels - 1)
@@ -76,6 +79,7 @@ def check_image(config: BenchConfig, spec: ImageSpec, where: str) -> None:
 
 def unavailable_reason(backend: str) -> str | None:
     """Why `backend` cannot run here (None if it may). Cheap: no heavy import."""
+
     def missing(*modules: str) -> list[str]:
         return [m for m in modules if importlib.util.find_spec(m) is None]
 
@@ -86,8 +90,10 @@ def unavailable_reason(backend: str) -> str | None:
         return None if not missing("onnxruntime") else "onnxruntime not installed (pip install onnxruntime)"
     if backend == "tensorrt":
         if missing("tensorrt"):
-            return ("tensorrt not installed (pip install 'sdopt[tensorrt-cu12]' or 'sdopt[tensorrt-cu13]' "
-                    "on a host with an NVIDIA GPU)")
+            return (
+                "tensorrt not installed (pip install 'sdopt[tensorrt-cu12]' or 'sdopt[tensorrt-cu13]' "
+                "on a host with an NVIDIA GPU)"
+            )
         if not has_gpu():
             return "no NVIDIA GPU found (nvidia-smi lists none)"
         return None
@@ -112,8 +118,10 @@ def plan(config: BenchConfig, cache_dir: Path | None = None) -> Plan:
     skipped = {b: r for b in wanted if (r := unavailable_reason(b)) is not None}
     runnable = [b for b in wanted if b not in skipped]
     if not runnable:
-        raise SdoptError("no requested backend can run here: " + "; ".join(f"{b}: {r}" for b, r in skipped.items()),
-                         "install what is missing, or choose other --backends (e.g. torch,onnxruntime)")
+        raise SdoptError(
+            "no requested backend can run here: " + "; ".join(f"{b}: {r}" for b, r in skipped.items()),
+            "install what is missing, or choose other --backends (e.g. torch,onnxruntime)",
+        )
     model = config.model or DEFAULT_MODEL
     artifact = None
     if is_artifact(model):
@@ -121,8 +129,10 @@ def plan(config: BenchConfig, cache_dir: Path | None = None) -> Plan:
         _check_artifact(config, artifact, runnable, skipped)
     else:
         if Path(model).expanduser().is_dir() and not (Path(model).expanduser() / "model_index.json").is_file():
-            raise SdoptError(f"{model} is neither an sdopt artifact (no {MANIFEST_NAME}) nor a diffusers model folder",
-                             "pass a folder written by `sdopt export`, a model id, or e.g. synthetic:tiny")
+            raise SdoptError(
+                f"{model} is neither an sdopt artifact (no {MANIFEST_NAME}) nor a diffusers model folder",
+                "pass a folder written by `sdopt export`, a model id, or e.g. synthetic:tiny",
+            )
         limits = preset_image_limits(model)
         if limits:
             check_image(config, limits, f"{model}'s")
@@ -139,11 +149,14 @@ def _check_artifact(config: BenchConfig, artifact: Path, runnable: list[str], sk
             skipped[b] = "an Optimum ONNX export has no PyTorch weights (benchmark the diffusers model for torch)"
             runnable.remove(b)
         if not runnable:
-            raise SdoptError("no requested backend can run an Optimum ONNX export",
-                             "use --backends onnxruntime (or tensorrt)")
+            raise SdoptError(
+                "no requested backend can run an Optimum ONNX export", "use --backends onnxruntime (or tensorrt)"
+            )
     if config.precision != "fp32" and config.precision != m.precision:
-        raise SdoptError(f"--precision {config.precision} but the artifact is {m.precision}",
-                         "leave --precision out when benchmarking an artifact folder")
+        raise SdoptError(
+            f"--precision {config.precision} but the artifact is {m.precision}",
+            "leave --precision out when benchmarking an artifact folder",
+        )
 
 
 def ensure_artifact(p: Plan, log: Log) -> tuple[Path, dict[str, Any]]:
@@ -171,7 +184,6 @@ def ensure_artifact(p: Plan, log: Log) -> tuple[Path, dict[str, Any]]:
     gc.collect()
     log(f"exported in {seconds:.1f} s")
     return out, {**info, "cached": False, "export_seconds": seconds}
-
 
 
 def default_out_dir(config: BenchConfig) -> Path:

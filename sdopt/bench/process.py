@@ -31,8 +31,15 @@ class WorkerProcess:
         env.setdefault("TRANSFORMERS_VERBOSITY", "error")
         env.setdefault("DIFFUSERS_VERBOSITY", "error")
         self.started = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, "-m", "sdopt.bench.workers"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sdopt.bench.workers"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            bufsize=1,
+            env=env,
+        )
 
     @property
     def pid(self) -> int:
@@ -57,8 +64,11 @@ class WorkerProcess:
             code = self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             code = None
-        what = {None: "stopped answering", -9: "was killed (SIGKILL: out of memory?)",
-                -11: "crashed (segmentation fault)"}.get(code, f"exited with code {code}")
+        what = {
+            None: "stopped answering",
+            -9: "was killed (SIGKILL: out of memory?)",
+            -11: "crashed (segmentation fault)",
+        }.get(code, f"exited with code {code}")
         tail = self.log_tail()
         return f"worker {what}" + (f": {tail}" if tail else "")
 

@@ -26,8 +26,14 @@ import numpy as np
 MLPERF_NEGATIVE_PROMPT = "normal quality, low quality, worst quality, low res, blurry, nsfw, nude"
 PROTOCOLS = {
     "mlperf-sdxl": {
-        "settings": {"scheduler": "euler", "steps": 20, "guidance": 8.0, "negative_prompt": MLPERF_NEGATIVE_PROMPT,
-                     "height": 1024, "width": 1024},
+        "settings": {
+            "scheduler": "euler",
+            "steps": 20,
+            "guidance": 8.0,
+            "negative_prompt": MLPERF_NEGATIVE_PROMPT,
+            "height": 1024,
+            "width": 1024,
+        },
         "samples": 5000,
         "fid_window": (23.0109, 23.9501),
         "clip_window": (31.6863, 31.8133),
@@ -35,8 +41,10 @@ PROTOCOLS = {
         "family": "sdxl",
     },
 }
-SERVER_TRANSPORT = ("in-process: the Server scenario's Poisson arrivals are replayed against the backend's worker "
-                    "(one request at a time, first come first served), not through an HTTP server")
+SERVER_TRANSPORT = (
+    "in-process: the Server scenario's Poisson arrivals are replayed against the backend's worker "
+    "(one request at a time, first come first served), not through an HTTP server"
+)
 
 
 def protocol_settings(name: str) -> dict[str, Any]:
@@ -51,8 +59,11 @@ def protocol_settings(name: str) -> dict[str, Any]:
 def deviations(name: str, config: Any, family: str) -> list[str]:
     """Why this run is not the protocol as published (empty: conformant)."""
     spec = PROTOCOLS[name]
-    out = [f"{key} {getattr(config, key)!r} instead of {want!r}" for key, want in spec["settings"].items()
-           if getattr(config, key) != want]
+    out = [
+        f"{key} {getattr(config, key)!r} instead of {want!r}"
+        for key, want in spec["settings"].items()
+        if getattr(config, key) != want
+    ]
     if family != spec["family"]:
         out.append(f"model family {family} instead of {spec['family']}")
     if config.quality < spec["samples"]:
@@ -71,8 +82,14 @@ def window_check(name: str, fid: float | None, clip: float | None) -> dict[str, 
     def inside(value: float | None, window: tuple[float, float]) -> bool | None:
         return None if value is None else window[0] <= value <= window[1]
 
-    return {"fid": fid, "fid_window": list(spec["fid_window"]), "fid_ok": inside(fid, spec["fid_window"]),
-            "clip_score": clip, "clip_window": list(spec["clip_window"]), "clip_ok": inside(clip, spec["clip_window"])}
+    return {
+        "fid": fid,
+        "fid_window": list(spec["fid_window"]),
+        "fid_ok": inside(fid, spec["fid_window"]),
+        "clip_score": clip,
+        "clip_window": list(spec["clip_window"]),
+        "clip_ok": inside(clip, spec["clip_window"]),
+    }
 
 
 @dataclass
@@ -108,8 +125,15 @@ def poisson_arrivals(n: int, qps: float, seed: int = 0) -> list[float]:
     return [float(t) for t in np.cumsum(gaps)]
 
 
-def run_server(serve_one: Callable[[int], None], n: int, qps: float, target_s: float, seed: int = 0,
-               clock: Callable[[], float] = time.perf_counter, sleep: Callable[[float], None] = time.sleep) -> Server:
+def run_server(
+    serve_one: Callable[[int], None],
+    n: int,
+    qps: float,
+    target_s: float,
+    seed: int = 0,
+    clock: Callable[[], float] = time.perf_counter,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Server:
     """Replay Poisson arrivals against `serve_one(i)` (which blocks until query i's image exists).
 
     Args:

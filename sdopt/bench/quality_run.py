@@ -1,9 +1,9 @@
 """`sdopt bench --quality N`: generate the same N images on every backend, score them, gate on the scores.
 
-    generate_sets  while the workers live: N prompts x one seed each (or --latents), PNGs under
-                   <out>/quality/<backend>/; the Server scenario's replay where asked for
-    add_metrics    once the workers are gone: sdopt.bench.quality's scores into the results, the
-                   quality gate, the protocol's window, the image grids
+generate_sets  while the workers live: N prompts x one seed each (or --latents), PNGs under
+               <out>/quality/<backend>/; the Server scenario's replay where asked for
+add_metrics    once the workers are gone: sdopt.bench.quality's scores into the results, the
+               quality gate, the protocol's window, the image grids
 """
 
 from __future__ import annotations
@@ -43,8 +43,11 @@ def generate_sets(runs: dict[str, BackendRun], config: BenchConfig, job: Job, ou
     """
     from sdopt.bench.quality_inputs import prompt_set
 
-    plan = QualityPlan(prompt_set(config.prompts, config.quality, config.seed), out / "quality",
-                       str(Path(config.latents).expanduser()) if config.latents else None)
+    plan = QualityPlan(
+        prompt_set(config.prompts, config.quality, config.seed),
+        out / "quality",
+        str(Path(config.latents).expanduser()) if config.latents else None,
+    )
     for name, r in runs.items():
         if r.status != "ok":
             continue
@@ -53,8 +56,10 @@ def generate_sets(runs: dict[str, BackendRun], config: BenchConfig, job: Job, ou
         r.quality_dir = str(folder)
         t0 = time.perf_counter()
         for start in range(0, len(plan.items), CHUNK):
-            items = [{"prompt": p, "seed": s, "path": str(folder / f"{start + i:05d}.png")}
-                     for i, (p, s) in enumerate(plan.items[start:start + CHUNK])]
+            items = [
+                {"prompt": p, "seed": s, "path": str(folder / f"{start + i:05d}.png")}
+                for i, (p, s) in enumerate(plan.items[start : start + CHUNK])
+            ]
             if not _generate(r, items, job, plan, f"quality {start + len(items)}/{len(plan.items)}", log):
                 break
         else:
@@ -76,15 +81,18 @@ def check_latents(path: str, job: Job) -> None:
     except (OSError, ValueError) as e:
         raise SdoptError(f"--latents {path} is not a readable .npy ({e})", "save it with numpy.save") from None
     if shape != want:
-        raise SdoptError(f"--latents {path} has shape {shape}, but {job.height}x{job.width} needs {want}",
-                         f"pass latents of shape {want} (height / {job.height // job.latent_shape[2]} per side)")
+        raise SdoptError(
+            f"--latents {path} has shape {shape}, but {job.height}x{job.width} needs {want}",
+            f"pass latents of shape {want} (height / {job.height // job.latent_shape[2]} per side)",
+        )
 
 
 def _generate(r: BackendRun, items: list[dict[str, Any]], job: Job, plan: QualityPlan, label: str, log: Log) -> bool:
     from sdopt.bench.runner import close_worker, request
 
-    reply = request(r, cmd="generate", items=items, negative_prompt=job.negative_prompt,
-                    latents_path=plan.latents_path)
+    reply = request(
+        r, cmd="generate", items=items, negative_prompt=job.negative_prompt, latents_path=plan.latents_path
+    )
     if not reply.get("ok"):
         r.fail("quality", reply.get("error", "unknown error"))
         log(f"{r.name}: FAILED in {label}: {r.error}")
@@ -109,8 +117,14 @@ def _server(r: BackendRun, config: BenchConfig, job: Job, plan: QualityPlan, log
 
     def serve_one(i: int) -> None:
         prompt, seed = plan.items[i]
-        if not _generate(r, [{"prompt": prompt, "seed": seed, "path": str(folder / f"{i:05d}.png")}], job, plan,
-                         f"server query {i + 1}/{n}", lambda _msg: None):
+        if not _generate(
+            r,
+            [{"prompt": prompt, "seed": seed, "path": str(folder / f"{i:05d}.png")}],
+            job,
+            plan,
+            f"server query {i + 1}/{n}",
+            lambda _msg: None,
+        ):
             raise RuntimeError(r.error or "generation failed")
 
     try:
@@ -118,30 +132,36 @@ def _server(r: BackendRun, config: BenchConfig, job: Job, plan: QualityPlan, log
     except RuntimeError as e:
         return {"error": str(e)}
     finally:
-        del r.quality_seconds[len(plan.items):]  # the replay's seconds are not the Offline set's
+        del r.quality_seconds[len(plan.items) :]  # the replay's seconds are not the Offline set's
     log(f"{r.name}: Server p99 {result.latency_p99_s:.2f} s at {qps:.3g} q/s (target {target:g} s)")
     return result.to_dict()
 
 
-def add_metrics(results: dict[str, Any], runs: dict[str, BackendRun], plan: QualityPlan, config: BenchConfig,
-                out: Path, log: Log) -> None:
+def add_metrics(
+    results: dict[str, Any], runs: dict[str, BackendRun], plan: QualityPlan, config: BenchConfig, out: Path, log: Log
+) -> None:
     """Score every backend's set, then add the scores, the gate and the protocol's window to `results`."""
     from sdopt.bench import quality, quality_inputs
     from sdopt.bench.protocol import offline
     from sdopt.bench.quality_report import write_grids
 
-    sets = {b: quality_inputs.read_image_folder(r.quality_dir) for b, r in runs.items()
-            if r.status == "ok" and r.quality_dir and len(r.quality_seconds) == len(plan.items)}
+    sets = {
+        b: quality_inputs.read_image_folder(r.quality_dir)
+        for b, r in runs.items()
+        if r.status == "ok" and r.quality_dir and len(r.quality_seconds) == len(plan.items)
+    }
     log(f"scoring {len(sets)} image set(s) of {len(plan.items)} (InceptionV3 features, CLIP) ...")
     module, source = quality_inputs.load_inception(config.inception_weights)
     clip = quality_inputs.load_clip(config.clip_model) if config.clip_model else None
     size = (results["job"]["height"], results["job"]["width"])
     refs = quality.References(
         images=quality_inputs.read_image_folder(config.ref_images, size=size) if config.ref_images else None,
-        stats=quality_inputs.read_ref_stats(config.ref_stats) if config.ref_stats else None)
+        stats=quality_inputs.read_ref_stats(config.ref_stats) if config.ref_stats else None,
+    )
     prompts = [p for p, _ in plan.items]
-    scores = quality.score_sets(sets, prompts, REFERENCE if REFERENCE in sets else None,
-                                quality.InceptionFeatures(module, source), clip, refs)
+    scores = quality.score_sets(
+        sets, prompts, REFERENCE if REFERENCE in sets else None, quality.InceptionFeatures(module, source), clip, refs
+    )
     for b in results["backends"]:
         r = runs[b["name"]]
         if b["name"] in scores:
@@ -160,13 +180,24 @@ def add_metrics(results: dict[str, Any], runs: dict[str, BackendRun], plan: Qual
 def _summary(config: BenchConfig, plan: QualityPlan, inception: str, refs: Any, n: int) -> dict[str, Any]:
     from sdopt.bench.quality import FID_UNBIASED_N, KID_NOTE, NO_CLIP, bias_note
 
-    return {"n": n, "prompts": config.prompts or "built-in list (sdopt.bench.quality_inputs.BUILTIN_PROMPTS)",
-            "seeds": f"{config.seed}..{config.seed + n - 1} (one per prompt)" if not plan.latents_path
-            else f"fixed latents {plan.latents_path}", "reference": REFERENCE, "inception_weights": inception,
-            "clip_model": config.clip_model, "clip_note": None if config.clip_model else NO_CLIP,
-            "ref_images": config.ref_images, "ref_images_n": None if refs.images is None else len(refs.images),
-            "ref_stats": config.ref_stats, "fid_unbiased_n": FID_UNBIASED_N, "fid_bias_note": bias_note(n),
-            "kid_note": KID_NOTE, "images": str(plan.folder)}
+    return {
+        "n": n,
+        "prompts": config.prompts or "built-in list (sdopt.bench.quality_inputs.BUILTIN_PROMPTS)",
+        "seeds": f"{config.seed}..{config.seed + n - 1} (one per prompt)"
+        if not plan.latents_path
+        else f"fixed latents {plan.latents_path}",
+        "reference": REFERENCE,
+        "inception_weights": inception,
+        "clip_model": config.clip_model,
+        "clip_note": None if config.clip_model else NO_CLIP,
+        "ref_images": config.ref_images,
+        "ref_images_n": None if refs.images is None else len(refs.images),
+        "ref_stats": config.ref_stats,
+        "fid_unbiased_n": FID_UNBIASED_N,
+        "fid_bias_note": bias_note(n),
+        "kid_note": KID_NOTE,
+        "images": str(plan.folder),
+    }
 
 
 def gate(results: dict[str, Any], config: BenchConfig) -> dict[str, Any]:
@@ -198,8 +229,13 @@ def gate(results: dict[str, Any], config: BenchConfig) -> dict[str, Any]:
             clip = q.get("clip_score")
             if clip is None or clip < config.min_clip_score:
                 failures.append(f"{name}: CLIP score {_fmt(clip)} < {config.min_clip_score:g}")
-    return {"max_fid_delta": config.max_fid_delta, "min_clip_score": config.min_clip_score, "fid_key": key,
-            "failures": failures, "passed": not failures}
+    return {
+        "max_fid_delta": config.max_fid_delta,
+        "min_clip_score": config.min_clip_score,
+        "fid_key": key,
+        "failures": failures,
+        "passed": not failures,
+    }
 
 
 def _protocol(results: dict[str, Any], config: BenchConfig) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """The harness's records: the job every backend runs, one backend's raw measurements, its summary row.
 
-    Job           what each worker runs (sent to workers as JSON; recorded under "job" in results.json)
-    BackendRun    one backend's raw measurements, filled in while the benchmark runs (parent side)
-    BackendStats  one backend's row of results.json (see benchmarks/README.md for the schema)
+Job           what each worker runs (sent to workers as JSON; recorded under "job" in results.json)
+BackendRun    one backend's raw measurements, filled in while the benchmark runs (parent side)
+BackendStats  one backend's row of results.json (see benchmarks/README.md for the schema)
 """
 
 from __future__ import annotations
@@ -74,10 +74,20 @@ def make_job(config: BenchConfig, manifest: Manifest, artifact: Path, threads: i
     scheduler_config = json.loads((artifact / manifest.scheduler_config).read_text())
     scheduler = config.scheduler or default_scheduler_name(scheduler_config)
     scale = manifest.vae.scale
-    return Job(prompt=config.prompt, negative_prompt=config.negative_prompt, steps=config.steps,
-               guidance=float(config.guidance), height=height, width=width, batch=config.batch, seed=config.seed,
-               scheduler=scheduler, threads=threads, deepcache=config.deepcache,
-               latent_shape=[config.batch, manifest.vae.latent_channels, height // scale, width // scale])
+    return Job(
+        prompt=config.prompt,
+        negative_prompt=config.negative_prompt,
+        steps=config.steps,
+        guidance=float(config.guidance),
+        height=height,
+        width=width,
+        batch=config.batch,
+        seed=config.seed,
+        scheduler=scheduler,
+        threads=threads,
+        deepcache=config.deepcache,
+        latent_shape=[config.batch, manifest.vae.latent_channels, height // scale, width // scale],
+    )
 
 
 @dataclass
@@ -115,9 +125,13 @@ def run_entry(reply: dict[str, Any]) -> dict[str, Any]:
     """One measured run as recorded under "runs": end to end, per stage, U-Net calls, the rest."""
     stages = {s: float(reply["stages"].get(s, 0.0)) for s in STAGE_NAMES}
     calls = int(reply.get("calls", {}).get("unet", 0))
-    return {"e2e_s": float(reply["e2e_s"]), "stages_s": stages, "unet_calls": calls,
-            "unet_per_step_s": stages["unet"] / calls if calls else None,
-            "other_s": max(0.0, float(reply["e2e_s"]) - sum(stages.values()))}
+    return {
+        "e2e_s": float(reply["e2e_s"]),
+        "stages_s": stages,
+        "unet_calls": calls,
+        "unet_per_step_s": stages["unet"] / calls if calls else None,
+        "other_s": max(0.0, float(reply["e2e_s"]) - sum(stages.values())),
+    }
 
 
 @dataclass

@@ -16,12 +16,41 @@ from rich.table import Table
 from sdopt.bench import quality_report
 from sdopt.bench.stats import finite_or_none
 
-COLUMNS = ("backend", "status", "e2e median s", "p90 / min s", "img/s", "text enc ms", "U-Net/step ms",
-           "VAE dec ms", "speedup", "cold start s", "peak RSS", "max |Δ|", "PSNR dB")
-TERMINAL_COLUMNS = ("backend", "e2e\nmedian s", "p90/min\ns", "img/s", "text enc\nms", "U-Net/\nstep ms",
-                    "VAE dec\nms", "speed-\nup", "cold\nstart s", "peak\nRSS", "max |Δ|", "PSNR\ndB")
-STAGE_PLOT = (("text_encoder", "text encoder", "#4C72B0"), ("unet", "U-Net (all steps)", "#DD8452"),
-              ("vae_decoder", "VAE decode", "#55A868"), ("other", "other", "#999999"))
+COLUMNS = (
+    "backend",
+    "status",
+    "e2e median s",
+    "p90 / min s",
+    "img/s",
+    "text enc ms",
+    "U-Net/step ms",
+    "VAE dec ms",
+    "speedup",
+    "cold start s",
+    "peak RSS",
+    "max |Δ|",
+    "PSNR dB",
+)
+TERMINAL_COLUMNS = (
+    "backend",
+    "e2e\nmedian s",
+    "p90/min\ns",
+    "img/s",
+    "text enc\nms",
+    "U-Net/\nstep ms",
+    "VAE dec\nms",
+    "speed-\nup",
+    "cold\nstart s",
+    "peak\nRSS",
+    "max |Δ|",
+    "PSNR\ndB",
+)
+STAGE_PLOT = (
+    ("text_encoder", "text encoder", "#4C72B0"),
+    ("unet", "U-Net (all steps)", "#DD8452"),
+    ("vae_decoder", "VAE decode", "#55A868"),
+    ("other", "other", "#999999"),
+)
 
 
 # -- cell formatting -----------------------------------------------------------------------------
@@ -73,10 +102,21 @@ def row_cells(b: dict[str, Any]) -> list[str]:
     sp = (b.get("speedup_vs_torch") or {}).get("e2e")
     cold = (b.get("cold_start") or {}).get("total_s")
     diff, psnr = _parity(b)
-    return [name, "ok", _num(e2e["median"]), f"{_num(e2e['p90'])}/{_num(e2e['min'])}",
-            _num(b.get("images_per_s"), 2), _ms(st.get("text_encoder")), _ms(st.get("unet_per_step")),
-            _ms(st.get("vae_decoder")), "—" if sp is None else f"{sp:.2f}x", _num(cold, 1),
-            human_bytes((b.get("memory") or {}).get("peak_rss_bytes")), diff, psnr]
+    return [
+        name,
+        "ok",
+        _num(e2e["median"]),
+        f"{_num(e2e['p90'])}/{_num(e2e['min'])}",
+        _num(b.get("images_per_s"), 2),
+        _ms(st.get("text_encoder")),
+        _ms(st.get("unet_per_step")),
+        _ms(st.get("vae_decoder")),
+        "—" if sp is None else f"{sp:.2f}x",
+        _num(cold, 1),
+        human_bytes((b.get("memory") or {}).get("peak_rss_bytes")),
+        diff,
+        psnr,
+    ]
 
 
 def headline(results: dict[str, Any]) -> str:
@@ -106,8 +146,10 @@ def fidelity_notes(results: dict[str, Any]) -> list[str]:
     for b in results["backends"]:
         vs = (b.get("parity") or {}).get("vs_exact")
         if vs:
-            notes.append(f"{b['name']} (DeepCache, full U-Net every {b['parity']['deepcache']} steps) vs exact "
-                         f"onnxruntime: max |Δ| {vs['max_abs_diff']:.3g}, PSNR {_num(vs.get('psnr_db'), 1)} dB")
+            notes.append(
+                f"{b['name']} (DeepCache, full U-Net every {b['parity']['deepcache']} steps) vs exact "
+                f"onnxruntime: max |Δ| {vs['max_abs_diff']:.3g}, PSNR {_num(vs.get('psnr_db'), 1)} dB"
+            )
     return notes
 
 
@@ -133,15 +175,26 @@ def markdown(results: dict[str, Any]) -> str:
     def cell(text: str) -> str:
         return text.replace("|", "\\|").replace("\n", " ")
 
-    lines = [f"# sdopt bench: {results['config'].get('name') or results['artifact'].get('source', {}).get('id', '')}",
-             "", headline(results), "", f"`{results['command']}` — {results['created']}", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines = [
+        f"# sdopt bench: {results['config'].get('name') or results['artifact'].get('source', {}).get('id', '')}",
+        "",
+        headline(results),
+        "",
+        f"`{results['command']}` — {results['created']}",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
     for b in results["backends"]:
         lines.append("| " + " | ".join(cell(c) for c in row_cells(b)) + " |")
     lines += [""] + [f"- {n}" for n in fidelity_notes(results)]
-    lines += ["", "Latencies are medians over the measured runs; stages are time inside the component calls "
-              "(see benchmarks/README.md). Speedup: torch eager median / backend median, same run. Parity: "
-              "max |Δ| and PSNR of the images vs torch eager on [0, 1] pixels, same initial latents.", ""]
+    lines += [
+        "",
+        "Latencies are medians over the measured runs; stages are time inside the component calls "
+        "(see benchmarks/README.md). Speedup: torch eager median / backend median, same run. Parity: "
+        "max |Δ| and PSNR of the images vs torch eager on [0, 1] pixels, same initial latents.",
+        "",
+    ]
     lines += quality_report.markdown(results)
     return "\n".join(lines)
 
@@ -190,8 +243,11 @@ def write_png(results: dict[str, Any], path: Path) -> bool:
         right.legend(fontsize=7)
     others = [f"{b['name']}: {b['status']}" for b in results["backends"] if b["status"] != "ok"]
     job = results["job"]
-    fig.suptitle(f"sdopt bench — {job['height']}x{job['width']}, {job['steps']} steps, batch {job['batch']}"
-                 + (f"  ({'; '.join(others)})" if others else ""), fontsize=10)
+    fig.suptitle(
+        f"sdopt bench — {job['height']}x{job['width']}, {job['steps']} steps, batch {job['batch']}"
+        + (f"  ({'; '.join(others)})" if others else ""),
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

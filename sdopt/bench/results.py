@@ -30,9 +30,16 @@ STAGES_HELP = {
 }
 
 
-def build_results(config: BenchConfig, job: Job, manifest: Manifest, artifact_info: dict[str, Any],
-                  machine: dict[str, Any], runs: dict[str, BackendRun], images: dict[str, Any],
-                  command: str | None = None) -> dict[str, Any]:
+def build_results(
+    config: BenchConfig,
+    job: Job,
+    manifest: Manifest,
+    artifact_info: dict[str, Any],
+    machine: dict[str, Any],
+    runs: dict[str, BackendRun],
+    images: dict[str, Any],
+    command: str | None = None,
+) -> dict[str, Any]:
     """The results dict (JSON-ready: no inf/nan) of one benchmark.
 
     Args:
@@ -55,28 +62,42 @@ def build_results(config: BenchConfig, job: Job, manifest: Manifest, artifact_in
     ref_stats = next((s for s in backends if s.name == REFERENCE and s.status == "ok"), None)
     for s in backends:
         s.speedup_vs_torch = _speedups(s, ref_stats)
-    return stats.finite_or_none({
-        "schema_version": SCHEMA_VERSION,
-        "kind": "sdopt-bench",
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),  # API use: this process's
-        "config": config.to_dict(),
-        "job": job.record(),
-        "artifact": {**artifact_info, "family": manifest.family, "source": manifest.source,
-                     "precision": manifest.precision, "opset": manifest.opset, "created": manifest.created},
-        "machine": machine,
-        "reference": REFERENCE,
-        "unet": {"flops_per_call": flops, "calls_per_step": 1,
-                 "batch": job.batch * (2 if job.guidance > 1.0 else 1),
-                 "method": "torch.utils.flop_counter on one eager U-Net call (2 FLOPs per multiply-add, "
-                           "attention via the math SDPA path)" if flops else None},
-        "stages_help": STAGES_HELP,
-        "backends": [s.to_dict() for s in backends],
-    })
+    return stats.finite_or_none(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "kind": "sdopt-bench",
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "command": command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),  # API use: this process's
+            "config": config.to_dict(),
+            "job": job.record(),
+            "artifact": {
+                **artifact_info,
+                "family": manifest.family,
+                "source": manifest.source,
+                "precision": manifest.precision,
+                "opset": manifest.opset,
+                "created": manifest.created,
+            },
+            "machine": machine,
+            "reference": REFERENCE,
+            "unet": {
+                "flops_per_call": flops,
+                "calls_per_step": 1,
+                "batch": job.batch * (2 if job.guidance > 1.0 else 1),
+                "method": "torch.utils.flop_counter on one eager U-Net call (2 FLOPs per multiply-add, "
+                "attention via the math SDPA path)"
+                if flops
+                else None,
+            },
+            "stages_help": STAGES_HELP,
+            "backends": [s.to_dict() for s in backends],
+        }
+    )
 
 
-def backend_stats(r: BackendRun, job: Job, machine: dict[str, Any], images: dict[str, Any],
-                  flops: int | None) -> BackendStats:
+def backend_stats(
+    r: BackendRun, job: Job, machine: dict[str, Any], images: dict[str, Any], flops: int | None
+) -> BackendStats:
     """One backend's summary row (speedups are added by `build_results`, which knows the reference)."""
     ok = r.status == "ok"
     e2e = stats.summarize(x["e2e_s"] for x in r.runs) if ok else None
@@ -86,20 +107,42 @@ def backend_stats(r: BackendRun, job: Job, machine: dict[str, Any], images: dict
     gflops = stats.throughput_gflops(flops, unet_ps.get("median")) if ok else None
     device_method = None
     if r.device_peak_bytes is not None:
-        device_method = ("torch.cuda.max_memory_allocated" if r.name.startswith("torch")
-                         else "nvidia-smi per-process, sampled after load and each run")
+        device_method = (
+            "torch.cuda.max_memory_allocated"
+            if r.name.startswith("torch")
+            else "nvidia-smi per-process, sampled after load and each run"
+        )
     return BackendStats(
-        name=r.name, status=r.status, error=r.error, failed_at=r.failed_at, provider=r.info.get("provider"),
-        device=r.info.get("device"), device_name=r.info.get("device_name"), precision=r.info.get("precision"),
-        engine=r.info.get("engine"), e2e_s=e2e, stages_s=stages or None,
+        name=r.name,
+        status=r.status,
+        error=r.error,
+        failed_at=r.failed_at,
+        provider=r.info.get("provider"),
+        device=r.info.get("device"),
+        device_name=r.info.get("device_name"),
+        precision=r.info.get("precision"),
+        engine=r.info.get("engine"),
+        e2e_s=e2e,
+        stages_s=stages or None,
         images_per_s=stats.images_per_second(job.batch, e2e["median"]) if e2e else None,
         cold_start=_cold_start(r, e2e) or None,
-        memory={"peak_rss_bytes": r.rss_peak_bytes, "device_peak_bytes": r.device_peak_bytes,
-                "device_method": device_method},
+        memory={
+            "peak_rss_bytes": r.rss_peak_bytes,
+            "device_peak_bytes": r.device_peak_bytes,
+            "device_method": device_method,
+        },
         parity=_parity(r, job, images) if ok else None,
-        unet_throughput={"gflops_per_s": gflops, "matmul_peak_gflops": peak,
-                         "fraction_of_matmul_peak": gflops / peak if gflops and peak else None} if gflops else None,
-        runs=r.runs, warmup_runs=r.warmup, log=r.log)
+        unet_throughput={
+            "gflops_per_s": gflops,
+            "matmul_peak_gflops": peak,
+            "fraction_of_matmul_peak": gflops / peak if gflops and peak else None,
+        }
+        if gflops
+        else None,
+        runs=r.runs,
+        warmup_runs=r.warmup,
+        log=r.log,
+    )
 
 
 def _stage_summaries(r: BackendRun) -> dict[str, Any]:
@@ -114,9 +157,14 @@ def _cold_start(r: BackendRun, e2e: dict[str, Any] | None) -> dict[str, Any]:
         return {}
     build_s = r.info.get("engine_build_s") or 0.0
     ready = r.spawn_to_ready_s - build_s
-    cold = {"spawn_to_ready_s": ready, "import_s": r.info.get("import_s"), "load_s": r.info.get("load_s"),
-            "first_image_s": r.first_image_s,
-            "total_s": ready + r.first_image_s if r.first_image_s is not None else None, "verify_hashes": False}
+    cold = {
+        "spawn_to_ready_s": ready,
+        "import_s": r.info.get("import_s"),
+        "load_s": r.info.get("load_s"),
+        "first_image_s": r.first_image_s,
+        "total_s": ready + r.first_image_s if r.first_image_s is not None else None,
+        "verify_hashes": False,
+    }
     if r.info.get("engine_build_s") is not None:
         cold["engine_build_s"] = build_s  # one-off, like the export: not part of the cold start
     if e2e and r.first_image_s is not None:

@@ -30,9 +30,14 @@ from sdopt.bench.records import BackendRun, Job, make_job, run_entry
 from sdopt.manifest import Manifest, load_manifest
 
 
-def run_benchmark(config: BenchConfig, out_dir: Path | None = None, cache_dir: Path | None = None,
-                  log: Log | None = None, command: str | None = None,
-                  faults: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+def run_benchmark(
+    config: BenchConfig,
+    out_dir: Path | None = None,
+    cache_dir: Path | None = None,
+    log: Log | None = None,
+    command: str | None = None,
+    faults: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Run the benchmark and write its reports to `out_dir`.
 
     Args:
@@ -96,16 +101,25 @@ def _prepare(p: Plan, config: BenchConfig, manifest: Manifest, artifact: Path, l
         from sdopt.bench.quality_run import check_latents
 
         check_latents(config.latents, job)  # before any worker starts
-    log(f"job: {job.height}x{job.width}, {job.steps} steps, batch {job.batch}, "
-        f"scheduler {job.scheduler}, guidance {job.guidance}, {p.threads} threads")
+    log(
+        f"job: {job.height}x{job.width}, {job.steps} steps, batch {job.batch}, "
+        f"scheduler {job.scheduler}, guidance {job.guidance}, {p.threads} threads"
+    )
     machine = machine_info(p.threads)
     log("measuring the fp32 matmul peak ...")
     machine["matmul_peak"] = measure_matmul_peak(p.threads, gpu=bool(machine["gpus"]))
     return job, machine
 
 
-def _load_all(backends: list[str], runs: dict[str, BackendRun], artifact: Path, job: Job, out: Path,
-              faults: dict[str, dict[str, Any]], log: Log) -> None:
+def _load_all(
+    backends: list[str],
+    runs: dict[str, BackendRun],
+    artifact: Path,
+    job: Job,
+    out: Path,
+    faults: dict[str, dict[str, Any]],
+    log: Log,
+) -> None:
     """Start the workers one at a time, so each cold start is timed without the others' load."""
     for b in backends:
         r = runs[b]
@@ -113,8 +127,9 @@ def _load_all(backends: list[str], runs: dict[str, BackendRun], artifact: Path, 
         r.log = str(out / "logs" / f"{b}.log")
         try:
             r.worker = WorkerProcess(b, Path(r.log), job.threads)
-            reply = r.worker.request(cmd="load", backend=b, artifact=str(artifact),
-                                     job={**job.to_dict(), **faults.get(b, {})})
+            reply = r.worker.request(
+                cmd="load", backend=b, artifact=str(artifact), job={**job.to_dict(), **faults.get(b, {})}
+            )
         except WorkerDied as e:
             reply = {"ok": False, "error": str(e)}
         except OSError as e:
@@ -157,7 +172,7 @@ def _measure(runs: dict[str, BackendRun], config: BenchConfig, log: Log) -> None
     for i in range(total):
         warm = i < config.warmup
         label = f"warm-up {i + 1}/{config.warmup}" if warm else f"run {i - config.warmup + 1}/{config.runs}"
-        for b in (order if i % 2 == 0 else order[::-1]):
+        for b in order if i % 2 == 0 else order[::-1]:
             r = runs[b]
             if r.status != "ok":
                 continue

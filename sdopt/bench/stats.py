@@ -39,8 +39,14 @@ def summarize(values: Iterable[float]) -> dict[str, float | int] | None:
     xs = [float(v) for v in values]
     if not xs:
         return None
-    return {"median": median(xs), "p90": p90(xs), "min": min(xs), "max": max(xs), "mean": sum(xs) / len(xs),
-            "n": len(xs)}
+    return {
+        "median": median(xs),
+        "p90": p90(xs),
+        "min": min(xs),
+        "max": max(xs),
+        "mean": sum(xs) / len(xs),
+        "n": len(xs),
+    }
 
 
 def images_per_second(batch: int, seconds: float) -> float | None:

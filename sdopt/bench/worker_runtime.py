@@ -37,8 +37,9 @@ class RuntimeWorker:
             self.pipe = Pipeline.load(artifact, provider=provider, verify_hashes=False, **options)
         self.timers = Timers()
         for name, session in list(self.pipe.sessions.items()):
-            self.pipe.sessions[name] = _TimedSession(session, self.timers.wrap(COMPONENT_STAGE.get(name, name),
-                                                                                session.run))
+            self.pipe.sessions[name] = _TimedSession(
+                session, self.timers.wrap(COMPONENT_STAGE.get(name, name), session.run)
+            )
         self.latents = initial_latents(job)
         self.job = job
         self.provider = provider
@@ -49,9 +50,16 @@ class RuntimeWorker:
                 engine = f"tensorrt {tensorrt.__version__}"
             except ImportError:  # pragma: no cover - the load above would have failed
                 pass
-        return {"import_s": import_s, "load_s": time.perf_counter() - t0,
-                "device": "cpu" if provider == "cpu" else "cuda", "precision": self.pipe.manifest.precision,
-                "provider": provider, "engine": engine, "device_name": None, "engine_build_s": build_s}
+        return {
+            "import_s": import_s,
+            "load_s": time.perf_counter() - t0,
+            "device": "cpu" if provider == "cpu" else "cuda",
+            "precision": self.pipe.manifest.precision,
+            "provider": provider,
+            "engine": engine,
+            "device_name": None,
+            "engine_build_s": build_s,
+        }
 
     def _provider(self, job: Job) -> tuple[str, dict[str, Any], str]:
         if not self.backend.startswith("onnxruntime"):
@@ -72,11 +80,20 @@ class RuntimeWorker:
         """One call of the pipeline with these latents (their batch is the number of images)."""
         job = self.job
         self.timers.reset()
-        out = self.pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=job.steps,
-                        guidance_scale=job.guidance, height=job.height, width=job.width,
-                        num_images_per_prompt=latents.shape[0], seed=job.seed, scheduler=job.scheduler,
-                        latents=latents, output_type="np",
-                        deepcache=job.deepcache if self.backend == "onnxruntime-fast" else 1)
+        out = self.pipe(
+            prompt,
+            negative_prompt=negative_prompt,
+            num_inference_steps=job.steps,
+            guidance_scale=job.guidance,
+            height=job.height,
+            width=job.width,
+            num_images_per_prompt=latents.shape[0],
+            seed=job.seed,
+            scheduler=job.scheduler,
+            latents=latents,
+            output_type="np",
+            deepcache=job.deepcache if self.backend == "onnxruntime-fast" else 1,
+        )
         return out.images, dict(self.timers.seconds), dict(self.timers.calls)
 
     def device_peak_bytes(self) -> int | None:

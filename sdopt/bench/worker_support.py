@@ -17,8 +17,14 @@ if TYPE_CHECKING:
     from sdopt.bench.records import Job
 
 # runtime component -> stage it counts towards
-COMPONENT_STAGE = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder", "unet": "unet",
-                   "unet_shallow": "unet", "vae_decoder": "vae_decoder", "vae_encoder": "vae_encoder"}
+COMPONENT_STAGE = {
+    "text_encoder": "text_encoder",
+    "text_encoder_2": "text_encoder",
+    "unet": "unet",
+    "unet_shallow": "unet",
+    "vae_decoder": "vae_decoder",
+    "vae_encoder": "vae_encoder",
+}
 
 
 class Timers:

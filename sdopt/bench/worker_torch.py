@@ -39,18 +39,23 @@ class TorchWorker:
         self.dtype = torch.float16 if cuda and manifest.precision == "fp16" else torch.float32
         pipe.to(self.device, self.dtype)
         pipe.scheduler = getattr(diffusers, DIFFUSERS_CLASS_NAMES[job.scheduler]).from_config(
-            pipe.scheduler.config, **scheduler_overrides(job.scheduler))
+            pipe.scheduler.config, **scheduler_overrides(job.scheduler)
+        )
         self.timers = Timers(torch.cuda.synchronize if cuda else None)
         self._instrument(pipe)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
         self.latents = initial_latents(job)
         self.job = job
-        return {"import_s": import_s, "load_s": time.perf_counter() - t0, "device": self.device,
-                "precision": "fp16" if self.dtype == torch.float16 else "fp32",
-                "provider": f"torch-{self.device}" + ("+inductor" if self.compile else ""),
-                "engine": f"torch {torch.__version__}, diffusers {diffusers.__version__}",
-                "device_name": torch.cuda.get_device_name() if cuda else None}
+        return {
+            "import_s": import_s,
+            "load_s": time.perf_counter() - t0,
+            "device": self.device,
+            "precision": "fp16" if self.dtype == torch.float16 else "fp32",
+            "provider": f"torch-{self.device}" + ("+inductor" if self.compile else ""),
+            "engine": f"torch {torch.__version__}, diffusers {diffusers.__version__}",
+            "device_name": torch.cuda.get_device_name() if cuda else None,
+        }
 
     def _instrument(self, pipe: Any) -> None:
         """Time every component call; torch.compile the U-Net and VAE decoder for torch-compile."""
@@ -85,9 +90,17 @@ class TorchWorker:
         job = self.job
         self.timers.reset()
         tensor = self.torch.from_numpy(latents).to(self.device, self.dtype)
-        out = self.pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=job.steps,
-                        guidance_scale=job.guidance, height=job.height, width=job.width,
-                        num_images_per_prompt=latents.shape[0], latents=tensor, output_type="np")
+        out = self.pipe(
+            prompt,
+            negative_prompt=negative_prompt,
+            num_inference_steps=job.steps,
+            guidance_scale=job.guidance,
+            height=job.height,
+            width=job.width,
+            num_images_per_prompt=latents.shape[0],
+            latents=tensor,
+            output_type="np",
+        )
         return out.images, dict(self.timers.seconds), dict(self.timers.calls)
 
     def device_peak_bytes(self) -> int | None:

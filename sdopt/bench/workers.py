@@ -59,8 +59,12 @@ class Session:
         self.device_peak: int | None = None
 
     def handle(self, msg: dict[str, Any]) -> dict[str, Any]:
-        handlers = {"load": self.load, "run": lambda _msg: self.run(), "generate": self.generate,
-                    "finish": self.finish}
+        handlers = {
+            "load": self.load,
+            "run": lambda _msg: self.run(),
+            "generate": self.generate,
+            "finish": self.finish,
+        }
         cmd = msg.get("cmd")
         if cmd not in handlers:
             return {"ok": False, "error": f"unknown request {cmd!r}"}
@@ -96,8 +100,14 @@ class Session:
         self.runs += 1
         self.images = images
         self._sample_device()
-        return {"ok": True, "e2e_s": e2e, "stages": seconds, "calls": calls, "rss_peak_bytes": peak_rss_bytes(),
-                "device_peak_bytes": self.device_peak}
+        return {
+            "ok": True,
+            "e2e_s": e2e,
+            "stages": seconds,
+            "calls": calls,
+            "rss_peak_bytes": peak_rss_bytes(),
+            "device_peak_bytes": self.device_peak,
+        }
 
     def generate(self, msg: dict[str, Any]) -> dict[str, Any]:
         """--quality: one image per item (its prompt, its seed's latents or the given latents), saved as PNG."""
@@ -117,8 +127,12 @@ class Session:
         except Exception as e:  # noqa: BLE001
             return {"ok": False, "error": describe(e), "traceback": traceback.format_exc()}
         self._sample_device()
-        return {"ok": True, "seconds": seconds, "rss_peak_bytes": peak_rss_bytes(),
-                "device_peak_bytes": self.device_peak}
+        return {
+            "ok": True,
+            "seconds": seconds,
+            "rss_peak_bytes": peak_rss_bytes(),
+            "device_peak_bytes": self.device_peak,
+        }
 
     def finish(self, msg: dict[str, Any]) -> dict[str, Any]:
         import numpy as np

@@ -16,8 +16,10 @@ from sdopt.errors import NoGpuError, SdoptError
 EXTRA_FOR_CUDA = {12: "tensorrt-cu12", 13: "tensorrt-cu13"}
 # Oldest Linux driver per CUDA major (CUDA release notes, minor-version compatibility table).
 MIN_DRIVER = {12: "525.60.13", 13: "580"}
-INSTALL_FIX = ("pip install 'sdopt[tensorrt-cu12]' (NVIDIA driver 525 or newer) or 'sdopt[tensorrt-cu13]' "
-               "(driver 580 or newer) on a host with an NVIDIA GPU; the TensorRT and cuda-python wheels are on PyPI")
+INSTALL_FIX = (
+    "pip install 'sdopt[tensorrt-cu12]' (NVIDIA driver 525 or newer) or 'sdopt[tensorrt-cu13]' "
+    "(driver 580 or newer) on a host with an NVIDIA GPU; the TensorRT and cuda-python wheels are on PyPI"
+)
 
 
 def import_cudart() -> ModuleType:
@@ -53,8 +55,9 @@ def cuda_check(cudart: ModuleType, result: Any, what: str) -> Any:
     """
     err, *values = result if isinstance(result, tuple) else (result,)
     if err != cudart.cudaError_t.cudaSuccess:
-        raise SdoptError(f"CUDA {what} failed: {error_name(err)}",
-                         "check the GPU with `nvidia-smi` (driver, memory in use)")
+        raise SdoptError(
+            f"CUDA {what} failed: {error_name(err)}", "check the GPU with `nvidia-smi` (driver, memory in use)"
+        )
     return values[0] if len(values) == 1 else tuple(values) or None
 
 
@@ -74,17 +77,23 @@ def check_driver(driver_version: int, runtime_version: int) -> None:
         SdoptError: the driver is older than the wheels' CUDA major (minor versions are compatible).
     """
     if driver_version <= 0:
-        raise NoGpuError("no NVIDIA GPU usable: no NVIDIA driver is loaded on this host",
-                         "run on a host with an NVIDIA GPU and its driver (check with `nvidia-smi`)")
+        raise NoGpuError(
+            "no NVIDIA GPU usable: no NVIDIA driver is loaded on this host",
+            "run on a host with an NVIDIA GPU and its driver (check with `nvidia-smi`)",
+        )
     have, need = driver_version // 1000, runtime_version // 1000
     if have < need:
         extra = EXTRA_FOR_CUDA.get(have)
-        other = f"or install the CUDA {have} wheels instead: pip install 'sdopt[{extra}]'" if extra else (
-            "TensorRT 10 and 11 need CUDA 12 or newer")
-        raise SdoptError(f"the NVIDIA driver is too old for the installed CUDA {cuda_version_text(runtime_version)} "
-                         f"wheels: it supports CUDA {cuda_version_text(driver_version)}",
-                         f"update the driver to {MIN_DRIVER.get(need, 'a CUDA ' + str(need) + ' driver')} or newer, "
-                         f"{other}")
+        other = (
+            f"or install the CUDA {have} wheels instead: pip install 'sdopt[{extra}]'"
+            if extra
+            else ("TensorRT 10 and 11 need CUDA 12 or newer")
+        )
+        raise SdoptError(
+            f"the NVIDIA driver is too old for the installed CUDA {cuda_version_text(runtime_version)} "
+            f"wheels: it supports CUDA {cuda_version_text(driver_version)}",
+            f"update the driver to {MIN_DRIVER.get(need, 'a CUDA ' + str(need) + ' driver')} or newer, {other}",
+        )
 
 
 def cuda_versions(cudart: ModuleType) -> tuple[int, int]:
@@ -94,5 +103,14 @@ def cuda_versions(cudart: ModuleType) -> tuple[int, int]:
     return int(driver), int(runtime)
 
 
-__all__ = ["EXTRA_FOR_CUDA", "INSTALL_FIX", "MIN_DRIVER", "check_driver", "cuda_check", "cuda_version_text",
-           "cuda_versions", "error_name", "import_cudart"]
+__all__ = [
+    "EXTRA_FOR_CUDA",
+    "INSTALL_FIX",
+    "MIN_DRIVER",
+    "check_driver",
+    "cuda_check",
+    "cuda_version_text",
+    "cuda_versions",
+    "error_name",
+    "import_cudart",
+]

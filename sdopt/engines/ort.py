@@ -13,12 +13,25 @@ from sdopt.hardware import cpu_flags
 
 # CPU features MLAS picks kernels and NCHWc block sizes by; an optimised graph saved on one
 # of these feature sets may not run (or not run well) on another.
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16",
-             "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16")
+ISA_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+)
 
 
-def session_options(threads: int | None = None, level: Any = None, parallel: bool = False,
-                    mem_arena: bool = True) -> Any:
+def session_options(
+    threads: int | None = None, level: Any = None, parallel: bool = False, mem_arena: bool = True
+) -> Any:
     """`onnxruntime.SessionOptions` as sdopt uses them: quiet, one graph at a time, full optimisation.
 
     Args:

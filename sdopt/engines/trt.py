@@ -55,7 +55,7 @@ def trt_logger(trt: ModuleType) -> Any:
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
-    """"10.7.0.23" -> (10, 7, 0)."""
+    """ "10.7.0.23" -> (10, 7, 0)."""
     return tuple(int(x) for x in re.findall(r"\d+", version)[:3])
 
 
@@ -91,31 +91,47 @@ def refit_engine(trt: ModuleType, engine: Any, weights: dict[str, np.ndarray]) -
         SdoptError: the engine is not refittable, a name or shape does not fit, or TensorRT refuses.
     """
     if not getattr(engine, "refittable", False):
-        raise SdoptError("this TensorRT engine was not built refittable",
-                         "rebuild it with weights that can change: sdopt build ARTIFACT --force --refittable")
+        raise SdoptError(
+            "this TensorRT engine was not built refittable",
+            "rebuild it with weights that can change: sdopt build ARTIFACT --force --refittable",
+        )
     refitter = trt.Refitter(engine, trt_logger(trt))
     known = set(refitter.get_all_weights())
     unknown = sorted(set(weights) - known)
     if unknown:
-        raise SdoptError(f"the engine has no refittable weights named {', '.join(unknown[:5])}",
-                         f"use ONNX initializer names; the engine has {len(known)} refittable weights")
+        raise SdoptError(
+            f"the engine has no refittable weights named {', '.join(unknown[:5])}",
+            f"use ONNX initializer names; the engine has {len(known)} refittable weights",
+        )
     for name, array in weights.items():
         proto = refitter.get_weights_prototype(name)
         want = check_refit_array(name, array, int(proto.size), proto.dtype)
         if not refitter.set_named_weights(name, want):
-            raise SdoptError(f"TensorRT rejected the new weights of {name} (see its log above)",
-                             "pass an array of the original weights' shape and type")
+            raise SdoptError(
+                f"TensorRT rejected the new weights of {name} (see its log above)",
+                "pass an array of the original weights' shape and type",
+            )
     missing = list(refitter.get_missing_weights())
     if missing:
-        raise SdoptError(f"refitting also needs the weights {', '.join(missing[:5])} (TensorRT fused them with the "
-                         "ones given)", "pass those weights too, with their current or new values")
+        raise SdoptError(
+            f"refitting also needs the weights {', '.join(missing[:5])} (TensorRT fused them with the ones given)",
+            "pass those weights too, with their current or new values",
+        )
     if not refitter.refit_cuda_engine():
-        raise SdoptError("TensorRT could not refit the engine (see its log above)",
-                         "check that no inference is running on it, then retry")
+        raise SdoptError(
+            "TensorRT could not refit the engine (see its log above)",
+            "check that no inference is running on it, then retry",
+        )
 
 
-_REFIT_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "BF16": None, "INT8": np.int8, "INT32": np.int32,
-                 "INT64": np.int64}
+_REFIT_DTYPES = {
+    "FLOAT": np.float32,
+    "HALF": np.float16,
+    "BF16": None,
+    "INT8": np.int8,
+    "INT32": np.int32,
+    "INT64": np.int64,
+}
 
 
 def check_refit_array(name: str, array: np.ndarray, count: int, trt_dtype: Any) -> np.ndarray:
@@ -132,16 +148,29 @@ def check_refit_array(name: str, array: np.ndarray, count: int, trt_dtype: Any) 
     kind = getattr(trt_dtype, "name", str(trt_dtype)).split(".")[-1]
     dtype = _REFIT_DTYPES.get(kind)
     if dtype is None:
-        raise SdoptError(f"weights {name} are {kind} in the engine, which numpy cannot hold",
-                         "refit only float32/float16/int weights")
+        raise SdoptError(
+            f"weights {name} are {kind} in the engine, which numpy cannot hold",
+            "refit only float32/float16/int weights",
+        )
     if array.size != count:
-        raise SdoptError(f"weights {name} have {array.size} values, the engine's have {count}",
-                         "pass an array of the original weights' shape")
+        raise SdoptError(
+            f"weights {name} have {array.size} values, the engine's have {count}",
+            "pass an array of the original weights' shape",
+        )
     if array.dtype != dtype and not (np.issubdtype(array.dtype, np.floating) and np.issubdtype(dtype, np.floating)):
-        raise SdoptError(f"weights {name} are {array.dtype}, the engine's are {np.dtype(dtype).name}",
-                         f"pass {np.dtype(dtype).name} values")
+        raise SdoptError(
+            f"weights {name} are {array.dtype}, the engine's are {np.dtype(dtype).name}",
+            f"pass {np.dtype(dtype).name} values",
+        )
     return np.ascontiguousarray(array, dtype=dtype)
 
 
-__all__ = ["NEXT_MAJOR", "check_refit_array", "import_tensorrt", "refit_engine", "trt_logger",
-           "version_compatible_loads", "version_tuple"]
+__all__ = [
+    "NEXT_MAJOR",
+    "check_refit_array",
+    "import_tensorrt",
+    "refit_engine",
+    "trt_logger",
+    "version_compatible_loads",
+    "version_tuple",
+]

@@ -140,21 +140,36 @@ def export_artifact(model_id: str, out: Path, opts: ExportOptions, progress: Pro
         failures: list[str] = []
         for plan in plan_components(model.pipe, model.family, image, [n for n in names if n != "unet" or n_deep == 0]):
             if plan.name == "unet_deep":  # traced once: the plain unet graph shares its weights file
-                comp = _export_component(plan, tmp, image, vae_scale(model.pipe), opts, tolerance, progress,
-                                         folder="unet", filename=UNET_DEEP_FILE, weights=onnx_graph.EXTERNAL_DATA)
+                comp = _export_component(
+                    plan,
+                    tmp,
+                    image,
+                    vae_scale(model.pipe),
+                    opts,
+                    tolerance,
+                    progress,
+                    folder="unet",
+                    filename=UNET_DEEP_FILE,
+                    weights=onnx_graph.EXTERNAL_DATA,
+                )
                 components["unet"] = _plain_unet(comp, tmp)
             else:
                 comp = _export_component(plan, tmp, image, vae_scale(model.pipe), opts, tolerance, progress)
             components[plan.name] = comp
             if not comp.verification.passed:
-                failures.append(f"{plan.name}: max relative error {comp.verification.max_rel_err:.2e} > {tolerance:.0e}")
+                failures.append(
+                    f"{plan.name}: max relative error {comp.verification.max_rel_err:.2e} > {tolerance:.0e}"
+                )
         components = {name: components[name] for name in names}  # manifest order: COMPONENTS order
         control, control_failures = export_controlnets(  # ControlNet hook (issue 15)
-            controlnets, model, tmp, image, opts, tolerance, components, progress)
+            controlnets, model, tmp, image, opts, tolerance, components, progress
+        )
         failures += control_failures
         if failures and not opts.allow_verify_failure:
-            raise SdoptError("verification failed: " + "; ".join(failures),
-                             "inspect the model, or pass --allow-verify-failure to keep the export anyway")
+            raise SdoptError(
+                "verification failed: " + "; ".join(failures),
+                "inspect the model, or pass --allow-verify-failure to keep the export anyway",
+            )
         manifest = _manifest(model, image, opts, components)
         manifest.controlnet = control  # ControlNet hook (issue 15)
         manifest.loras = lora_records  # LoRA hook
@@ -167,29 +182,55 @@ def export_artifact(model_id: str, out: Path, opts: ExportOptions, progress: Pro
     return ExportResult(manifest, out, time.perf_counter() - t0, load_seconds, failures)
 
 
-def _export_component(plan: ComponentPlan, root: Path, image: ImageSpec, scale: int, opts: ExportOptions,
-                      tolerance: float, progress: Progress, folder: str | None = None, filename: str = "model.onnx",
-                      weights: str | None = None) -> Component:
+def _export_component(
+    plan: ComponentPlan,
+    root: Path,
+    image: ImageSpec,
+    scale: int,
+    opts: ExportOptions,
+    tolerance: float,
+    progress: Progress,
+    folder: str | None = None,
+    filename: str = "model.onnx",
+    weights: str | None = None,
+) -> Component:
     """Export, clean, verify and (optionally) ORT-optimise one graph into `root/folder/filename`;
     `weights`: always keep the weights in that external data file (shared by several graphs)."""
     t0 = time.perf_counter()
     folder_path = root / (folder or plan.name)
     raw_dir = folder_path / f"_raw-{plan.name}"
     raw_dir.mkdir(parents=True)
-    small = {"batch": 2, "height": image.min_size, "width": image.min_size,
-             "latent_height": image.min_size // scale, "latent_width": image.min_size // scale}
-    opt = {"batch": 1, "height": image.default_height, "width": image.default_width,
-           "latent_height": image.default_height // scale, "latent_width": image.default_width // scale}
+    small = {
+        "batch": 2,
+        "height": image.min_size,
+        "width": image.min_size,
+        "latent_height": image.min_size // scale,
+        "latent_width": image.min_size // scale,
+    }
+    opt = {
+        "batch": 1,
+        "height": image.default_height,
+        "width": image.default_width,
+        "latent_height": image.default_height // scale,
+        "latent_width": image.default_width // scale,
+    }
     progress(plan.name, "export", "")
-    onnx_graph.export_raw(plan, raw_dir / "model.onnx", plan.example_inputs(small, opts.seed), opts.opset, opts.exporter)
+    onnx_graph.export_raw(
+        plan, raw_dir / "model.onnx", plan.example_inputs(small, opts.seed), opts.opset, opts.exporter
+    )
     progress(plan.name, "clean", "")
     fp16_ops = None if opts.precision == "fp32" or plan.keep_fp32 else plan.fp32_ops
     path = folder_path / filename
     onnx_graph.finalize(raw_dir / "model.onnx", path, fp16_ops, location=weights)
     onnx_graph.remove(raw_dir)
     progress(plan.name, "verify", "")
-    verification = verify_component(plan, path, [small, opt], tolerance if fp16_ops is not None else min(
-        tolerance, TOLERANCE["fp32"]), seed=opts.seed + 1)
+    verification = verify_component(
+        plan,
+        path,
+        [small, opt],
+        tolerance if fp16_ops is not None else min(tolerance, TOLERANCE["fp32"]),
+        seed=opts.seed + 1,
+    )
     ort_cpu_path = ort_cpu_target = None
     if opts.ort_optimize:
         progress(plan.name, "optimize", "")
@@ -203,11 +244,19 @@ def _export_component(plan: ComponentPlan, root: Path, image: ImageSpec, scale: 
     retype = lambda specs: [TensorSpec(s.name, io_types[s.name], s.shape) for s in specs]  # noqa: E731
     files = {str(p.relative_to(root)): sha256_file(p) for p in sorted(folder_path.iterdir()) if p.is_file()}
     comp = Component(
-        name=plan.name, path=str(path.relative_to(root)),
+        name=plan.name,
+        path=str(path.relative_to(root)),
         precision="fp16" if fp16_ops is not None else "fp32",
-        inputs=retype(plan.inputs), outputs=retype(plan.outputs), dims=plan.dims, files=files,
-        verification=verification, fp32_ops=list(fp16_ops or []), export_seconds=round(time.perf_counter() - t0, 2),
-        ort_cpu_path=ort_cpu_path, ort_cpu_target=ort_cpu_target, aliases=dict(plan.aliases),
+        inputs=retype(plan.inputs),
+        outputs=retype(plan.outputs),
+        dims=plan.dims,
+        files=files,
+        verification=verification,
+        fp32_ops=list(fp16_ops or []),
+        export_seconds=round(time.perf_counter() - t0, 2),
+        ort_cpu_path=ort_cpu_path,
+        ort_cpu_target=ort_cpu_target,
+        aliases=dict(plan.aliases),
         weights=weight_refs,
     )
     progress(plan.name, "done", f"{verification.max_abs_err:.2e} abs / {verification.max_rel_err:.2e} rel")
@@ -222,12 +271,19 @@ def _plain_unet(deep: Component, root: Path) -> Component:
     weights = str(path.with_name(onnx_graph.EXTERNAL_DATA).relative_to(root))
     v = deep.verification
     own = v.per_output["out_sample"]
-    verification = Verification(own["max_abs_err"], own["max_rel_err"], v.tolerance, own["max_rel_err"] <= v.tolerance,
-                                {"out_sample": own})
+    verification = Verification(
+        own["max_abs_err"], own["max_rel_err"], v.tolerance, own["max_rel_err"] <= v.tolerance, {"out_sample": own}
+    )
     return dataclasses.replace(
-        deep, name="unet", path=str(path.relative_to(root)), outputs=deep.outputs[:1],
+        deep,
+        name="unet",
+        path=str(path.relative_to(root)),
+        outputs=deep.outputs[:1],
         files={str(path.relative_to(root)): sha256_file(path), weights: deep.files[weights]},
-        verification=verification, ort_cpu_path=None, ort_cpu_target=None)
+        verification=verification,
+        ort_cpu_path=None,
+        ort_cpu_target=None,
+    )
 
 
 def _manifest(model: LoadedModel, image: ImageSpec, opts: ExportOptions, components: dict[str, Component]) -> Manifest:
@@ -240,22 +296,35 @@ def _manifest(model: LoadedModel, image: ImageSpec, opts: ExportOptions, compone
     pipe = model.pipe
     vae_cfg = pipe.vae.config
     return Manifest(
-        family=model.family, source=model.source,
+        family=model.family,
+        source=model.source,
         prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
-        precision=opts.precision, opset=opts.opset, exporter=opts.exporter, image=image,
-        vae=VaeSpec(scaling_factor=float(vae_cfg.scaling_factor),
-                    shift_factor=None if vae_cfg.get("shift_factor") is None else float(vae_cfg.shift_factor),
-                    scale=vae_scale(pipe), latent_channels=vae_cfg.latent_channels,
-                    force_upcast=bool(vae_cfg.get("force_upcast", False))),
+        precision=opts.precision,
+        opset=opts.opset,
+        exporter=opts.exporter,
+        image=image,
+        vae=VaeSpec(
+            scaling_factor=float(vae_cfg.scaling_factor),
+            shift_factor=None if vae_cfg.get("shift_factor") is None else float(vae_cfg.shift_factor),
+            scale=vae_scale(pipe),
+            latent_channels=vae_cfg.latent_channels,
+            force_upcast=bool(vae_cfg.get("force_upcast", False)),
+        ),
         components=components,
         text_max_length=pipe.tokenizer.model_max_length,
         unet_in_channels=pipe.unet.config.in_channels,
         force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", False)),
         requires_aesthetics_score=bool(pipe.config.get("requires_aesthetics_score", False)),
         tokenizers=["tokenizer", "tokenizer_2"] if model.family == "sdxl" else ["tokenizer"],
-        versions={"sdopt": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-                  "transformers": transformers.__version__, "onnx": onnx.__version__,
-                  "onnxruntime": onnxruntime.__version__, "python": platform.python_version()},
+        versions={
+            "sdopt": __version__,
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version(),
+        },
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
 
@@ -267,8 +336,13 @@ def _write_support_files(model: LoadedModel, root: Path, names: list[str]) -> No
         if getattr(pipe, tok, None) is not None:
             save_tokenizer(getattr(pipe, tok), root / tok)
     _write_scheduler_config(pipe.scheduler, root / "scheduler")
-    configs = {"unet": pipe.unet, "unet_deep": pipe.unet, "unet_shallow": pipe.unet, "vae_decoder": pipe.vae,
-               "vae_encoder": pipe.vae}
+    configs = {
+        "unet": pipe.unet,
+        "unet_deep": pipe.unet,
+        "unet_shallow": pipe.unet,
+        "vae_decoder": pipe.vae,
+        "vae_encoder": pipe.vae,
+    }
     for name in names:
         if name == "unet_deep":  # lives in unet/, beside the plain graph and its config
             continue
@@ -277,8 +351,11 @@ def _write_support_files(model: LoadedModel, root: Path, names: list[str]) -> No
         else:
             getattr(pipe, name).config.to_json_file(root / name / "config.json")
     cls = "ORTStableDiffusionXLPipeline" if model.family == "sdxl" else "ORTStableDiffusionPipeline"
-    index = {"_class_name": cls, "_diffusers_version": pipe.config.get("_diffusers_version", ""),
-             "scheduler": ["diffusers", type(pipe.scheduler).__name__]}
+    index = {
+        "_class_name": cls,
+        "_diffusers_version": pipe.config.get("_diffusers_version", ""),
+        "scheduler": ["diffusers", type(pipe.scheduler).__name__],
+    }
     for tok in ("tokenizer", "tokenizer_2"):
         if (root / tok).is_dir():
             index[tok] = ["transformers", "CLIPTokenizer"]
@@ -298,7 +375,9 @@ def _write_scheduler_config(scheduler, folder: Path) -> None:
     defaults = set(config.pop("_use_default_values", []))
     kept = {k: v for k, v in config.items() if k not in defaults and not k.startswith("_")}
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "scheduler_config.json").write_text(json.dumps({"_class_name": type(scheduler).__name__, **kept}, indent=2) + "\n")
+    (folder / "scheduler_config.json").write_text(
+        json.dumps({"_class_name": type(scheduler).__name__, **kept}, indent=2) + "\n"
+    )
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

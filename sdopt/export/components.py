@@ -60,7 +60,8 @@ class UNetGraph(torch.nn.Module):
         added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.sdxl else None
         captured: list[torch.Tensor] = []
         handle = _penultimate_layer(self.unet).register_forward_hook(
-            lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
+            lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out)
+        )
         try:
             out = self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
         finally:
@@ -80,7 +81,7 @@ class UNetShallowGraph(torch.nn.Module):
         self.input_names = input_names  # SDXL's last layer has no cross-attention: no text states
 
     def forward(self, *inputs: torch.Tensor):
-        return self.shallow(**dict(zip(self.input_names, inputs)))
+        return self.shallow(**dict(zip(self.input_names, inputs, strict=True)))
 
     def shallow(self, sample, timestep, deep_feature, encoder_hidden_states=None, text_embeds=None, time_ids=None):
         unet = self.unet
@@ -180,8 +181,11 @@ def _text_encoder_plan(pipe: Any, name: str, family: str, image: ImageSpec) -> C
     hidden, f32 = te.config.hidden_size, "float32"
     L = pipe.tokenizer.model_max_length
     sdxl = family == "sdxl"  # as optimum-cli: every hidden state only where the pipeline reads one
-    states = [TensorSpec(f"hidden_states.{i}", f32, ["batch", L, hidden])
-              for i in range(te.config.num_hidden_layers + 1)] if sdxl else []
+    states = (
+        [TensorSpec(f"hidden_states.{i}", f32, ["batch", L, hidden]) for i in range(te.config.num_hidden_layers + 1)]
+        if sdxl
+        else []
+    )
     last = TensorSpec("last_hidden_state", f32, ["batch", L, hidden])
     if hasattr(te, "text_projection"):
         outputs, pooled = [TensorSpec("text_embeds", f32, ["batch", te.config.projection_dim]), last], "text_embeds"
@@ -191,11 +195,14 @@ def _text_encoder_plan(pipe: Any, name: str, family: str, image: ImageSpec) -> C
     if sdxl:
         aliases["penultimate_hidden_state"] = states[-2].name
     return ComponentPlan(
-        name, TextEncoderGraph(te, hidden_states=sdxl),
-        inputs=[TensorSpec("input_ids", "int64", ["batch", L])], outputs=outputs + states,
+        name,
+        TextEncoderGraph(te, hidden_states=sdxl),
+        inputs=[TensorSpec("input_ids", "int64", ["batch", L])],
+        outputs=outputs + states,
         dims={"batch": DimRange(1, 2, 2 * image.max_batch)},
         fp32_ops=["LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Softmax"],
-        vocab_size=min(te.config.vocab_size, len(pipe.tokenizer)), aliases=aliases,
+        vocab_size=min(te.config.vocab_size, len(pipe.tokenizer)),
+        aliases=aliases,
     )
 
 
@@ -212,46 +219,81 @@ def plan_components(pipe: Any, family: str, image: ImageSpec, names: list[str]) 
             plans.append(_text_encoder_plan(pipe, name, family, image))
         elif name in ("unet", "unet_deep"):
             L = pipe.tokenizer.model_max_length
-            inputs = [TensorSpec("sample", f32, ["batch", unet_cfg.in_channels, "latent_height", "latent_width"]),
-                      TensorSpec("timestep", f32, ["batch"]),
-                      TensorSpec("encoder_hidden_states", f32, ["batch", L, unet_cfg.cross_attention_dim])]
+            inputs = [
+                TensorSpec("sample", f32, ["batch", unet_cfg.in_channels, "latent_height", "latent_width"]),
+                TensorSpec("timestep", f32, ["batch"]),
+                TensorSpec("encoder_hidden_states", f32, ["batch", L, unet_cfg.cross_attention_dim]),
+            ]
             if family == "sdxl":
-                inputs += [TensorSpec("text_embeds", f32, ["batch", pipe.text_encoder_2.config.projection_dim]),
-                           TensorSpec("time_ids", f32, ["batch", 6])]
-            deep = TensorSpec("deep_feature", f32, ["batch", unet_cfg.block_out_channels[0], "latent_height", "latent_width"])
+                inputs += [
+                    TensorSpec("text_embeds", f32, ["batch", pipe.text_encoder_2.config.projection_dim]),
+                    TensorSpec("time_ids", f32, ["batch", 6]),
+                ]
+            deep = TensorSpec(
+                "deep_feature", f32, ["batch", unet_cfg.block_out_channels[0], "latent_height", "latent_width"]
+            )
             out = TensorSpec("out_sample", f32, ["batch", unet_cfg.out_channels, "latent_height", "latent_width"])
             is_deep = name == "unet_deep"
-            plans.append(ComponentPlan(name, UNetGraph(pipe.unet, family == "sdxl", deep=is_deep), inputs=inputs,
-                                       outputs=[out, deep] if is_deep else [out],
-                                       dims=_dims(image, scale, 2, pixels=False), size_multiple=unet_multiple))
+            plans.append(
+                ComponentPlan(
+                    name,
+                    UNetGraph(pipe.unet, family == "sdxl", deep=is_deep),
+                    inputs=inputs,
+                    outputs=[out, deep] if is_deep else [out],
+                    dims=_dims(image, scale, 2, pixels=False),
+                    size_multiple=unet_multiple,
+                )
+            )
         elif name == "unet_shallow":
             unet_plan = plan_components(pipe, family, image, ["unet_deep"])[0]
             inputs = [*unet_plan.inputs[:3], unet_plan.outputs[1], *unet_plan.inputs[3:]]
             if not getattr(pipe.unet.up_blocks[-1], "attentions", None):  # SDXL: no cross-attention there
                 inputs = [t for t in inputs if t.name != "encoder_hidden_states"]
             shallow = UNetShallowGraph(pipe.unet, family == "sdxl", [t.name for t in inputs])
-            plans.append(ComponentPlan(name, shallow, inputs=inputs,
-                                       outputs=unet_plan.outputs[:1], dims=unet_plan.dims,
-                                       size_multiple=unet_plan.size_multiple))
+            plans.append(
+                ComponentPlan(
+                    name,
+                    shallow,
+                    inputs=inputs,
+                    outputs=unet_plan.outputs[:1],
+                    dims=unet_plan.dims,
+                    size_multiple=unet_plan.size_multiple,
+                )
+            )
         elif name == "vae_decoder":
-            plans.append(ComponentPlan(
-                name, VaeDecoderGraph(pipe.vae),
-                inputs=[TensorSpec("latent_sample", f32, ["batch", latent_c, "latent_height", "latent_width"])],
-                outputs=[TensorSpec("sample", f32, ["batch", 3, "height", "width"])],
-                dims={**_dims(image, scale, 1, pixels=False),
-                      **{k: v for k, v in _dims(image, scale, 1, pixels=True).items() if k != "batch"}},
-                keep_fp32=True,
-            ))
+            plans.append(
+                ComponentPlan(
+                    name,
+                    VaeDecoderGraph(pipe.vae),
+                    inputs=[TensorSpec("latent_sample", f32, ["batch", latent_c, "latent_height", "latent_width"])],
+                    outputs=[TensorSpec("sample", f32, ["batch", 3, "height", "width"])],
+                    dims={
+                        **_dims(image, scale, 1, pixels=False),
+                        **{k: v for k, v in _dims(image, scale, 1, pixels=True).items() if k != "batch"},
+                    },
+                    keep_fp32=True,
+                )
+            )
         elif name == "vae_encoder":
-            plans.append(ComponentPlan(
-                name, VaeEncoderGraph(pipe.vae),
-                inputs=[TensorSpec("sample", f32, ["batch", 3, "height", "width"])],
-                outputs=[TensorSpec("latent_parameters", f32,  # mean and log-variance: 2x the latent channels
-                                    ["batch", 2 * latent_c, "latent_height", "latent_width"])],
-                dims={**_dims(image, scale, 1, pixels=True),
-                      **{k: v for k, v in _dims(image, scale, 1, pixels=False).items() if k != "batch"}},
-                keep_fp32=True,
-            ))
+            plans.append(
+                ComponentPlan(
+                    name,
+                    VaeEncoderGraph(pipe.vae),
+                    inputs=[TensorSpec("sample", f32, ["batch", 3, "height", "width"])],
+                    outputs=[
+                        TensorSpec(
+                            "latent_parameters",
+                            f32,  # mean and log-variance: 2x the latent channels
+                            ["batch", 2 * latent_c, "latent_height", "latent_width"],
+                        )
+                    ],
+                    dims={
+                        **_dims(image, scale, 1, pixels=True),
+                        **{k: v for k, v in _dims(image, scale, 1, pixels=False).items() if k != "batch"},
+                    },
+                    keep_fp32=True,
+                )
+            )
         else:
             raise ValueError(name)
     return plans

@@ -29,13 +29,33 @@ def export_raw(plan: ComponentPlan, path: Path, example: dict[str, np.ndarray], 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
-            axes = {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in plan.inputs + plan.outputs}
-            torch.onnx.export(plan.module, args, str(path), input_names=names_in, output_names=names_out,
-                              dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False)
+            axes = {
+                s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in plan.inputs + plan.outputs
+            }
+            torch.onnx.export(
+                plan.module,
+                args,
+                str(path),
+                input_names=names_in,
+                output_names=names_out,
+                dynamic_axes=axes,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
         elif exporter == "dynamo":
-            torch.onnx.export(plan.module, args, str(path), input_names=names_in, output_names=names_out,
-                              dynamic_shapes=_dynamo_shapes(plan), opset_version=opset, dynamo=True,
-                              external_data=True, verbose=False)
+            torch.onnx.export(
+                plan.module,
+                args,
+                str(path),
+                input_names=names_in,
+                output_names=names_out,
+                dynamic_shapes=_dynamo_shapes(plan),
+                opset_version=opset,
+                dynamo=True,
+                external_data=True,
+                verbose=False,
+            )
         else:
             raise ValueError(f"unknown exporter {exporter!r}")
 
@@ -72,8 +92,14 @@ def finalize(raw: Path, out: Path, fp16_ops: list[str] | None, location: str | N
         model = onnx.shape_inference.infer_shapes(model)  # (the check above leaves room for the graph)
         onnx.save_model(model, str(out))
     else:
-        onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=location or EXTERNAL_DATA, size_threshold=1024)
+        onnx.save_model(
+            model,
+            str(out),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=location or EXTERNAL_DATA,
+            size_threshold=1024,
+        )
         del model
         onnx.shape_inference.infer_shapes_path(str(out))
 
@@ -110,15 +136,18 @@ def to_fp16(model: onnx.ModelProto, fp32_ops: list[str], shape_inference: bool =
     """fp16 weights and activations, `fp32_ops` op types kept fp32 behind Cast nodes."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    return convert_float_to_float16(model, keep_io_types=False, op_block_list=fp32_ops,
-                                    disable_shape_infer=not shape_inference)
+    return convert_float_to_float16(
+        model, keep_io_types=False, op_block_list=fp32_ops, disable_shape_infer=not shape_inference
+    )
 
 
 def graph_io(path: Path) -> dict[str, str]:
     """name -> numpy dtype name of the saved graph's inputs and outputs."""
     model = onnx.load(str(path), load_external_data=False)
     np_type = onnx.helper.tensor_dtype_to_np_dtype
-    return {v.name: np.dtype(np_type(v.type.tensor_type.elem_type)).name for v in [*model.graph.input, *model.graph.output]}
+    return {
+        v.name: np.dtype(np_type(v.type.tensor_type.elem_type)).name for v in [*model.graph.input, *model.graph.output]
+    }
 
 
 def remove(path: Path) -> None:

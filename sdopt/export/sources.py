@@ -38,12 +38,16 @@ def load_model(model: str, seed: int = 0) -> LoadedModel:
     """Resolve MODEL as given on the command line and load it in fp32 on the CPU."""
     _quiet_libraries()
     if model.startswith(synthetic.PREFIX):
-        name = model[len(synthetic.PREFIX):]
+        name = model[len(synthetic.PREFIX) :]
         preset = synthetic.load_preset(name)
         pipe = synthetic.build_pipeline(name, seed=seed)
         lo, hi = preset["size_range"]
-        return LoadedModel(pipe, preset["family"], {"kind": "synthetic", "id": model, "seed": str(seed)},
-                           (lo, hi, preset["default_size"]))
+        return LoadedModel(
+            pipe,
+            preset["family"],
+            {"kind": "synthetic", "id": model, "seed": str(seed)},
+            (lo, hi, preset["default_size"]),
+        )
     path = Path(model).expanduser()
     if path.suffix in SINGLE_FILE_SUFFIXES:
         pipe = _load_single_file(path)
@@ -69,8 +73,10 @@ def _load_folder(path: Path) -> Any:
         raise SdoptError(f"model folder {path} does not exist", "check the path, or use synthetic:tiny to try sdopt")
     index = path / "model_index.json"
     if not index.is_file():
-        raise SdoptError(f"{path} has no model_index.json, so it is not a diffusers model folder",
-                         "pass the folder that contains model_index.json (a diffusers save_pretrained output)")
+        raise SdoptError(
+            f"{path} has no model_index.json, so it is not a diffusers model folder",
+            "pass the folder that contains model_index.json (a diffusers save_pretrained output)",
+        )
     try:
         json.loads(index.read_text())
     except json.JSONDecodeError as e:
@@ -91,15 +97,26 @@ def _load_single_file(path: Path) -> Any:
         except Exception:  # noqa: BLE001 - not an SDXL checkpoint: try SD 1.x/2.x
             return StableDiffusionPipeline.from_single_file(path, local_files_only=True)
 
-    return _finish(_guarded(load, path, hint="diffusers needs the model's config cached locally to read single files "
-                                              "offline; convert it to a diffusers folder and pass that instead"))
+    return _finish(
+        _guarded(
+            load,
+            path,
+            hint="diffusers needs the model's config cached locally to read single files "
+            "offline; convert it to a diffusers folder and pass that instead",
+        )
+    )
 
 
 def _load_hub(repo_id: str) -> Any:
     from diffusers import DiffusionPipeline
 
-    return _finish(_guarded(lambda: DiffusionPipeline.from_pretrained(repo_id), repo_id,
-                            hint="hub downloads need network access and the weights; or pass a local diffusers folder"))
+    return _finish(
+        _guarded(
+            lambda: DiffusionPipeline.from_pretrained(repo_id),
+            repo_id,
+            hint="hub downloads need network access and the weights; or pass a local diffusers folder",
+        )
+    )
 
 
 def _guarded(load, what: Any, hint: str = "check that the folder is a complete, uncorrupted diffusers model") -> Any:

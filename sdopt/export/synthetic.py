@@ -26,16 +26,18 @@ def preset_names() -> list[str]:
 def load_preset(name: str) -> dict[str, Any]:
     path = resources.files("sdopt.models") / f"{name}.json"
     if not path.is_file():
-        raise SdoptError(f"unknown synthetic preset {name!r}", f"choose one of: {', '.join(PREFIX + n for n in preset_names())}")
+        raise SdoptError(
+            f"unknown synthetic preset {name!r}", f"choose one of: {', '.join(PREFIX + n for n in preset_names())}"
+        )
     return json.loads(path.read_text())
 
 
 def build_pipeline(name: str, seed: int = 0):
     """A diffusers pipeline of preset `name` with weights drawn from `seed` (fp32, CPU, eval)."""
+    import diffusers
     import torch
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from diffusers.schedulers import KarrasDiffusionSchedulers  # noqa: F401  (registers classes)
-    import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     preset = load_preset(name)
@@ -55,7 +57,11 @@ def build_pipeline(name: str, seed: int = 0):
             vae = AutoencoderKL(**preset["vae"])
             text_encoder = CLIPTextModel(CLIPTextConfig(**preset["text_encoder"]))
             parts: dict[str, Any] = dict(
-                unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer(preset["tokenizer"]), scheduler=scheduler
+                unet=unet,
+                vae=vae,
+                text_encoder=text_encoder,
+                tokenizer=tokenizer(preset["tokenizer"]),
+                scheduler=scheduler,
             )
             if preset["family"] == "sdxl":
                 parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**preset["text_encoder_2"]))
@@ -64,9 +70,13 @@ def build_pipeline(name: str, seed: int = 0):
         torch.random.set_rng_state(generator_state)
 
     if preset["family"] == "sdxl":
-        pipe = StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=preset.get("force_zeros_for_empty_prompt", True))
+        pipe = StableDiffusionXLPipeline(
+            **parts, force_zeros_for_empty_prompt=preset.get("force_zeros_for_empty_prompt", True)
+        )
     else:
-        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline(
+            **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.eval().requires_grad_(False)

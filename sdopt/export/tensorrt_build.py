@@ -68,15 +68,24 @@ class BuildOptions:
 def check_build_options(options: BuildOptions) -> None:
     """What can be checked without the artifact (before a long `export --tensorrt`)."""
     if options.opt_level not in OPT_LEVELS:
-        raise SdoptError(f"--opt-level {options.opt_level} is not in 0..5",
-                         "use 3 (the default), or 5 for the slowest, most thorough search")
+        raise SdoptError(
+            f"--opt-level {options.opt_level} is not in 0..5",
+            "use 3 (the default), or 5 for the slowest, most thorough search",
+        )
     if options.workspace_gb is not None and options.workspace_gb <= 0:
-        raise SdoptError(f"--workspace-gb {options.workspace_gb} must be positive",
-                         "omit it to let TensorRT use what it needs")
+        raise SdoptError(
+            f"--workspace-gb {options.workspace_gb} must be positive", "omit it to let TensorRT use what it needs"
+        )
 
 
-def dim_ranges(manifest: Manifest, component: str, static: bool = False, batch: int | None = None,
-               height: int | None = None, width: int | None = None) -> dict[str, tuple[int, int, int]]:
+def dim_ranges(
+    manifest: Manifest,
+    component: str,
+    static: bool = False,
+    batch: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+) -> dict[str, tuple[int, int, int]]:
     """(min, opt, max) of each named dim of `component`.
 
     Dynamic: the manifest's ranges, with opt moved to the requested batch/size. Static: the
@@ -87,15 +96,22 @@ def dim_ranges(manifest: Manifest, component: str, static: bool = False, batch: 
     images, h, w = batch or 1, height or img.default_height, width or img.default_width
     img.check(h, w, batch, flag="--")  # the one size rule (sdopt.manifest.ImageSpec)
     factor = max(1, comp.dims["batch"].max // img.max_batch) if "batch" in comp.dims else 1
-    values = {"batch": images * factor, "height": h, "width": w,
-              "latent_height": h // manifest.vae.scale, "latent_width": w // manifest.vae.scale}
+    values = {
+        "batch": images * factor,
+        "height": h,
+        "width": w,
+        "latent_height": h // manifest.vae.scale,
+        "latent_width": w // manifest.vae.scale,
+    }
     given = {"batch": batch, "height": height, "width": width, "latent_height": height, "latent_width": width}
     out: dict[str, tuple[int, int, int]] = {}
     for name, r in comp.dims.items():
         v = values.get(name, r.opt)
         if not r.contains(v):
-            raise SdoptError(f"{component} {name} {v} is outside the exported range {r.min}..{r.max}",
-                             "choose a batch and size inside the artifact's ranges (`sdopt inspect`)")
+            raise SdoptError(
+                f"{component} {name} {v} is outside the exported range {r.min}..{r.max}",
+                "choose a batch and size inside the artifact's ranges (`sdopt inspect`)",
+            )
         if static and name == "batch" and component in CALLER_BATCH:
             out[name] = (r.min, min(max(images, r.min), v), v)
         elif static:
@@ -105,8 +121,14 @@ def dim_ranges(manifest: Manifest, component: str, static: bool = False, batch: 
     return with_derived_dims(out)  # ControlNet hook: residual dims follow the latent dims
 
 
-def engine_profiles(manifest: Manifest, component: str, static: bool = False, batch: int | None = None,
-                    height: int | None = None, width: int | None = None) -> list[Profile]:
+def engine_profiles(
+    manifest: Manifest,
+    component: str,
+    static: bool = False,
+    batch: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+) -> list[Profile]:
     """The optimization profile(s) of one component: (min, opt, max) shape per graph input."""
     if component not in manifest.components:
         raise SdoptError(f"the artifact has no {component}", f"choose from {', '.join(manifest.components)}")
@@ -157,8 +179,9 @@ def preflight() -> tuple[Any, GpuFacts]:
     return trt, gpu_facts(0)  # TensorRT builds on the current CUDA device (0 unless CUDA_VISIBLE_DEVICES)
 
 
-def build_engines(artifact_dir: str | Path, options: BuildOptions,
-                  progress: Progress | None = None) -> list[EngineEntry]:
+def build_engines(
+    artifact_dir: str | Path, options: BuildOptions, progress: Progress | None = None
+) -> list[EngineEntry]:
     """Build one engine per component into the artifact and record them in its manifest.
 
     Args:
@@ -175,14 +198,17 @@ def build_engines(artifact_dir: str | Path, options: BuildOptions,
     names = options.components or manifest.runtime_components()  # one U-Net engine: unet_deep where present
     if manifest.controlnet and not options.components:  # ControlNet hook: the residual U-Net is that engine
         names = manifest.controlnet.components_to_load(names)
-    profiles = {n: engine_profiles(manifest, n, options.static, options.batch, options.height, options.width)
-                for n in names}
+    profiles = {
+        n: engine_profiles(manifest, n, options.static, options.batch, options.height, options.width) for n in names
+    }
     trt, gpu = preflight()
     folder = engine_dir(trt.__version__, gpu.name, gpu.compute_capability)
     clash = [e.component for e in manifest.engines if e.path in {f"{folder}/{n}.plan" for n in names}]
     if clash and not options.force:
-        raise SdoptError(f"{root} already has {', '.join(clash)} engines for this GPU and TensorRT {trt.__version__}",
-                         f"pass --force to rebuild them: sdopt build {root} --force")
+        raise SdoptError(
+            f"{root} already has {', '.join(clash)} engines for this GPU and TensorRT {trt.__version__}",
+            f"pass --force to rebuild them: sdopt build {root} --force",
+        )
     verify_files(root, manifest, names)  # build only from the ONNX the manifest vouches for
 
     builder = trt.Builder(trt_logger(trt))
@@ -193,8 +219,11 @@ def build_engines(artifact_dir: str | Path, options: BuildOptions,
         config = builder.create_builder_config()
         if cache is None:
             cache = _load_timing_cache(config, cache_path)
-        entries.append(_build_one(trt, builder, config, cache, root, manifest, name, profiles[name],
-                                  folder, gpu, options, progress))
+        entries.append(
+            _build_one(
+                trt, builder, config, cache, root, manifest, name, profiles[name], folder, gpu, options, progress
+            )
+        )
         _atomic_write(cache_path, cache.serialize())  # after each engine: a later failure keeps the timings
     _record(root, entries)
     return entries
@@ -231,8 +260,10 @@ def _parse(trt: Any, builder: Any, onnx_path: Path) -> tuple[Any, Any]:
         parser.set_flag(trt.OnnxParserFlag.NATIVE_INSTANCENORM)  # no plugin: version-compatible engines allow none
     if not parser.parse_from_file(str(onnx_path)):  # from the file, so external weight data is found
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise SdoptError(f"TensorRT {trt.__version__} could not parse {onnx_path}: {errors[:500]}",
-                         "re-export with a supported opset (`sdopt export --opset 17`), or update TensorRT")
+        raise SdoptError(
+            f"TensorRT {trt.__version__} could not parse {onnx_path}: {errors[:500]}",
+            "re-export with a supported opset (`sdopt export --opset 17`), or update TensorRT",
+        )
     return network, parser
 
 
@@ -255,10 +286,13 @@ def add_profiles(builder: Any, config: Any, network: Any, profiles: list[Profile
             if any(d < 0 for d in tuple(tensor.shape)):  # only dynamic inputs take a profile
                 profile.set_shape(tensor.name, *shapes[tensor.name])
         if config.add_optimization_profile(profile) < 0:
-            shown = ", ".join(f"{k} min {list(lo)} opt {list(opt)} max {list(hi)}"
-                              for k, (lo, opt, hi) in shapes.items())
-            raise SdoptError(f"TensorRT rejected the optimization profile of {what}: {shown}",
-                             "each input needs min <= opt <= max inside the exported ranges; check `sdopt inspect`")
+            shown = ", ".join(
+                f"{k} min {list(lo)} opt {list(opt)} max {list(hi)}" for k, (lo, opt, hi) in shapes.items()
+            )
+            raise SdoptError(
+                f"TensorRT rejected the optimization profile of {what}: {shown}",
+                "each input needs min <= opt <= max inside the exported ranges; check `sdopt inspect`",
+            )
 
 
 def configure(trt: Any, config: Any, options: BuildOptions) -> None:
@@ -277,9 +311,20 @@ def configure(trt: Any, config: Any, options: BuildOptions) -> None:
         config.set_flag(trt.BuilderFlag.DISABLE_COMPILATION_CACHE)  # keep JIT code out of the timing cache
 
 
-def _build_one(trt: Any, builder: Any, config: Any, cache: Any, root: Path, manifest: Manifest,
-               name: str, profiles: list[Profile], folder: str, gpu: GpuFacts, options: BuildOptions,
-               progress: Progress) -> EngineEntry:
+def _build_one(
+    trt: Any,
+    builder: Any,
+    config: Any,
+    cache: Any,
+    root: Path,
+    manifest: Manifest,
+    name: str,
+    profiles: list[Profile],
+    folder: str,
+    gpu: GpuFacts,
+    options: BuildOptions,
+    progress: Progress,
+) -> EngineEntry:
     t0 = time.perf_counter()
     onnx_path = root / manifest.components[name].path
     progress(name, "parse", str(onnx_path))
@@ -291,9 +336,10 @@ def _build_one(trt: Any, builder: Any, config: Any, cache: Any, root: Path, mani
     progress(name, "build", f"opt level {options.opt_level}")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise SdoptError(f"TensorRT failed to build the {name} engine (see its log above)",
-                         "try --workspace-gb with more memory, a lower --opt-level, "
-                         "or a narrower size range (--static)")
+        raise SdoptError(
+            f"TensorRT failed to build the {name} engine (see its log above)",
+            "try --workspace-gb with more memory, a lower --opt-level, or a narrower size range (--static)",
+        )
     rel = f"{folder}/{name}.plan"
     _atomic_write(root / rel, serialized)
     seconds = round(time.perf_counter() - t0, 2)
@@ -301,19 +347,50 @@ def _build_one(trt: Any, builder: Any, config: Any, cache: Any, root: Path, mani
     return engine_entry(name, rel, root, trt.__version__, gpu, profiles, options, seconds)
 
 
-def engine_entry(name: str, rel: str, root: Path, trt_version: str, gpu: GpuFacts, profiles: list[Profile],
-                 options: BuildOptions, seconds: float) -> EngineEntry:
+def engine_entry(
+    name: str,
+    rel: str,
+    root: Path,
+    trt_version: str,
+    gpu: GpuFacts,
+    profiles: list[Profile],
+    options: BuildOptions,
+    seconds: float,
+) -> EngineEntry:
     """The manifest entry of an engine file just written to `root / rel`."""
     return EngineEntry(
-        component=name, path=rel, sha256=sha256_file(root / rel), bytes=(root / rel).stat().st_size,
-        tensorrt=trt_version, gpu=gpu.name, compute_capability=gpu.compute_capability,
+        component=name,
+        path=rel,
+        sha256=sha256_file(root / rel),
+        bytes=(root / rel).stat().st_size,
+        tensorrt=trt_version,
+        gpu=gpu.name,
+        compute_capability=gpu.compute_capability,
         profiles=[{k: ShapeRange(list(lo), list(opt), list(hi)) for k, (lo, opt, hi) in p.items()} for p in profiles],
-        flags=EngineFlags(static=options.static, refittable=options.refittable,
-                          version_compatible=options.version_compatible, strongly_typed=True, tf32=options.tf32,
-                          opt_level=options.opt_level, workspace_gb=options.workspace_gb),
-        build_seconds=seconds, created=datetime.now(UTC).isoformat(timespec="seconds"),
+        flags=EngineFlags(
+            static=options.static,
+            refittable=options.refittable,
+            version_compatible=options.version_compatible,
+            strongly_typed=True,
+            tf32=options.tf32,
+            opt_level=options.opt_level,
+            workspace_gb=options.workspace_gb,
+        ),
+        build_seconds=seconds,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
 
 
-__all__ = ["BuildOptions", "add_profiles", "build_engines", "check_build_options", "configure", "dim_ranges",
-           "engine_dir", "engine_entry", "engine_profiles", "preflight", "timing_cache_path"]
+__all__ = [
+    "BuildOptions",
+    "add_profiles",
+    "build_engines",
+    "check_build_options",
+    "configure",
+    "dim_ranges",
+    "engine_dir",
+    "engine_entry",
+    "engine_profiles",
+    "preflight",
+    "timing_cache_path",
+]

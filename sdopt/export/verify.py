@@ -18,8 +18,9 @@ from sdopt.manifest import Verification
 TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}
 
 
-def verify_component(plan: ComponentPlan, onnx_path: Path, shapes: list[dict[str, int]], tolerance: float,
-                     seed: int = 0) -> Verification:
+def verify_component(
+    plan: ComponentPlan, onnx_path: Path, shapes: list[dict[str, int]], tolerance: float, seed: int = 0
+) -> Verification:
     """Run the graph and the module on seeded inputs of each dim-value set in `shapes`."""
     import onnxruntime as ort
 
@@ -32,7 +33,7 @@ def verify_component(plan: ComponentPlan, onnx_path: Path, shapes: list[dict[str
             ref = plan.module(*(torch.from_numpy(feed[s.name]) for s in plan.inputs))
         refs = [r.float().numpy() for r in (ref if isinstance(ref, tuple) else (ref,))]
         got = session.run([s.name for s in plan.outputs], {n: a.astype(input_types[n]) for n, a in feed.items()})
-        for spec, r, g in zip(plan.outputs, refs, got):
+        for spec, r, g in zip(plan.outputs, refs, got, strict=True):
             g = g.astype(np.float32)
             abs_err = float(np.max(np.abs(g - r))) if np.all(np.isfinite(g)) else float("inf")
             rel_err = abs_err / max(float(np.max(np.abs(r))), 1e-6)
@@ -45,5 +46,8 @@ def verify_component(plan: ComponentPlan, onnx_path: Path, shapes: list[dict[str
 
 
 def _np_dtype(ort_type: str) -> np.dtype:
-    return np.dtype({"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
-                     "tensor(int32)": "int32"}[ort_type])
+    return np.dtype(
+        {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32"}[
+            ort_type
+        ]
+    )

@@ -107,8 +107,9 @@ def read_lora_file(path: str | Path) -> LoraFile:
                     tensors[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
         tensors.update(_read_bf16(path, header, bf16))
     except (SafetensorError, OSError, ValueError, TypeError, KeyError, struct.error) as e:
-        raise SdoptError(f"LoRA file {path} is not a readable safetensors file ({str(e)[:200]})",
-                         "re-save it with safetensors") from None
+        raise SdoptError(
+            f"LoRA file {path} is not a readable safetensors file ({str(e)[:200]})", "re-save it with safetensors"
+        ) from None
     return LoraFile(path, tensors, metadata)
 
 
@@ -116,10 +117,11 @@ def _check_safetensors(path: Path) -> None:
     with open(path, "rb") as f:
         head = f.read(9)
     if head[:2] == b"PK" or head[:1] == b"\x80":
-        raise SdoptError(f"{path} is a pickle checkpoint (.bin/.pt/.ckpt); sdopt reads LoRAs only from .safetensors "
-                         "(loading a pickle can run arbitrary code)",
-                         "convert it once in a trusted environment: safetensors.torch.save_file(torch.load(f), "
-                         "'lora.safetensors')")
+        raise SdoptError(
+            f"{path} is a pickle checkpoint (.bin/.pt/.ckpt); sdopt reads LoRAs only from .safetensors "
+            "(loading a pickle can run arbitrary code)",
+            "convert it once in a trusted environment: safetensors.torch.save_file(torch.load(f), 'lora.safetensors')",
+        )
     if len(head) < 9 or head[8:9] != b"{":
         raise SdoptError(f"{path} is not a safetensors file", "pass a LoRA saved as .safetensors")
 
@@ -189,8 +191,10 @@ def _group(lora: LoraFile, resolver: KeyResolver, ignore_unmatched: bool) -> dic
     for key, tensor in lora.tensors.items():
         variant = unsupported_variant(key)
         if variant:
-            raise SdoptError(f"{lora.path} is a {variant} file (key {key}); sdopt applies plain LoRA only",
-                             "use a plain LoRA, or merge this one into the model with its own tools first")
+            raise SdoptError(
+                f"{lora.path} is a {variant} file (key {key}); sdopt applies plain LoRA only",
+                "use a plain LoRA, or merge this one into the model with its own tools first",
+            )
         ref: KeyRef | None = resolver.resolve(key)
         if ref is None:
             unmatched.append(key)
@@ -203,23 +207,29 @@ def _group(lora: LoraFile, resolver: KeyResolver, ignore_unmatched: bool) -> dic
             setattr(part, ref.role, tensor)
     if unmatched and not ignore_unmatched:
         more = f" and {len(unmatched) - _SHOWN} more" if len(unmatched) > _SHOWN else ""
-        raise SdoptError(f"{len(unmatched)} of {len(lora.tensors)} keys in {lora.path.name} match no module of this "
-                         f"model: {', '.join(unmatched[:_SHOWN])}{more}",
-                         "use a LoRA made for this model family, or pass --lora-ignore-unmatched "
-                         "(ignore_unmatched=True) to apply the rest")
+        raise SdoptError(
+            f"{len(unmatched)} of {len(lora.tensors)} keys in {lora.path.name} match no module of this "
+            f"model: {', '.join(unmatched[:_SHOWN])}{more}",
+            "use a LoRA made for this model family, or pass --lora-ignore-unmatched "
+            "(ignore_unmatched=True) to apply the rest",
+        )
     if not any(m.down is not None or m.up is not None for m in modules.values()):
-        raise SdoptError(f"{lora.path} holds no LoRA weights this model can use",
-                         "pass a LoRA file for this model family")
+        raise SdoptError(
+            f"{lora.path} holds no LoRA weights this model can use", "pass a LoRA file for this model family"
+        )
     return modules
 
 
-def _delta(path: Path, component: str, module: str, parts: _Module, shape: tuple[int, ...],
-           config: dict | None) -> np.ndarray:
+def _delta(
+    path: Path, component: str, module: str, parts: _Module, shape: tuple[int, ...], config: dict | None
+) -> np.ndarray:
     """scale-free delta (alpha / r) * B @ A of one module, in the weight's shape."""
     for role, other in (("down", "up"), ("up", "down")):
         if getattr(parts, role) is None:
-            raise SdoptError(f"{path.name}: {parts.keys.get(other, module)} has no matching lora {role} tensor",
-                             "the file is incomplete; re-save it")
+            raise SdoptError(
+                f"{path.name}: {parts.keys.get(other, module)} has no matching lora {role} tensor",
+                "the file is incomplete; re-save it",
+            )
     down, up = parts.down, parts.up
     assert down is not None and up is not None
     rank = down.shape[0]
@@ -228,9 +238,11 @@ def _delta(path: Path, component: str, module: str, parts: _Module, shape: tuple
     expected_up = (shape[0], rank, *[1] * (up.ndim - 2))
     for role, tensor, expected in (("down", down, expected_down), ("up", up, expected_up)):
         if tuple(tensor.shape) != expected or tensor.size != int(np.prod(expected)):
-            raise SdoptError(f"{path.name}: {parts.keys[role]} has shape {tuple(tensor.shape)}, but the model's "
-                             f"{component}.{module}.weight of shape {tuple(shape)} needs {expected}",
-                             "this LoRA is for another model family or size: use one made for this model")
+            raise SdoptError(
+                f"{path.name}: {parts.keys[role]} has shape {tuple(tensor.shape)}, but the model's "
+                f"{component}.{module}.weight of shape {tuple(shape)} needs {expected}",
+                "this LoRA is for another model family or size: use one made for this model",
+            )
     alpha, scaling_rank = _alpha_rank(module, parts.alpha, rank, config)
     divisor = math.sqrt(scaling_rank) if config and config.get("use_rslora") else scaling_rank
     product = up.reshape(shape[0], rank) @ down.reshape(rank, fan_in)
@@ -270,6 +282,7 @@ def _peft_config(lora: LoraFile) -> dict[str, dict]:
         config.setdefault(component, {})[name] = value
     for component, fields in config.items():
         if fields.get("use_dora"):
-            raise SdoptError(f"{lora.path} is a DoRA adapter ({component}); sdopt applies plain LoRA only",
-                             "use a plain LoRA")
+            raise SdoptError(
+                f"{lora.path} is a DoRA adapter ({component}); sdopt applies plain LoRA only", "use a plain LoRA"
+            )
     return config

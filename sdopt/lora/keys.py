@@ -24,22 +24,36 @@ import re
 from dataclasses import dataclass
 
 COMPONENT_PREFIXES = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
-KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
-                  "lora_te2_": "text_encoder_2"}
+KOHYA_PREFIXES = {
+    "lora_unet_": "unet",
+    "lora_te_": "text_encoder",
+    "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2",
+}
 
 # (suffix, role) in the order tried; role is "down" (A), "up" (B) or "alpha".
 _SUFFIXES = (
-    (".lora_A.weight", "down"), (".lora_B.weight", "up"),
-    (".lora_down.weight", "down"), (".lora_up.weight", "up"),
-    (".lora.down.weight", "down"), (".lora.up.weight", "up"),
-    (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
-    ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),  # attention processors: to_q_lora.down
+    (".lora_A.weight", "down"),
+    (".lora_B.weight", "up"),
+    (".lora_down.weight", "down"),
+    (".lora_up.weight", "up"),
+    (".lora.down.weight", "down"),
+    (".lora.up.weight", "up"),
+    (".lora_linear_layer.down.weight", "down"),
+    (".lora_linear_layer.up.weight", "up"),
+    ("_lora.down.weight", "down"),
+    ("_lora.up.weight", "up"),  # attention processors: to_q_lora.down
     (".alpha", "alpha"),
 )
 # Tensors of LoRA variants sdopt does not apply: named in the error, never skipped silently.
-UNSUPPORTED_MARKERS = {"lora_magnitude_vector": "DoRA", "dora_scale": "DoRA", "hada_": "LoHa (LyCORIS)",
-                       "lokr_": "LoKr (LyCORIS)", "lora_B.bias": "LoRA bias (lora_bias=True)",
-                       "lora_mid": "LoCon with a mid (CP) decomposition"}
+UNSUPPORTED_MARKERS = {
+    "lora_magnitude_vector": "DoRA",
+    "dora_scale": "DoRA",
+    "hada_": "LoHa (LyCORIS)",
+    "lokr_": "LoKr (LyCORIS)",
+    "lora_B.bias": "LoRA bias (lora_bias=True)",
+    "lora_mid": "LoCon with a mid (CP) decomposition",
+}
 
 
 @dataclass(frozen=True)
@@ -54,7 +68,7 @@ class KeyRef:
 
 def canonical(module: str) -> str:
     """Module path without the text encoders' `text_model.` level, for matching."""
-    return module[len("text_model."):] if module.startswith("text_model.") else module
+    return module[len("text_model.") :] if module.startswith("text_model.") else module
 
 
 def split_role(key: str) -> tuple[str, str] | None:
@@ -99,7 +113,7 @@ class KeyResolver:
         component, module = "unet", stem
         for prefix, comp in COMPONENT_PREFIXES.items():
             if stem.startswith(prefix + "."):
-                component, module = comp, stem[len(prefix) + 1:]
+                component, module = comp, stem[len(prefix) + 1 :]
                 break
         module = _diffusers_module(module)
         name = self.canon.get((component, canonical(module)))
@@ -109,7 +123,7 @@ class KeyResolver:
 def _diffusers_module(module: str) -> str:
     """Older diffusers spellings -> the module path (PEFT's own layout passes unchanged)."""
     if module.startswith("base_model.model."):
-        module = module[len("base_model.model."):]
+        module = module[len("base_model.model.") :]
     module = re.sub(r"\.processor\.(to_[qkv])$", r".\1", module)
     module = re.sub(r"\.processor\.to_out$", ".to_out.0", module)
     return module
@@ -128,11 +142,23 @@ def _kohya_spellings(component: str, name: str, layers_per_block: int | None, up
     return sorted(spellings)
 
 
-_RESNET_PARTS = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-_TOP_LEVEL = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "conv_norm_out": "out.0",
-              "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-              "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+_RESNET_PARTS = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_TOP_LEVEL = {
+    "conv_in": "input_blocks.0.0",
+    "conv_out": "out.2",
+    "conv_norm_out": "out.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+}
 
 
 def sgm_unet_name(name: str, layers_per_block: int, up_attn: set[int]) -> str | None:

@@ -29,7 +29,7 @@ def to_layout(weight: np.ndarray, layout: str) -> np.ndarray:
     """
     if not layout:
         return weight
-    block = int(layout.split("-")[0][len("nchwc"):])
+    block = int(layout.split("-")[0][len("nchwc") :])
     o, i, h, w = weight.shape
     op = -(-o // block) * block
     if layout.endswith("BiBo"):

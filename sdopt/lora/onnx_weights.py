@@ -37,8 +37,9 @@ class TensorLocation:
 
     def read(self) -> np.ndarray:
         count = int(np.prod(self.shape)) if self.shape else 1
-        return np.fromfile(self.file, dtype=np.dtype(self.dtype).newbyteorder("<"), count=count,
-                           offset=self.offset).reshape(self.shape)
+        return np.fromfile(
+            self.file, dtype=np.dtype(self.dtype).newbyteorder("<"), count=count, offset=self.offset
+        ).reshape(self.shape)
 
 
 def _varint(buf: Any, pos: int) -> tuple[int, int]:
@@ -121,19 +122,20 @@ def _tensor(buf: Any, span: tuple[int, int], path: Path, names: set[str] | None)
         elif number == 2:
             dtype = value
         elif number == 8:
-            name = bytes(buf[value[0]:value[1]]).decode()
+            name = bytes(buf[value[0] : value[1]]).decode()
         elif number in (9, 4) and wire == 2:  # raw_data, or packed float_data (same bytes)
             data = value
         elif number == 13:
-            entry = {n: bytes(buf[v[0]:v[1]]).decode() for n, w, v in _fields(buf, *value) if w == 2}
+            entry = {n: bytes(buf[v[0] : v[1]]).decode() for n, w, v in _fields(buf, *value) if w == 2}
             external[entry.get(1, "")] = entry.get(2, "")
     if (names is not None and name not in names) or (names is None and dtype not in _DTYPES):
         return None
     if dtype not in _DTYPES:
         raise ValueError(f"initializer {name} has ONNX data type {dtype}")
     if external:
-        return name, TensorLocation(path.parent / external["location"], int(external.get("offset", 0)),
-                                    _DTYPES[dtype], tuple(dims))
+        return name, TensorLocation(
+            path.parent / external["location"], int(external.get("offset", 0)), _DTYPES[dtype], tuple(dims)
+        )
     if data is None and names is None:
         return None  # small typed constants (int64 axes ...) are never weights
     if data is None:

@@ -27,8 +27,9 @@ from sdopt.lora.onnx_weights import initializer_locations
 from sdopt.manifest import Manifest
 
 
-def refit_values(root: Path, manifest: Manifest, overrides: dict[str, Any],
-                 refitted: dict[str, set[str]]) -> dict[str, dict[str, np.ndarray]]:
+def refit_values(
+    root: Path, manifest: Manifest, overrides: dict[str, Any], refitted: dict[str, set[str]]
+) -> dict[str, dict[str, np.ndarray]]:
     """component -> initializer -> value to refit: the new merged values, plus base values
     for initializers an earlier LoRA changed and the new LoRAs leave alone.
 
@@ -52,8 +53,9 @@ def refit_values(root: Path, manifest: Manifest, overrides: dict[str, Any],
     return out
 
 
-def refit_sessions(root: Path, manifest: Manifest, sessions: dict[str, Any], overrides: dict[str, Any],
-                   refitted: dict[str, set[str]]) -> dict[str, set[str]]:
+def refit_sessions(
+    root: Path, manifest: Manifest, sessions: dict[str, Any], overrides: dict[str, Any], refitted: dict[str, set[str]]
+) -> dict[str, set[str]]:
     """Refit each affected engine in place; the caller holds the pipeline's write lock.
 
     Args:
@@ -71,7 +73,9 @@ def refit_sessions(root: Path, manifest: Manifest, sessions: dict[str, Any], ove
     for name, weights in sorted(values.items()):
         session = getattr(sessions[name], "session", sessions[name])  # the engine session under any io adapter
         if not hasattr(session, "refit"):
-            raise SdoptError(f"the {name} engine cannot change its weights",
-                             "use --provider cpu/cuda, or merge the LoRA at export: sdopt export --lora FILE")
+            raise SdoptError(
+                f"the {name} engine cannot change its weights",
+                "use --provider cpu/cuda, or merge the LoRA at export: sdopt export --lora FILE",
+            )
         session.refit(weights)
     return {name: set(o.initializers) for name, o in overrides.items()}

@@ -68,13 +68,19 @@ def manifest_targets(manifest: Manifest) -> Targets:
 
 def check_swappable(manifest: Manifest) -> None:
     if not manifest_targets(manifest):
-        raise SdoptError("this artifact has no weight map for LoRA (exported before sdopt recorded one)",
-                         "re-export it with `sdopt export --force`, or merge the LoRA at export: sdopt export --lora")
+        raise SdoptError(
+            "this artifact has no weight map for LoRA (exported before sdopt recorded one)",
+            "re-export it with `sdopt export --force`, or merge the LoRA at export: sdopt export --lora",
+        )
 
 
-def build_overrides(root: Path, manifest: Manifest, deltas: Deltas,
-                    optimised: Callable[[str], bool] = lambda name: False,
-                    names: list[str] | None = None) -> dict[str, Overrides]:
+def build_overrides(
+    root: Path,
+    manifest: Manifest,
+    deltas: Deltas,
+    optimised: Callable[[str], bool] = lambda name: False,
+    names: list[str] | None = None,
+) -> dict[str, Overrides]:
     """component -> its overridden initializers, for every graph a delta touches.
 
     Args:
@@ -97,9 +103,11 @@ def build_overrides(root: Path, manifest: Manifest, deltas: Deltas,
             continue
         folded = [param for param, ref in refs.items() if not ref.initializer]
         if folded:
-            raise SdoptError(f"the export folded {name}.{folded[0]} into another constant, so a LoRA cannot be "
-                             "swapped into it at run time",
-                             "merge this LoRA at export instead: sdopt export --lora FILE")
+            raise SdoptError(
+                f"the export folded {name}.{folded[0]} into another constant, so a LoRA cannot be "
+                "swapped into it at run time",
+                "merge this LoRA at export instead: sdopt export --lora FILE",
+            )
         fast = bool(comp.ort_cpu_path) and optimised(name) and all(r.ort_cpu for r in refs.values())
         graph = str(comp.ort_cpu_path) if fast else comp.path
         by_init = {(r.ort_cpu_initializer or r.initializer) if fast else r.initializer: p for p, r in refs.items()}
@@ -122,8 +130,9 @@ def _merged(base: np.ndarray, delta: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(merged.astype(base.dtype, copy=False))
 
 
-def ort_model_with(ort: Any, options: Any, path: Path, initializers: dict[str, np.ndarray],
-                   optimised_graph: bool) -> tuple[str | bytes, list[Any]]:
+def ort_model_with(
+    ort: Any, options: Any, path: Path, initializers: dict[str, np.ndarray], optimised_graph: bool
+) -> tuple[str | bytes, list[Any]]:
     """The model argument for `ort.InferenceSession` with these initializer values, and the
     buffers that must outlive the session.
 
@@ -163,7 +172,7 @@ def ort_model_with(ort: Any, options: Any, path: Path, initializers: dict[str, n
     for name, value in inline.items():
         raw = value.astype(value.dtype.newbyteorder("<"), copy=False).tobytes()
         offset = locations[name].offset
-        data[offset:offset + len(raw)] = raw
+        data[offset : offset + len(raw)] = raw
     return bytes(data), keep
 
 
@@ -215,9 +224,15 @@ class LoraSwapper:
     place with the same merged values while no call runs (`sdopt.runtime.lora_refit`).
     """
 
-    def __init__(self, root: Path, manifest: Manifest, backend: Any,
-                 entry: Callable[[str, Any], tuple[str, Any]], role: Callable[[str], str] = lambda name: name,
-                 names: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        manifest: Manifest,
+        backend: Any,
+        entry: Callable[[str, Any], tuple[str, Any]],
+        role: Callable[[str], str] = lambda name: name,
+        names: list[str] | None = None,
+    ) -> None:
         self.root = root
         self.manifest = manifest
         self.backend = backend
@@ -253,8 +268,9 @@ class LoraSwapper:
         new: dict[str, Any] = {}
         for name in sorted(self._applied | set(overrides)):
             if name in overrides:
-                session = self.backend.load_with_initializers(name, overrides[name].initializers,
-                                                              overrides[name].optimised)
+                session = self.backend.load_with_initializers(
+                    name, overrides[name].initializers, overrides[name].optimised
+                )
             else:
                 session = self.backend.load(name)
             new.update([self.entry(name, session)])
@@ -266,8 +282,11 @@ class LoraSwapper:
         by_name = {name: sessions[self.role(name)] for name in set(overrides) | set(self._refitted)}
         self._refitted = refit_sessions(self.root, self.manifest, by_name, overrides, self._refitted)
 
-    def start(self, specs: list[LoraSpec] | list[tuple[str | Path, float]], ignore_unmatched: bool = False,
-              ) -> dict[str, Any]:
+    def start(
+        self,
+        specs: list[LoraSpec] | list[tuple[str | Path, float]],
+        ignore_unmatched: bool = False,
+    ) -> dict[str, Any]:
         """The LoRA'd sessions for a pipeline being loaded (the caller loads the rest).
 
         Args:
@@ -286,8 +305,12 @@ class LoraSwapper:
         self.loras, self._applied = specs, set(overrides)
         return sessions
 
-    def apply(self, sessions: dict[str, Any], specs: list[LoraSpec] | list[tuple[str | Path, float]],
-              ignore_unmatched: bool = False) -> None:
+    def apply(
+        self,
+        sessions: dict[str, Any],
+        specs: list[LoraSpec] | list[tuple[str | Path, float]],
+        ignore_unmatched: bool = False,
+    ) -> None:
         """Apply `specs` to the pipeline's `sessions` (updated in place) between calls.
 
         Args:

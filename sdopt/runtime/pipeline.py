@@ -41,8 +41,14 @@ from sdopt.runtime.stages import DenoiseState, Feeds
 from sdopt.runtime.tokenizer import ClipTokenizer
 
 StepCallback = Callable[[int, int], None]  # (step done, total steps)
-CONTROL_ARGS = ("control_image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end",
-                "guess_mode", "controlnet")  # ControlNet hook: `__call__` arguments for sdopt.runtime.controlnet
+CONTROL_ARGS = (
+    "control_image",
+    "controlnet_conditioning_scale",
+    "control_guidance_start",
+    "control_guidance_end",
+    "guess_mode",
+    "controlnet",
+)  # ControlNet hook: `__call__` arguments for sdopt.runtime.controlnet
 
 
 @dataclass
@@ -83,8 +89,13 @@ class Pipeline:
 
     @classmethod
     def load(
-        cls, path: str | Path, provider: str = "cpu", verify_hashes: bool = True, controlnet: bool = True,
-        loras: list[LoraSpec] | list[tuple[str | Path, float]] | None = None, lora_ignore_unmatched: bool = False,
+        cls,
+        path: str | Path,
+        provider: str = "cpu",
+        verify_hashes: bool = True,
+        controlnet: bool = True,
+        loras: list[LoraSpec] | list[tuple[str | Path, float]] | None = None,
+        lora_ignore_unmatched: bool = False,
         **backend_options: Any,
     ) -> Pipeline:
         """Open an artifact folder and create one engine session per component.

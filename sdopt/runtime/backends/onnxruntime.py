@@ -13,8 +13,14 @@ from sdopt.hardware import cpuinfo_fields, physical_cores
 from sdopt.manifest import Manifest
 
 # Re-exported for callers that still import them from here (their home is sdopt.hardware / sdopt.engines.ort).
-__all__ = ["OnnxRuntimeBackend", "OnnxRuntimeSession", "cpu_target", "cpuinfo_fields", "physical_cores",
-           "save_optimized"]
+__all__ = [
+    "OnnxRuntimeBackend",
+    "OnnxRuntimeSession",
+    "cpu_target",
+    "cpuinfo_fields",
+    "physical_cores",
+    "save_optimized",
+]
 
 
 class OnnxRuntimeSession:
@@ -47,8 +53,9 @@ class OnnxRuntimeBackend:
         try:
             import onnxruntime as ort
         except ImportError:
-            raise SdoptError("onnxruntime is not installed",
-                             "pip install onnxruntime (or sdopt[gpu] for CUDA)") from None
+            raise SdoptError(
+                "onnxruntime is not installed", "pip install onnxruntime (or sdopt[gpu] for CUDA)"
+            ) from None
         self.ort = ort
         self.root = Path(root)
         self.manifest = manifest
@@ -57,8 +64,10 @@ class OnnxRuntimeBackend:
         self.threads = threads or physical_cores()
         self.cpu_target = cpu_target()
         if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise SdoptError("provider 'cuda' needs onnxruntime-gpu and an NVIDIA GPU, which this install lacks",
-                             "pip install 'sdopt[gpu]' on a CUDA host, or use --provider cpu")
+            raise SdoptError(
+                "provider 'cuda' needs onnxruntime-gpu and an NVIDIA GPU, which this install lacks",
+                "pip install 'sdopt[gpu]' on a CUDA host, or use --provider cpu",
+            )
 
     def load(self, component: str) -> OnnxRuntimeSession:
         return self.load_with_initializers(component)
@@ -68,8 +77,9 @@ class OnnxRuntimeBackend:
         spec = self.manifest.components[component]
         return bool(self.device == "cpu" and spec.ort_cpu_path and spec.ort_cpu_target == self.cpu_target)
 
-    def load_with_initializers(self, component: str, initializers: dict[str, np.ndarray] | None = None,
-                               optimised: bool = False) -> OnnxRuntimeSession:
+    def load_with_initializers(
+        self, component: str, initializers: dict[str, np.ndarray] | None = None, optimised: bool = False
+    ) -> OnnxRuntimeSession:
         """A session whose named initializers are replaced (LoRA-merged weights, see
         sdopt/runtime/lora_swap.py), given in the names and layouts of the saved optimised
         graph (`optimised`, only where `optimised_graph` is true) or of model.onnx."""
@@ -93,8 +103,10 @@ class OnnxRuntimeBackend:
         try:
             session = ort.InferenceSession(model, options, providers=providers)
         except Exception as e:  # noqa: BLE001 - corrupt or foreign graph: one readable line
-            raise SdoptError(f"ONNX Runtime could not load {spec.path}: {str(e).splitlines()[0][:300]}",
-                             "re-export the artifact with `sdopt export --force`") from None
+            raise SdoptError(
+                f"ONNX Runtime could not load {spec.path}: {str(e).splitlines()[0][:300]}",
+                "re-export the artifact with `sdopt export --force`",
+            ) from None
         wrapped = OnnxRuntimeSession(session, self.device)
         wrapped.keep_alive = keep
         return wrapped

@@ -47,8 +47,14 @@ class TensorRTBackend:
 
     name = "tensorrt"
 
-    def __init__(self, root: Path, manifest: Manifest, use_cuda_graph: bool = False, allow_host_code: bool = False,
-                 device: int = 0) -> None:
+    def __init__(
+        self,
+        root: Path,
+        manifest: Manifest,
+        use_cuda_graph: bool = False,
+        allow_host_code: bool = False,
+        device: int = 0,
+    ) -> None:
         self.root = Path(root)
         self.manifest = manifest
         self.use_cuda_graph = use_cuda_graph
@@ -70,8 +76,15 @@ class TensorRTBackend:
         """The session of `component`'s engine for this GPU and TensorRT (raises SdoptError on mismatch)."""
         if component not in self.manifest.components:
             raise SdoptError(f"the artifact has no {component}", "re-export with that component included")
-        entry = select_engine(self.manifest, component, self.trt_version, self.gpu.name, self.gpu.compute_capability,
-                              self.root, self.lean)
+        entry = select_engine(
+            self.manifest,
+            component,
+            self.trt_version,
+            self.gpu.name,
+            self.gpu.compute_capability,
+            self.root,
+            self.lean,
+        )
         check_host_code(entry, self.allow_host_code, self.root)
         path = self.root / entry.path
         if not path.is_file() or sha256_file(path) != entry.sha256:
@@ -80,13 +93,32 @@ class TensorRTBackend:
             self.runtime.engine_host_code_allowed = True  # trusted by the caller (check_host_code)
         engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
-            raise SdoptError(f"TensorRT {self.trt_version} could not deserialize {path} (see its log above)",
-                             rebuild_fix(self.root))
+            raise SdoptError(
+                f"TensorRT {self.trt_version} could not deserialize {path} (see its log above)", rebuild_fix(self.root)
+            )
         self.entries[component] = entry
         return TensorRTSession(self, component, engine)
 
 
-__all__ = ["ACTIVE_PROFILE", "CudaGraphWarning", "GpuFacts", "INSTALL_FIX", "TensorRTBackend", "TensorRTSession",
-           "check_engine_compatible", "check_host_code", "check_shapes", "cuda_check", "gpu_facts", "import_cudart",
-           "import_tensorrt", "numpy_dtype", "parse_nvidia_smi", "refit_engine", "rebuild_fix", "select_engine",
-           "trt_logger", "version_tuple"]
+__all__ = [
+    "ACTIVE_PROFILE",
+    "CudaGraphWarning",
+    "GpuFacts",
+    "INSTALL_FIX",
+    "TensorRTBackend",
+    "TensorRTSession",
+    "check_engine_compatible",
+    "check_host_code",
+    "check_shapes",
+    "cuda_check",
+    "gpu_facts",
+    "import_cudart",
+    "import_tensorrt",
+    "numpy_dtype",
+    "parse_nvidia_smi",
+    "refit_engine",
+    "rebuild_fix",
+    "select_engine",
+    "trt_logger",
+    "version_tuple",
+]

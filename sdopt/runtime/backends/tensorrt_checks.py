@@ -21,16 +21,29 @@ from sdopt.manifest import EngineEntry, Manifest, ShapeRange
 ACTIVE_PROFILE = 0
 
 # TensorRT DataType member name -> numpy dtype (types numpy lacks, BF16/FP8/INT4/FP4, are unsupported).
-NUMPY_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "UINT8": np.uint8,
-                "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_}
+NUMPY_DTYPES = {
+    "FLOAT": np.float32,
+    "HALF": np.float16,
+    "INT8": np.int8,
+    "UINT8": np.uint8,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "BOOL": np.bool_,
+}
 
 
 def rebuild_fix(artifact: str | Path) -> str:
     return f"rebuild the engines on this machine: sdopt build {artifact} --force"
 
 
-def check_engine_compatible(entry: EngineEntry, trt_version: str, gpu_name: str, compute_capability: str,
-                            artifact: str | Path = "ARTIFACT", lean: bool = False) -> None:
+def check_engine_compatible(
+    entry: EngineEntry,
+    trt_version: str,
+    gpu_name: str,
+    compute_capability: str,
+    artifact: str | Path = "ARTIFACT",
+    lean: bool = False,
+) -> None:
     """Raise unless this GPU and TensorRT can deserialize the engine of `entry`.
 
     Engines are specific to the compute capability and tuned per GPU model, and by default load
@@ -49,28 +62,43 @@ def check_engine_compatible(entry: EngineEntry, trt_version: str, gpu_name: str,
     """
     what, fix = f"the {entry.component} engine", rebuild_fix(artifact)
     if entry.compute_capability != compute_capability:
-        raise SdoptError(f"{what} was built for compute capability {entry.compute_capability} ({entry.gpu}), "
-                         f"this GPU ({gpu_name}) is {compute_capability}", fix)
+        raise SdoptError(
+            f"{what} was built for compute capability {entry.compute_capability} ({entry.gpu}), "
+            f"this GPU ({gpu_name}) is {compute_capability}",
+            fix,
+        )
     if entry.gpu != gpu_name:
-        raise SdoptError(f"{what} was built on a {entry.gpu}, this GPU is a {gpu_name} "
-                         "(TensorRT tunes engines per GPU model)", fix)
+        raise SdoptError(
+            f"{what} was built on a {entry.gpu}, this GPU is a {gpu_name} (TensorRT tunes engines per GPU model)", fix
+        )
     flags = entry.flags
     if flags.exclude_lean_runtime:
-        raise SdoptError(f"{what} was built with --exclude-lean-runtime: it needs TensorRT {entry.tensorrt}'s lean "
-                         "runtime library loaded separately, which sdopt does not do", f"{fix} (without that option)")
+        raise SdoptError(
+            f"{what} was built with --exclude-lean-runtime: it needs TensorRT {entry.tensorrt}'s lean "
+            "runtime library loaded separately, which sdopt does not do",
+            f"{fix} (without that option)",
+        )
     if lean and not flags.version_compatible:
-        raise SdoptError(f"{what} is not version-compatible, and only tensorrt_lean (which runs version-compatible "
-                         "engines only) is installed",
-                         f"install the full runtime ({INSTALL_FIX}), or {fix} --version-compatible")
+        raise SdoptError(
+            f"{what} is not version-compatible, and only tensorrt_lean (which runs version-compatible "
+            "engines only) is installed",
+            f"install the full runtime ({INSTALL_FIX}), or {fix} --version-compatible",
+        )
     if flags.version_compatible:
         if not version_compatible_loads(entry.tensorrt, trt_version):
             steps = ", ".join(f"{a} -> {b}" for a, b in NEXT_MAJOR.items())
-            raise SdoptError(f"{what} was built with TensorRT {entry.tensorrt}; version-compatible engines load in "
-                             f"that or a later version of the same major, or across the documented major steps "
-                             f"({steps}), and this host has {trt_version}", fix)
+            raise SdoptError(
+                f"{what} was built with TensorRT {entry.tensorrt}; version-compatible engines load in "
+                f"that or a later version of the same major, or across the documented major steps "
+                f"({steps}), and this host has {trt_version}",
+                fix,
+            )
     elif entry.tensorrt != trt_version:
-        raise SdoptError(f"{what} was built with TensorRT {entry.tensorrt}, this host has TensorRT {trt_version} "
-                         "(engines load only in the TensorRT version that built them)", fix)
+        raise SdoptError(
+            f"{what} was built with TensorRT {entry.tensorrt}, this host has TensorRT {trt_version} "
+            "(engines load only in the TensorRT version that built them)",
+            fix,
+        )
 
 
 def embeds_host_code(entry: EngineEntry) -> bool:
@@ -85,11 +113,19 @@ def check_host_code(entry: EngineEntry, allow_host_code: bool, artifact: str | P
             f"the {entry.component} engine is version-compatible: loading it executes host code embedded in "
             f"{entry.path}, which sdopt does not do by default",
             "if you trust this artifact, load it with allow_host_code=True (CLI: --allow-host-code); "
-            f"otherwise {rebuild_fix(artifact)} (without --version-compatible)")
+            f"otherwise {rebuild_fix(artifact)} (without --version-compatible)",
+        )
 
 
-def select_engine(manifest: Manifest, component: str, trt_version: str, gpu_name: str, compute_capability: str,
-                  artifact: str | Path = "ARTIFACT", lean: bool = False) -> EngineEntry:
+def select_engine(
+    manifest: Manifest,
+    component: str,
+    trt_version: str,
+    gpu_name: str,
+    compute_capability: str,
+    artifact: str | Path = "ARTIFACT",
+    lean: bool = False,
+) -> EngineEntry:
     """The newest engine of `component` this GPU + TensorRT can load.
 
     Returns:
@@ -99,8 +135,9 @@ def select_engine(manifest: Manifest, component: str, trt_version: str, gpu_name
     """
     entries = [e for e in manifest.engines if e.component == component]
     if not entries:
-        raise EnginesMissingError(f"{artifact} has no TensorRT engine for {component}",
-                                  f"build them: sdopt build {artifact} --force")
+        raise EnginesMissingError(
+            f"{artifact} has no TensorRT engine for {component}", f"build them: sdopt build {artifact} --force"
+        )
     errors: list[tuple[tuple[bool, bool], SdoptError]] = []
     for entry in reversed(entries):
         try:
@@ -110,8 +147,9 @@ def select_engine(manifest: Manifest, component: str, trt_version: str, gpu_name
             errors.append(((entry.compute_capability == compute_capability, entry.gpu == gpu_name), e))
     best = max(errors, key=lambda t: t[0])[1]  # prefer the error of an engine for this very GPU
     if len(entries) > 1:
-        raise EnginesMissingError(f"none of the {len(entries)} {component} engines fits this host; closest: "
-                                  f"{best.problem}", best.fix)
+        raise EnginesMissingError(
+            f"none of the {len(entries)} {component} engines fits this host; closest: {best.problem}", best.fix
+        )
     raise EnginesMissingError(best.problem, best.fix)
 
 
@@ -120,10 +158,17 @@ def check_shapes(entry: EngineEntry, shapes: dict[str, tuple[int, ...]], artifac
     problem = _outside(entry.profiles[ACTIVE_PROFILE], shapes) if entry.profiles else "the engine has no profile"
     if not problem:
         return
-    how = ("the engine is static: generate at its batch and size, or rebuild for this one: "
-           f"sdopt build {artifact} --force --static --batch B --height H --width W") if entry.flags.static else (
-        f"rebuild with this shape in range: sdopt build {artifact} --force (re-export with --min-size/--max-size/"
-        "--max-batch first if it is outside the artifact's range)")
+    how = (
+        (
+            "the engine is static: generate at its batch and size, or rebuild for this one: "
+            f"sdopt build {artifact} --force --static --batch B --height H --width W"
+        )
+        if entry.flags.static
+        else (
+            f"rebuild with this shape in range: sdopt build {artifact} --force (re-export with --min-size/--max-size/"
+            "--max-batch first if it is outside the artifact's range)"
+        )
+    )
     raise SdoptError(f"the {entry.component} engine cannot run this call: {problem}", how)
 
 
@@ -140,10 +185,19 @@ def numpy_dtype(trt_dtype: Any) -> np.dtype:
     """numpy dtype of a TensorRT DataType (by member name, which tensorrt and tensorrt_lean share)."""
     name = getattr(trt_dtype, "name", str(trt_dtype)).split(".")[-1]
     if name not in NUMPY_DTYPES:
-        raise SdoptError(f"engine tensor type {name} has no numpy equivalent",
-                         "re-export with fp32 or fp16 graph inputs")
+        raise SdoptError(
+            f"engine tensor type {name} has no numpy equivalent", "re-export with fp32 or fp16 graph inputs"
+        )
     return np.dtype(NUMPY_DTYPES[name])
 
 
-__all__ = ["ACTIVE_PROFILE", "check_engine_compatible", "check_host_code", "check_shapes", "embeds_host_code",
-           "numpy_dtype", "rebuild_fix", "select_engine"]
+__all__ = [
+    "ACTIVE_PROFILE",
+    "check_engine_compatible",
+    "check_host_code",
+    "check_shapes",
+    "embeds_host_code",
+    "numpy_dtype",
+    "rebuild_fix",
+    "select_engine",
+]

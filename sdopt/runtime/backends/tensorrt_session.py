@@ -38,10 +38,12 @@ def create_context(engine: Any, component: str, artifact: Any) -> Any:
     """`engine.create_execution_context()`, which answers None when it fails (e.g. out of GPU memory)."""
     context = engine.create_execution_context()
     if context is None:
-        raise SdoptError(f"TensorRT could not create an execution context for the {component} engine (see its log "
-                         "above; usually the GPU is out of memory)",
-                         "free GPU memory (see `nvidia-smi`), or rebuild with a narrower range: "
-                         f"sdopt build {artifact} --force --static")
+        raise SdoptError(
+            f"TensorRT could not create an execution context for the {component} engine (see its log "
+            "above; usually the GPU is out of memory)",
+            "free GPU memory (see `nvidia-smi`), or rebuild with a narrower range: "
+            f"sdopt build {artifact} --force --static",
+        )
     return context
 
 
@@ -158,8 +160,12 @@ class CudaGraphs:
         self.failed.add(b.signature)
         if not self.warned:
             self.warned = True
-            warnings.warn(f"the {self.component} engine cannot be captured in a CUDA graph ({reason}); it runs "
-                          "without one for these shapes", CudaGraphWarning, stacklevel=4)
+            warnings.warn(
+                f"the {self.component} engine cannot be captured in a CUDA graph ({reason}); it runs "
+                "without one for these shapes",
+                CudaGraphWarning,
+                stacklevel=4,
+            )
 
 
 class TensorRTSession:
@@ -203,12 +209,18 @@ class TensorRTSession:
             b = self._bind(tuple((n, arrays[n].shape) for n in self.input_names))
             for n, a in arrays.items():
                 np.copyto(b.host[n], a)
-                cuda_check(cudart, cudart.cudaMemcpyAsync(b.device[n], b.host_pointers[n], a.nbytes, h2d, stream),
-                           "copy to GPU")
+                cuda_check(
+                    cudart,
+                    cudart.cudaMemcpyAsync(b.device[n], b.host_pointers[n], a.nbytes, h2d, stream),
+                    "copy to GPU",
+                )
             self.graphs.enqueue(b, lambda: bool(self.context.execute_async_v3(int(stream))), stream)
             for n in self.output_names:
-                cuda_check(cudart, cudart.cudaMemcpyAsync(b.host_pointers[n], b.device[n], b.host[n].nbytes, d2h,
-                                                          stream), "copy to host")
+                cuda_check(
+                    cudart,
+                    cudart.cudaMemcpyAsync(b.host_pointers[n], b.device[n], b.host[n].nbytes, d2h, stream),
+                    "copy to host",
+                )
             cuda_check(cudart, cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
             return {n: b.host[n].copy() for n in self.output_names}  # the pinned buffers are reused
 
@@ -250,11 +262,14 @@ class TensorRTSession:
         b, self._binding = self._binding, None
         problems = release_binding(self.cudart, b) if b is not None else []
         if problems and strict:
-            raise SdoptError(f"freeing the {self.component} buffers failed: {'; '.join(problems)}",
-                             "check the GPU with `nvidia-smi`; reload the pipeline")
+            raise SdoptError(
+                f"freeing the {self.component} buffers failed: {'; '.join(problems)}",
+                "check the GPU with `nvidia-smi`; reload the pipeline",
+            )
         if problems:
-            warnings.warn(f"freeing the {self.component} buffers failed: {'; '.join(problems)}", RuntimeWarning,
-                          stacklevel=3)
+            warnings.warn(
+                f"freeing the {self.component} buffers failed: {'; '.join(problems)}", RuntimeWarning, stacklevel=3
+            )
 
     def close(self) -> None:
         """Free the device and pinned buffers, graphs and stream (also done when the session is collected)."""
@@ -273,5 +288,13 @@ class TensorRTSession:
             pass
 
 
-__all__ = ["Binding", "CudaGraphWarning", "CudaGraphs", "TensorRTSession", "capture_graph", "create_context",
-           "pinned_array", "release_binding"]
+__all__ = [
+    "Binding",
+    "CudaGraphWarning",
+    "CudaGraphs",
+    "TensorRTSession",
+    "capture_graph",
+    "create_context",
+    "pinned_array",
+    "release_binding",
+]

@@ -129,11 +129,11 @@ def per_sample(coeff: np.ndarray, ndim: int) -> np.ndarray:
     return coeff.reshape((-1,) + (1,) * max(ndim - 1, 0))
 
 
-
 # The training noise schedule every diffusers scheduler takes, with diffusers' defaults.
 TRAINING_DEFAULTS: dict[str, Any] = dict(
     num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None
 )
+
 
 class Scheduler:
     """Numpy port of a diffusers scheduler (protocol used by the runtime pipelines).
