@@ -30,6 +30,23 @@ STAGES_HELP = {
 }
 
 
+def _artifact_facts(manifest: Manifest) -> dict[str, Any]:
+    return {k: getattr(manifest, k) for k in ("family", "source", "precision", "opset", "created")}
+
+
+def _unet_facts(job: Job, flops: int | None) -> dict[str, Any]:
+    """What the U-Net FLOPs (and so the matmul-peak fraction) were measured on."""
+    return {
+        "flops_per_call": flops,
+        "calls_per_step": 1,
+        "batch": job.batch * (2 if job.guidance > 1.0 else 1),
+        "method": "torch.utils.flop_counter on one eager U-Net call (2 FLOPs per multiply-add, "
+        "attention via the math SDPA path)"
+        if flops
+        else None,
+    }
+
+
 def build_results(
     config: BenchConfig,
     job: Job,
@@ -70,25 +87,10 @@ def build_results(
             "command": command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),  # API use: this process's
             "config": config.to_dict(),
             "job": job.record(),
-            "artifact": {
-                **artifact_info,
-                "family": manifest.family,
-                "source": manifest.source,
-                "precision": manifest.precision,
-                "opset": manifest.opset,
-                "created": manifest.created,
-            },
+            "artifact": {**artifact_info, **_artifact_facts(manifest)},
             "machine": machine,
             "reference": REFERENCE,
-            "unet": {
-                "flops_per_call": flops,
-                "calls_per_step": 1,
-                "batch": job.batch * (2 if job.guidance > 1.0 else 1),
-                "method": "torch.utils.flop_counter on one eager U-Net call (2 FLOPs per multiply-add, "
-                "attention via the math SDPA path)"
-                if flops
-                else None,
-            },
+            "unet": _unet_facts(job, flops),
             "stages_help": STAGES_HELP,
             "backends": [s.to_dict() for s in backends],
         }

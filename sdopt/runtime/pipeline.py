@@ -189,37 +189,27 @@ class Pipeline:
         """Generate images: txt2img, img2img (`image=`) or inpainting (`image=` + `mask_image=`).
 
         Args:
-            prompt: One prompt or a list (one image batch entry each).
-            negative_prompt: One for all prompts, or one per prompt.
+            prompt, negative_prompt: One prompt or a list; one negative prompt for all, or one per prompt.
             num_inference_steps: Denoising steps (img2img/inpaint run `strength` of them).
             guidance_scale: Classifier-free guidance; 1.0 or less skips the unconditional branch.
-            height: Image height in pixels (default: the artifact's; img2img: the input's).
-            width: Image width in pixels (likewise).
+            height, width: Image size in pixels (default: the artifact's; img2img: the input image's).
             num_images_per_prompt: Images per prompt.
             seed: Seed of the call's RNG; drawn at random (and returned) when None.
             scheduler: A name from `SCHEDULER_NAMES`; default the model's own.
             latents: Initial noise (batch, 4, height/8, width/8), in place of the RNG's draw.
-            image: Input image (PIL, HWC/NHWC array in [0, 1], or a path) for img2img/inpaint.
-            mask_image: Inpainting mask, white = repaint.
+            image, mask_image: img2img/inpaint input (PIL, HWC/NHWC in [0, 1], or a path); mask: white = repaint.
             strength: How much of the schedule img2img/inpaint runs, in (0, 1].
-            output_type: "pil", or "np" for NHWC float32 in [0, 1].
-            callback: Called as callback(steps done, total steps) after each step.
-            deepcache: N > 1 is the fast mode: a full U-Net pass every N steps and, between them,
-                only its last layer over the cached deep feature (DeepCache, Ma et al. 2023).
-                Roughly N-fold fewer U-Net FLOPs at some loss of fidelity; 1 (default) is exact.
-            control_image: ControlNet conditioning: an image for one ControlNet (or a list: one per
-                prompt), or a list with one entry per selected ControlNet; resized to the output size.
-            controlnet_conditioning_scale: Residual scale, one for all or one per ControlNet.
-            control_guidance_start: Fraction of the steps before which a ControlNet is off (or one per ControlNet).
-            control_guidance_end: Fraction of the steps after which it is off (or one per ControlNet).
-            guess_mode: diffusers' guess mode: ControlNets see only the conditional half, with ramped scales.
-            controlnet: Which of the artifact's ControlNets (a name or a list); default all, in manifest order.
+            output_type, callback: "pil" or "np" (NHWC float32 in [0, 1]); callback(steps done, total) per step.
+            deepcache: N > 1 is the fast mode (DeepCache, Ma et al. 2023): a full U-Net pass every N
+                steps, only its last layer over the cached deep feature between them; 1 is exact.
+            control_image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
+                guess_mode, controlnet: ControlNet, as diffusers' ControlNet pipelines take it (a value, or
+                one per ControlNet; `controlnet` picks the artifact's ControlNets, default all in manifest
+                order); see `sdopt.runtime.controlnet`.
 
         Returns:
-            A `GenerationResult` with the images, the seed and per-stage timings.
-
-        Raises:
-            SdoptError: for any argument the artifact cannot serve, before an engine runs.
+            A `GenerationResult` with the images, the seed and per-stage timings. Raises SdoptError,
+            before any engine runs, for an argument the artifact cannot serve.
         """
         t_start = time.perf_counter()
         request = self.make_request(

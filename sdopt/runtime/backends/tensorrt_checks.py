@@ -61,6 +61,12 @@ def check_engine_compatible(
         lean: only `tensorrt_lean` is installed (it runs version-compatible engines only).
     """
     what, fix = f"the {entry.component} engine", rebuild_fix(artifact)
+    _check_gpu(entry, gpu_name, compute_capability, what, fix)
+    _check_version(entry, trt_version, lean, what, fix)
+
+
+def _check_gpu(entry: EngineEntry, gpu_name: str, compute_capability: str, what: str, fix: str) -> None:
+    """Engines are compiled for one compute capability and tuned for one GPU model."""
     if entry.compute_capability != compute_capability:
         raise SdoptError(
             f"{what} was built for compute capability {entry.compute_capability} ({entry.gpu}), "
@@ -71,6 +77,10 @@ def check_engine_compatible(
         raise SdoptError(
             f"{what} was built on a {entry.gpu}, this GPU is a {gpu_name} (TensorRT tunes engines per GPU model)", fix
         )
+
+
+def _check_version(entry: EngineEntry, trt_version: str, lean: bool, what: str, fix: str) -> None:
+    """The TensorRT version rules: exact version, or the version-compatible steps."""
     flags = entry.flags
     if flags.exclude_lean_runtime:
         raise SdoptError(
