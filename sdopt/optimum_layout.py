@@ -38,7 +38,7 @@ def _json(path: Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as e:
         raise SdoptError(
             f"{path} is unreadable ({e})", "re-export the folder with `optimum-cli export onnx`"
-        ) from None
+        ) from e
 
 
 def optimum_manifest(root: str | Path) -> Manifest:

@@ -122,7 +122,7 @@ def load_config_file(name: str) -> dict[str, Any]:
     try:
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise SdoptError(f"benchmark config {path} is unreadable ({e})", "fix the JSON") from None
+        raise SdoptError(f"benchmark config {path} is unreadable ({e})", "fix the JSON") from e
     if not isinstance(raw, dict):
         raise SdoptError(f"benchmark config {path} is not a JSON object", 'write {"model": ..., "steps": ...}')
     unknown = sorted(set(raw) - FIELDS)
@@ -159,7 +159,7 @@ def make_config(config_name: str | None = None, **overrides: Any) -> BenchConfig
     try:
         config = BenchConfig(**values)
     except TypeError as e:  # pragma: no cover - guarded by the FIELDS check above
-        raise SdoptError(f"bad benchmark config: {e}", "check the config's keys") from None
+        raise SdoptError(f"bad benchmark config: {e}", "check the config's keys") from e
     validate(config)
     return config
 

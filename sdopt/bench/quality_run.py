@@ -79,7 +79,7 @@ def check_latents(path: str, job: Job) -> None:
     try:
         shape = tuple(np.load(path, mmap_mode="r").shape)
     except (OSError, ValueError) as e:
-        raise SdoptError(f"--latents {path} is not a readable .npy ({e})", "save it with numpy.save") from None
+        raise SdoptError(f"--latents {path} is not a readable .npy ({e})", "save it with numpy.save") from e
     if shape != want:
         raise SdoptError(
             f"--latents {path} has shape {shape}, but {job.height}x{job.width} needs {want}",

@@ -126,7 +126,7 @@ def _build_engines(artifact: str, job: Job) -> float:
 
         build_engines(artifact, BuildOptions(batch=job.batch, height=job.height, width=job.width))
     except Exception as e:  # noqa: BLE001
-        raise EngineBuildFailed(f"building TensorRT engines failed: {describe(e)}") from None
+        raise EngineBuildFailed(f"building TensorRT engines failed: {describe(e)}") from e
     return time.perf_counter() - t0
 
 

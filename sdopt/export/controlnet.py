@@ -163,7 +163,7 @@ def _load_pretrained(source: str) -> tuple[Any, str]:
         raise SdoptError(
             f"could not load ControlNet {source}: {type(e).__name__}: {reason}",
             "hub downloads need network access; or pass a local ControlNetModel folder",
-        ) from None
+        ) from e
 
 
 def _family_guess(config: Any) -> str:

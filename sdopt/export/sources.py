@@ -80,7 +80,7 @@ def _load_folder(path: Path) -> Any:
     try:
         json.loads(index.read_text())
     except json.JSONDecodeError as e:
-        raise SdoptError(f"{index} is not valid JSON ({e})", "restore the file from the original model") from None
+        raise SdoptError(f"{index} is not valid JSON ({e})", "restore the file from the original model") from e
     from diffusers import DiffusionPipeline
 
     return _finish(_guarded(lambda: DiffusionPipeline.from_pretrained(path, local_files_only=True), path))
@@ -126,7 +126,7 @@ def _guarded(load, what: Any, hint: str = "check that the folder is a complete, 
         raise
     except Exception as e:  # noqa: BLE001 - library errors become one readable line
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SdoptError(f"could not load model {what}: {type(e).__name__}: {reason[:300]}", hint) from None
+        raise SdoptError(f"could not load model {what}: {type(e).__name__}: {reason[:300]}", hint) from e
 
 
 def _finish(pipe: Any) -> Any:

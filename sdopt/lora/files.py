@@ -109,7 +109,7 @@ def read_lora_file(path: str | Path) -> LoraFile:
     except (SafetensorError, OSError, ValueError, TypeError, KeyError, struct.error) as e:
         raise SdoptError(
             f"LoRA file {path} is not a readable safetensors file ({str(e)[:200]})", "re-save it with safetensors"
-        ) from None
+        ) from e
     return LoraFile(path, tensors, metadata)
 
 

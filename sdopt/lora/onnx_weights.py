@@ -96,7 +96,7 @@ def initializer_locations(path: Path, names: set[str] | None = None) -> dict[str
                             out[loc[0]] = loc[1]
             return out
         except (ValueError, IndexError) as e:
-            raise SdoptError(f"{path} is not a readable ONNX file ({e})", "re-export the artifact") from None
+            raise SdoptError(f"{path} is not a readable ONNX file ({e})", "re-export the artifact") from e
 
 
 def _dims(buf: Any, wire: int, value: Any) -> list[int]:

@@ -70,7 +70,7 @@ def check_loopback(url: str) -> None:
     try:
         infos = socket.getaddrinfo(parsed.hostname, parsed.port or 80)
     except socket.gaierror as e:
-        raise SdoptError(f"cannot resolve {parsed.hostname}: {e}", "pass e.g. http://127.0.0.1:8000") from None
+        raise SdoptError(f"cannot resolve {parsed.hostname}: {e}", "pass e.g. http://127.0.0.1:8000") from e
     if not all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos):
         raise SdoptError(
             f"{parsed.hostname} is not a loopback address: bench-serve only loads servers on this machine",

@@ -96,7 +96,7 @@ def decode_image(data: str, what: str, max_side: int) -> Image.Image:
         raw = base64.b64decode(data, validate=True)
         image = Image.open(io.BytesIO(raw))
     except (binascii.Error, ValueError, OSError) as e:
-        raise SdoptError(f"{what} is not a base64 PNG or JPEG ({e})", f"send {what} as base64 of a PNG file") from None
+        raise SdoptError(f"{what} is not a base64 PNG or JPEG ({e})", f"send {what} as base64 of a PNG file") from e
     if max(image.size) > max_side:
         raise SdoptError(
             f"{what} is {image.size[0]}x{image.size[1]}, over the server's limit of {max_side} per side",

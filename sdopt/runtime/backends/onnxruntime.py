@@ -106,7 +106,7 @@ class OnnxRuntimeBackend:
             raise SdoptError(
                 f"ONNX Runtime could not load {spec.path}: {str(e).splitlines()[0][:300]}",
                 "re-export the artifact with `sdopt export --force`",
-            ) from None
+            ) from e
         wrapped = OnnxRuntimeSession(session, self.device)
         wrapped.keep_alive = keep
         return wrapped
