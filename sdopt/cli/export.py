@@ -17,53 +17,51 @@ if TYPE_CHECKING:
     from sdopt.manifest import EngineEntry
 
 
+# Help texts too long to keep their option on one line.
+_MODEL_HELP = "synthetic:PRESET, a diffusers folder, a .safetensors file, or a hub id."
+_PRECISION_HELP = "fp32, or fp16 (fp32 islands where fp16 overflows: VAE, norms)."
+_COMPONENTS_HELP = "Comma-separated subset, e.g. text_encoder,unet. Default: all."
+_MAX_BATCH_HELP = "Most images per call (the U-Net sees twice this for guidance)."
+_EXPORTER_HELP = "torchscript (fast, fusable) or dynamo (torch.export)."
+_ALLOW_VERIFY_FAILURE_HELP = "Keep the export even if ONNX differs from PyTorch beyond tolerance."
+_TENSORRT_HELP = (
+    "Also build TensorRT engines (dynamic profiles over the exported range; needs a GPU "
+    "host with the tensorrt-cuXX extra; see `sdopt build` for the options)."
+)
+_ORT_OPTIMIZE_HELP = "Also save ONNX Runtime's optimised CPU graph (sessions start in seconds)."
+_CONTROLNET_HELP = (
+    "ControlNets to export with the model, comma-separated: a diffusers ControlNetModel "
+    "folder, a hub id, or synthetic[:SEED] (random weights, derived from the U-Net); NAME=SOURCE names one "
+    "(default name: the folder's). Adds controlnet/NAME/model.onnx and unet/control.onnx (shares the U-Net's "
+    "weights)."
+)
+_LORA_HELP = (
+    "Merge a LoRA PATH[:SCALE] (.safetensors, diffusers/PEFT or kohya) into the weights "
+    "before export; repeat to stack. The manifest records each file's sha256 and scale."
+)
+_LORA_IGNORE_HELP = "Merge a LoRA's other keys where some match no module of the model."
+
+
 @app.command()
 @friendly_errors
 def export(
-    model: str = typer.Argument(
-        "synthetic:tiny", help="synthetic:PRESET, a diffusers folder, a .safetensors file, or a hub id."
-    ),
+    model: str = typer.Argument("synthetic:tiny", help=_MODEL_HELP),
     out: Path = typer.Option(Path("artifacts/tiny"), "--out", "-o", help="Artifact folder to write (atomically)."),
-    precision: str = typer.Option("fp32", help="fp32, or fp16 (fp32 islands where fp16 overflows: VAE, norms)."),
-    components: Optional[str] = typer.Option(
-        None, help="Comma-separated subset, e.g. text_encoder,unet. Default: all."
-    ),
+    precision: str = typer.Option("fp32", help=_PRECISION_HELP),
+    components: Optional[str] = typer.Option(None, help=_COMPONENTS_HELP),
     min_size: Optional[int] = typer.Option(None, help="Smallest image side the graphs accept (pixels)."),
     max_size: Optional[int] = typer.Option(None, help="Largest image side the graphs accept (pixels)."),
-    max_batch: int = typer.Option(4, help="Most images per call (the U-Net sees twice this for guidance)."),
+    max_batch: int = typer.Option(4, help=_MAX_BATCH_HELP),
     opset: int = typer.Option(18, help="ONNX opset."),
-    exporter: str = typer.Option("torchscript", help="torchscript (fast, fusable) or dynamo (torch.export)."),
+    exporter: str = typer.Option("torchscript", help=_EXPORTER_HELP),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-    allow_verify_failure: bool = typer.Option(
-        False, help="Keep the export even if ONNX differs from PyTorch beyond tolerance."
-    ),
+    allow_verify_failure: bool = typer.Option(False, help=_ALLOW_VERIFY_FAILURE_HELP),
     seed: int = typer.Option(0, help="Seed of synthetic weights and of verification inputs."),
-    tensorrt: bool = typer.Option(
-        False,
-        "--tensorrt",
-        help="Also build TensorRT engines (dynamic profiles over the exported range; needs a GPU "
-        "host with the tensorrt-cuXX extra; see `sdopt build` for the options).",
-    ),
-    ort_optimize: bool = typer.Option(
-        True, help="Also save ONNX Runtime's optimised CPU graph (sessions start in seconds)."
-    ),
-    controlnet: Optional[str] = typer.Option(
-        None,
-        "--controlnet",
-        help="ControlNets to export with the model, comma-separated: a diffusers ControlNetModel "
-        "folder, a hub id, or synthetic[:SEED] (random weights, derived from the U-Net); NAME=SOURCE names one "
-        "(default name: the folder's). Adds controlnet/NAME/model.onnx and unet/control.onnx (shares the U-Net's "
-        "weights).",
-    ),
-    lora: Optional[list[str]] = typer.Option(
-        None,
-        "--lora",
-        help="Merge a LoRA PATH[:SCALE] (.safetensors, diffusers/PEFT or kohya) into the weights "
-        "before export; repeat to stack. The manifest records each file's sha256 and scale.",
-    ),
-    lora_ignore_unmatched: bool = typer.Option(
-        False, "--lora-ignore-unmatched", help="Merge a LoRA's other keys where some match no module of the model."
-    ),
+    tensorrt: bool = typer.Option(False, "--tensorrt", help=_TENSORRT_HELP),
+    ort_optimize: bool = typer.Option(True, help=_ORT_OPTIMIZE_HELP),
+    controlnet: Optional[str] = typer.Option(None, "--controlnet", help=_CONTROLNET_HELP),
+    lora: Optional[list[str]] = typer.Option(None, "--lora", help=_LORA_HELP),
+    lora_ignore_unmatched: bool = typer.Option(False, "--lora-ignore-unmatched", help=_LORA_IGNORE_HELP),
 ) -> None:
     """Export a Stable Diffusion model to verified ONNX in one artifact folder."""
     from sdopt.export.artifact import ExportOptions, check_options

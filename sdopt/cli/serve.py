@@ -14,6 +14,31 @@ import typer
 from sdopt.cli.common import app, console, friendly_errors
 from sdopt.errors import SdoptError
 
+# Help texts too long to keep their option on one line.
+_HOST_HELP = (
+    "Address to listen on. Loopback by default; 0.0.0.0 exposes the server to the network and must be asked for."
+)
+_ADDRESS_HELP = (
+    "Deploy onto a running Ray cluster: 'auto' or "
+    "'ray://HOST:PORT' (then exit; the app keeps running there). Default: "
+    "start a local Ray instance and serve until Ctrl-C."
+)
+_WRITE_CONFIG_HELP = (
+    "Write the Serve config YAML for `serve deploy` / a KubeRay RayService's serveConfigV2, then exit."
+)
+_REPLICAS_HELP = "Replicas (each loads the artifact once and batches on its own)."
+_MAX_REPLICAS_HELP = "Autoscale: upper bound (target: --max-batch ongoing requests per replica)."
+_THREADS_HELP = "ONNX Runtime threads per replica (default: physical cores)."
+_MAX_BATCH_HELP = (
+    "Images stacked into one U-Net call per replica (step-level continuous batching); 1 turns batching off."
+)
+_MAX_QUEUE_HELP = "Requests that may wait beyond what the replicas hold; the next gets 503 with Retry-After."
+_API_KEY_ENV_HELP = (
+    "Name of an environment variable holding an API key; requests must then send 'Authorization: Bearer <key>'."
+)
+_REQUEST_TIMEOUT_HELP = "Seconds a request may take; then 504 and its steps stop."
+_MAX_SIZE_HELP = "Largest image side in pixels (the artifact's own range applies too)."
+
 
 @app.command()
 @friendly_errors
@@ -21,47 +46,22 @@ def serve(
     artifact: Path = typer.Argument(
         ..., help="Artifact folder written by `sdopt export` (fixed for the server's life)."
     ),
-    host: str = typer.Option(
-        "127.0.0.1",
-        help="Address to listen on. Loopback by default; 0.0.0.0 exposes the "
-        "server to the network and must be asked for.",
-    ),
+    host: str = typer.Option("127.0.0.1", help=_HOST_HELP),
     port: int = typer.Option(8000, help="HTTP port."),
-    address: Optional[str] = typer.Option(
-        None,
-        "--address",
-        help="Deploy onto a running Ray cluster: 'auto' or "
-        "'ray://HOST:PORT' (then exit; the app keeps running there). Default: "
-        "start a local Ray instance and serve until Ctrl-C.",
-    ),
-    write_config: Optional[Path] = typer.Option(
-        None,
-        "--write-config",
-        help="Write the Serve config YAML for `serve deploy` / a KubeRay RayService's serveConfigV2, then exit.",
-    ),
-    replicas: int = typer.Option(1, help="Replicas (each loads the artifact once and batches on its own)."),
+    address: Optional[str] = typer.Option(None, "--address", help=_ADDRESS_HELP),
+    write_config: Optional[Path] = typer.Option(None, "--write-config", help=_WRITE_CONFIG_HELP),
+    replicas: int = typer.Option(1, help=_REPLICAS_HELP),
     min_replicas: Optional[int] = typer.Option(None, help="Autoscale: lower bound (with --max-replicas)."),
-    max_replicas: Optional[int] = typer.Option(
-        None, help="Autoscale: upper bound (target: --max-batch ongoing requests per replica)."
-    ),
+    max_replicas: Optional[int] = typer.Option(None, help=_MAX_REPLICAS_HELP),
     cpus_per_replica: float = typer.Option(1.0, help="CPUs Ray reserves per replica."),
-    threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads per replica (default: physical cores)."),
-    max_batch: int = typer.Option(
-        8,
-        help="Images stacked into one U-Net call per replica (step-level continuous batching); 1 turns batching off.",
-    ),
-    max_queue: int = typer.Option(
-        16, help="Requests that may wait beyond what the replicas hold; the next gets 503 with Retry-After."
-    ),
+    threads: Optional[int] = typer.Option(None, help=_THREADS_HELP),
+    max_batch: int = typer.Option(8, help=_MAX_BATCH_HELP),
+    max_queue: int = typer.Option(16, help=_MAX_QUEUE_HELP),
     provider: str = typer.Option("cpu", help="cpu, cuda (onnxruntime-gpu) or tensorrt."),
-    api_key_env: Optional[str] = typer.Option(
-        None,
-        help="Name of an environment variable holding an API key; "
-        "requests must then send 'Authorization: Bearer <key>'.",
-    ),
-    request_timeout: float = typer.Option(600.0, help="Seconds a request may take; then 504 and its steps stop."),
+    api_key_env: Optional[str] = typer.Option(None, help=_API_KEY_ENV_HELP),
+    request_timeout: float = typer.Option(600.0, help=_REQUEST_TIMEOUT_HELP),
     max_steps: int = typer.Option(100, help="Largest num_inference_steps a request may ask for."),
-    max_size: int = typer.Option(1024, help="Largest image side in pixels (the artifact's own range applies too)."),
+    max_size: int = typer.Option(1024, help=_MAX_SIZE_HELP),
     max_images: int = typer.Option(4, help="Largest n (images per request)."),
     max_body_bytes: int = typer.Option(16 * 1024 * 1024, help="Largest request body in bytes; beyond: 413."),
 ) -> None:
@@ -86,6 +86,13 @@ def serve(
         limits=limits,
     )
     config.check()
+    _serve_or_deploy(config, artifact, address, write_config, api_key_env)
+
+
+def _serve_or_deploy(
+    config: Any, artifact: Path, address: Optional[str], write_config: Optional[Path], api_key_env: Optional[str]
+) -> None:
+    """After the config checks: write the Serve config file, deploy onto a cluster, or serve locally."""
     if not (artifact / "sdopt.json").is_file() and not write_config:
         raise SdoptError(
             f"{artifact} is not an sdopt artifact (no sdopt.json)", "pass a folder written by `sdopt export`"
