@@ -8,24 +8,20 @@ place. An interrupted or failed export leaves no folder that a later run would t
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import platform
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
-from sdopt import __version__
 from sdopt.errors import SdoptError
 from sdopt.export import onnx_graph
-from sdopt.export.components import ComponentPlan, plan_components, vae_scale
+from sdopt.export.components import ComponentPlan, plan_components, probe_dims, vae_scale
 from sdopt.export.controlnet_export import export_controlnets, prepare_controlnets  # ControlNet hook (issue 15)
 from sdopt.export.lora_merge import merge_loras
+from sdopt.export.manifest_build import build_manifest, write_support_files
 from sdopt.export.sources import LoadedModel, load_model
-from sdopt.export.tokenizer_files import save_tokenizer
 from sdopt.export.verify import TOLERANCE, verify_component
 from sdopt.export.weight_map import lora_weight_map
 from sdopt.manifest import (
@@ -36,7 +32,6 @@ from sdopt.manifest import (
     ImageSpec,
     Manifest,
     TensorSpec,
-    VaeSpec,
     Verification,
     check_multiple,
     sha256_file,
@@ -117,50 +112,13 @@ def export_artifact(model_id: str, out: Path, opts: ExportOptions, progress: Pro
     lora_records = merge_loras(model.pipe, opts.loras, opts.lora_ignore_unmatched)  # LoRA hook (lora_merge.py)
     load_seconds = time.perf_counter() - t0
     image = image_spec(model, opts)
-    available = [c for c in COMPONENTS if c != "text_encoder_2" or model.family == "sdxl"]
-    names = opts.components or available
-    if "unet_shallow" in names and "unet_deep" not in names:  # fast mode needs the deep feature
-        names = [*names, "unet_deep"]
-    if "unet_deep" in names and "unet" not in names:  # the deep graph's weights are the plain graph's file
-        names = [*names, "unet"]
-    names = [c for c in COMPONENTS if c in names]
-    n_deep = names.count("unet_deep")
-    missing = [c for c in names if c not in available]
-    if missing:
-        raise SdoptError(f"a {model.family} model has no {', '.join(missing)}", f"choose from {', '.join(available)}")
+    names = _component_names(model, opts)
     tolerance = opts.tolerance if opts.tolerance is not None else TOLERANCE[opts.precision]
     controlnets = prepare_controlnets(opts.controlnets, model, names, opts)  # ControlNet hook (issue 15)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = _staging_folder(out)
     try:
-        components: dict[str, Component] = {}
-        failures: list[str] = []
-        for plan in plan_components(model.pipe, model.family, image, [n for n in names if n != "unet" or n_deep == 0]):
-            if plan.name == "unet_deep":  # traced once: the plain unet graph shares its weights file
-                comp = _export_component(
-                    plan,
-                    tmp,
-                    image,
-                    vae_scale(model.pipe),
-                    opts,
-                    tolerance,
-                    progress,
-                    folder="unet",
-                    filename=UNET_DEEP_FILE,
-                    weights=onnx_graph.EXTERNAL_DATA,
-                )
-                components["unet"] = _plain_unet(comp, tmp)
-            else:
-                comp = _export_component(plan, tmp, image, vae_scale(model.pipe), opts, tolerance, progress)
-            components[plan.name] = comp
-            if not comp.verification.passed:
-                failures.append(
-                    f"{plan.name}: max relative error {comp.verification.max_rel_err:.2e} > {tolerance:.0e}"
-                )
-        components = {name: components[name] for name in names}  # manifest order: COMPONENTS order
+        components, failures = _export_components(model, names, tmp, image, opts, tolerance, progress)
         control, control_failures = export_controlnets(  # ControlNet hook (issue 15)
             controlnets, model, tmp, image, opts, tolerance, components, progress
         )
@@ -170,16 +128,76 @@ def export_artifact(model_id: str, out: Path, opts: ExportOptions, progress: Pro
                 "verification failed: " + "; ".join(failures),
                 "inspect the model, or pass --allow-verify-failure to keep the export anyway",
             )
-        manifest = _manifest(model, image, opts, components)
+        manifest = build_manifest(model, image, opts, components)
         manifest.controlnet = control  # ControlNet hook (issue 15)
         manifest.loras = lora_records  # LoRA hook
-        _write_support_files(model, tmp, names)
+        write_support_files(model, tmp, names)
         manifest.write(tmp)
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportResult(manifest, out, time.perf_counter() - t0, load_seconds, failures)
+
+
+def _component_names(model: LoadedModel, opts: ExportOptions) -> list[str]:
+    """The components to export, in COMPONENTS order, with those the requested ones need."""
+    available = [c for c in COMPONENTS if c != "text_encoder_2" or model.family == "sdxl"]
+    names = opts.components or available
+    if "unet_shallow" in names and "unet_deep" not in names:  # fast mode needs the deep feature
+        names = [*names, "unet_deep"]
+    if "unet_deep" in names and "unet" not in names:  # the deep graph's weights are the plain graph's file
+        names = [*names, "unet"]
+    names = [c for c in COMPONENTS if c in names]
+    missing = [c for c in names if c not in available]
+    if missing:
+        raise SdoptError(f"a {model.family} model has no {', '.join(missing)}", f"choose from {', '.join(available)}")
+    return names
+
+
+def _staging_folder(out: Path) -> Path:
+    """A fresh, empty hidden sibling of `out` to write the artifact into."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _export_components(
+    model: LoadedModel,
+    names: list[str],
+    tmp: Path,
+    image: ImageSpec,
+    opts: ExportOptions,
+    tolerance: float,
+    progress: Progress,
+) -> tuple[dict[str, Component], list[str]]:
+    """Export every planned graph into `tmp`: (components in COMPONENTS order, verification failures)."""
+    n_deep = names.count("unet_deep")
+    components: dict[str, Component] = {}
+    failures: list[str] = []
+    for plan in plan_components(model.pipe, model.family, image, [n for n in names if n != "unet" or n_deep == 0]):
+        if plan.name == "unet_deep":  # traced once: the plain unet graph shares its weights file
+            comp = _export_component(
+                plan,
+                tmp,
+                image,
+                vae_scale(model.pipe),
+                opts,
+                tolerance,
+                progress,
+                folder="unet",
+                filename=UNET_DEEP_FILE,
+                weights=onnx_graph.EXTERNAL_DATA,
+            )
+            components["unet"] = _plain_unet(comp, tmp)
+        else:
+            comp = _export_component(plan, tmp, image, vae_scale(model.pipe), opts, tolerance, progress)
+        components[plan.name] = comp
+        if not comp.verification.passed:
+            failures.append(f"{plan.name}: max relative error {comp.verification.max_rel_err:.2e} > {tolerance:.0e}")
+    return {name: components[name] for name in names}, failures  # manifest order: COMPONENTS order
 
 
 def _export_component(
@@ -198,31 +216,9 @@ def _export_component(
     `weights`: always keep the weights in that external data file (shared by several graphs)."""
     t0 = time.perf_counter()
     folder_path = root / (folder or plan.name)
-    raw_dir = folder_path / f"_raw-{plan.name}"
-    raw_dir.mkdir(parents=True)
-    small = {
-        "batch": 2,
-        "height": image.min_size,
-        "width": image.min_size,
-        "latent_height": image.min_size // scale,
-        "latent_width": image.min_size // scale,
-    }
-    opt = {
-        "batch": 1,
-        "height": image.default_height,
-        "width": image.default_width,
-        "latent_height": image.default_height // scale,
-        "latent_width": image.default_width // scale,
-    }
-    progress(plan.name, "export", "")
-    onnx_graph.export_raw(
-        plan, raw_dir / "model.onnx", plan.example_inputs(small, opts.seed), opts.opset, opts.exporter
-    )
-    progress(plan.name, "clean", "")
-    fp16_ops = None if opts.precision == "fp32" or plan.keep_fp32 else plan.fp32_ops
     path = folder_path / filename
-    onnx_graph.finalize(raw_dir / "model.onnx", path, fp16_ops, location=weights)
-    onnx_graph.remove(raw_dir)
+    small, opt = probe_dims(image, scale)
+    fp16_ops = _trace_and_clean(plan, path, small, opts, progress, weights)
     progress(plan.name, "verify", "")
     verification = verify_component(
         plan,
@@ -231,19 +227,63 @@ def _export_component(
         tolerance if fp16_ops is not None else min(tolerance, TOLERANCE["fp32"]),
         seed=opts.seed + 1,
     )
-    ort_cpu_path = ort_cpu_target = None
-    if opts.ort_optimize:
-        progress(plan.name, "optimize", "")
-        from sdopt.engines.ort import cpu_target, save_optimized
+    ort_cpu = _save_ort_cpu(plan, path, root, opts, progress)
+    comp = _component_record(plan, path, root, fp16_ops, verification, ort_cpu, t0)
+    progress(plan.name, "done", f"{verification.max_abs_err:.2e} abs / {verification.max_rel_err:.2e} rel")
+    return comp
 
-        ort_path = path.with_name(path.stem + ".ort-cpu.onnx")
-        save_optimized(path, ort_path)
-        ort_cpu_path, ort_cpu_target = str(ort_path.relative_to(root)), cpu_target()
+
+def _trace_and_clean(
+    plan: ComponentPlan,
+    path: Path,
+    small: dict[str, int],
+    opts: ExportOptions,
+    progress: Progress,
+    weights: str | None,
+) -> list[str] | None:
+    """Trace the raw graph beside `path`, clean it into `path`; the fp32 op list of fp16 mode (None: fp32)."""
+    raw_dir = path.parent / f"_raw-{plan.name}"
+    raw_dir.mkdir(parents=True)
+    progress(plan.name, "export", "")
+    onnx_graph.export_raw(
+        plan, raw_dir / "model.onnx", plan.example_inputs(small, opts.seed), opts.opset, opts.exporter
+    )
+    progress(plan.name, "clean", "")
+    fp16_ops = None if opts.precision == "fp32" or plan.keep_fp32 else plan.fp32_ops
+    onnx_graph.finalize(raw_dir / "model.onnx", path, fp16_ops, location=weights)
+    onnx_graph.remove(raw_dir)
+    return fp16_ops
+
+
+def _save_ort_cpu(
+    plan: ComponentPlan, path: Path, root: Path, opts: ExportOptions, progress: Progress
+) -> tuple[str | None, str | None]:
+    """With `ort_optimize`, save ONNX Runtime's optimised CPU graph beside `path`: (its path, its CPU target)."""
+    if not opts.ort_optimize:
+        return None, None
+    progress(plan.name, "optimize", "")
+    from sdopt.engines.ort import cpu_target, save_optimized
+
+    ort_path = path.with_name(path.stem + ".ort-cpu.onnx")
+    save_optimized(path, ort_path)
+    return str(ort_path.relative_to(root)), cpu_target()
+
+
+def _component_record(
+    plan: ComponentPlan,
+    path: Path,
+    root: Path,
+    fp16_ops: list[str] | None,
+    verification: Verification,
+    ort_cpu: tuple[str | None, str | None],
+    t0: float,
+) -> Component:
+    """The manifest entry of the graph at `path`: typed I/O, hashes of its folder's files, LoRA weight map."""
     weight_refs = lora_weight_map(plan, path)  # LoRA hook (sdopt/export/weight_map.py)
     io_types = onnx_graph.graph_io(path)
     retype = lambda specs: [TensorSpec(s.name, io_types[s.name], s.shape) for s in specs]  # noqa: E731
-    files = {str(p.relative_to(root)): sha256_file(p) for p in sorted(folder_path.iterdir()) if p.is_file()}
-    comp = Component(
+    files = {str(p.relative_to(root)): sha256_file(p) for p in sorted(path.parent.iterdir()) if p.is_file()}
+    return Component(
         name=plan.name,
         path=str(path.relative_to(root)),
         precision="fp16" if fp16_ops is not None else "fp32",
@@ -254,13 +294,11 @@ def _export_component(
         verification=verification,
         fp32_ops=list(fp16_ops or []),
         export_seconds=round(time.perf_counter() - t0, 2),
-        ort_cpu_path=ort_cpu_path,
-        ort_cpu_target=ort_cpu_target,
+        ort_cpu_path=ort_cpu[0],
+        ort_cpu_target=ort_cpu[1],
         aliases=dict(plan.aliases),
         weights=weight_refs,
     )
-    progress(plan.name, "done", f"{verification.max_abs_err:.2e} abs / {verification.max_rel_err:.2e} rel")
-    return comp
 
 
 def _plain_unet(deep: Component, root: Path) -> Component:
@@ -283,100 +321,6 @@ def _plain_unet(deep: Component, root: Path) -> Component:
         verification=verification,
         ort_cpu_path=None,
         ort_cpu_target=None,
-    )
-
-
-def _manifest(model: LoadedModel, image: ImageSpec, opts: ExportOptions, components: dict[str, Component]) -> Manifest:
-    import diffusers
-    import onnx
-    import onnxruntime
-    import torch
-    import transformers
-
-    pipe = model.pipe
-    vae_cfg = pipe.vae.config
-    return Manifest(
-        family=model.family,
-        source=model.source,
-        prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
-        precision=opts.precision,
-        opset=opts.opset,
-        exporter=opts.exporter,
-        image=image,
-        vae=VaeSpec(
-            scaling_factor=float(vae_cfg.scaling_factor),
-            shift_factor=None if vae_cfg.get("shift_factor") is None else float(vae_cfg.shift_factor),
-            scale=vae_scale(pipe),
-            latent_channels=vae_cfg.latent_channels,
-            force_upcast=bool(vae_cfg.get("force_upcast", False)),
-        ),
-        components=components,
-        text_max_length=pipe.tokenizer.model_max_length,
-        unet_in_channels=pipe.unet.config.in_channels,
-        force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", False)),
-        requires_aesthetics_score=bool(pipe.config.get("requires_aesthetics_score", False)),
-        tokenizers=["tokenizer", "tokenizer_2"] if model.family == "sdxl" else ["tokenizer"],
-        versions={
-            "sdopt": __version__,
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__,
-            "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "python": platform.python_version(),
-        },
-        created=datetime.now(UTC).isoformat(timespec="seconds"),
-    )
-
-
-def _write_support_files(model: LoadedModel, root: Path, names: list[str]) -> None:
-    """Tokenizers, scheduler config, model configs and an Optimum-style model_index.json."""
-    pipe = model.pipe
-    for tok in ("tokenizer", "tokenizer_2"):
-        if getattr(pipe, tok, None) is not None:
-            save_tokenizer(getattr(pipe, tok), root / tok)
-    _write_scheduler_config(pipe.scheduler, root / "scheduler")
-    configs = {
-        "unet": pipe.unet,
-        "unet_deep": pipe.unet,
-        "unet_shallow": pipe.unet,
-        "vae_decoder": pipe.vae,
-        "vae_encoder": pipe.vae,
-    }
-    for name in names:
-        if name == "unet_deep":  # lives in unet/, beside the plain graph and its config
-            continue
-        if name in configs:
-            configs[name].save_config(root / name)
-        else:
-            getattr(pipe, name).config.to_json_file(root / name / "config.json")
-    cls = "ORTStableDiffusionXLPipeline" if model.family == "sdxl" else "ORTStableDiffusionPipeline"
-    index = {
-        "_class_name": cls,
-        "_diffusers_version": pipe.config.get("_diffusers_version", ""),
-        "scheduler": ["diffusers", type(pipe.scheduler).__name__],
-    }
-    for tok in ("tokenizer", "tokenizer_2"):
-        if (root / tok).is_dir():
-            index[tok] = ["transformers", "CLIPTokenizer"]
-    for name in names:
-        if name != "unet_deep":  # a second graph in unet/, not a pipeline component of its own
-            index[name] = ["onnxruntime", "InferenceSession"]
-    if model.family == "sdxl":
-        index["force_zeros_for_empty_prompt"] = bool(pipe.config.get("force_zeros_for_empty_prompt", True))
-    (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _write_scheduler_config(scheduler, folder: Path) -> None:
-    """Only the keys the model set: diffusers' save_config also writes the class defaults
-    (dropping `_use_default_values`), which another scheduler class built from the file would
-    then inherit (SD 2.x's DDIM "leading" spacing would override Euler's own "linspace")."""
-    config = dict(scheduler.config)
-    defaults = set(config.pop("_use_default_values", []))
-    kept = {k: v for k, v in config.items() if k not in defaults and not k.startswith("_")}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "scheduler_config.json").write_text(
-        json.dumps({"_class_name": type(scheduler).__name__, **kept}, indent=2) + "\n"
     )
 
 

@@ -206,94 +206,123 @@ def _text_encoder_plan(pipe: Any, name: str, family: str, image: ImageSpec) -> C
     )
 
 
+def probe_dims(image: ImageSpec, scale: int) -> tuple[dict[str, int], dict[str, int]]:
+    """The dim values a graph is traced and verified at: (smallest size at batch 2, default size at batch 1)."""
+    small = {
+        "batch": 2,
+        "height": image.min_size,
+        "width": image.min_size,
+        "latent_height": image.min_size // scale,
+        "latent_width": image.min_size // scale,
+    }
+    opt = {
+        "batch": 1,
+        "height": image.default_height,
+        "width": image.default_width,
+        "latent_height": image.default_height // scale,
+        "latent_width": image.default_width // scale,
+    }
+    return small, opt
+
+
+def _unet_plan(pipe: Any, name: str, family: str, image: ImageSpec) -> ComponentPlan:
+    """`unet` (one output, `out_sample`) or `unet_deep` (also `deep_feature`, for fast mode)."""
+    unet_cfg = pipe.unet.config
+    f32 = "float32"
+    L = pipe.tokenizer.model_max_length
+    inputs = [
+        TensorSpec("sample", f32, ["batch", unet_cfg.in_channels, "latent_height", "latent_width"]),
+        TensorSpec("timestep", f32, ["batch"]),
+        TensorSpec("encoder_hidden_states", f32, ["batch", L, unet_cfg.cross_attention_dim]),
+    ]
+    if family == "sdxl":
+        inputs += [
+            TensorSpec("text_embeds", f32, ["batch", pipe.text_encoder_2.config.projection_dim]),
+            TensorSpec("time_ids", f32, ["batch", 6]),
+        ]
+    deep = TensorSpec("deep_feature", f32, ["batch", unet_cfg.block_out_channels[0], "latent_height", "latent_width"])
+    out = TensorSpec("out_sample", f32, ["batch", unet_cfg.out_channels, "latent_height", "latent_width"])
+    is_deep = name == "unet_deep"
+    return ComponentPlan(
+        name,
+        UNetGraph(pipe.unet, family == "sdxl", deep=is_deep),
+        inputs=inputs,
+        outputs=[out, deep] if is_deep else [out],
+        dims=_dims(image, vae_scale(pipe), 2, pixels=False),
+        size_multiple=2 ** (len(unet_cfg.block_out_channels) - 1),
+    )
+
+
+def _unet_shallow_plan(pipe: Any, name: str, family: str, image: ImageSpec) -> ComponentPlan:
+    """Fast mode's cheap step: the deep U-Net's inputs plus its `deep_feature`, its `out_sample`."""
+    unet_plan = _unet_plan(pipe, "unet_deep", family, image)
+    inputs = [*unet_plan.inputs[:3], unet_plan.outputs[1], *unet_plan.inputs[3:]]
+    if not getattr(pipe.unet.up_blocks[-1], "attentions", None):  # SDXL: no cross-attention there
+        inputs = [t for t in inputs if t.name != "encoder_hidden_states"]
+    shallow = UNetShallowGraph(pipe.unet, family == "sdxl", [t.name for t in inputs])
+    return ComponentPlan(
+        name,
+        shallow,
+        inputs=inputs,
+        outputs=unet_plan.outputs[:1],
+        dims=unet_plan.dims,
+        size_multiple=unet_plan.size_multiple,
+    )
+
+
+def _vae_decoder_plan(pipe: Any, name: str, family: str, image: ImageSpec) -> ComponentPlan:
+    scale, latent_c, f32 = vae_scale(pipe), pipe.vae.config.latent_channels, "float32"
+    return ComponentPlan(
+        name,
+        VaeDecoderGraph(pipe.vae),
+        inputs=[TensorSpec("latent_sample", f32, ["batch", latent_c, "latent_height", "latent_width"])],
+        outputs=[TensorSpec("sample", f32, ["batch", 3, "height", "width"])],
+        dims={
+            **_dims(image, scale, 1, pixels=False),
+            **{k: v for k, v in _dims(image, scale, 1, pixels=True).items() if k != "batch"},
+        },
+        keep_fp32=True,
+    )
+
+
+def _vae_encoder_plan(pipe: Any, name: str, family: str, image: ImageSpec) -> ComponentPlan:
+    scale, latent_c, f32 = vae_scale(pipe), pipe.vae.config.latent_channels, "float32"
+    return ComponentPlan(
+        name,
+        VaeEncoderGraph(pipe.vae),
+        inputs=[TensorSpec("sample", f32, ["batch", 3, "height", "width"])],
+        outputs=[
+            TensorSpec(
+                "latent_parameters",
+                f32,  # mean and log-variance: 2x the latent channels
+                ["batch", 2 * latent_c, "latent_height", "latent_width"],
+            )
+        ],
+        dims={
+            **_dims(image, scale, 1, pixels=True),
+            **{k: v for k, v in _dims(image, scale, 1, pixels=False).items() if k != "batch"},
+        },
+        keep_fp32=True,
+    )
+
+
+_PLANNERS = {
+    "text_encoder": _text_encoder_plan,
+    "text_encoder_2": _text_encoder_plan,
+    "unet": _unet_plan,
+    "unet_deep": _unet_plan,
+    "unet_shallow": _unet_shallow_plan,
+    "vae_decoder": _vae_decoder_plan,
+    "vae_encoder": _vae_encoder_plan,
+}
+
+
 def plan_components(pipe: Any, family: str, image: ImageSpec, names: list[str]) -> list[ComponentPlan]:
     """The export plan of the requested components of a loaded diffusers pipeline."""
-    scale = vae_scale(pipe)
-    latent_c = pipe.vae.config.latent_channels
-    unet_cfg = pipe.unet.config
-    unet_multiple = 2 ** (len(unet_cfg.block_out_channels) - 1)
-    f32 = "float32"
     plans: list[ComponentPlan] = []
     for name in names:
-        if name in ("text_encoder", "text_encoder_2"):
-            plans.append(_text_encoder_plan(pipe, name, family, image))
-        elif name in ("unet", "unet_deep"):
-            L = pipe.tokenizer.model_max_length
-            inputs = [
-                TensorSpec("sample", f32, ["batch", unet_cfg.in_channels, "latent_height", "latent_width"]),
-                TensorSpec("timestep", f32, ["batch"]),
-                TensorSpec("encoder_hidden_states", f32, ["batch", L, unet_cfg.cross_attention_dim]),
-            ]
-            if family == "sdxl":
-                inputs += [
-                    TensorSpec("text_embeds", f32, ["batch", pipe.text_encoder_2.config.projection_dim]),
-                    TensorSpec("time_ids", f32, ["batch", 6]),
-                ]
-            deep = TensorSpec(
-                "deep_feature", f32, ["batch", unet_cfg.block_out_channels[0], "latent_height", "latent_width"]
-            )
-            out = TensorSpec("out_sample", f32, ["batch", unet_cfg.out_channels, "latent_height", "latent_width"])
-            is_deep = name == "unet_deep"
-            plans.append(
-                ComponentPlan(
-                    name,
-                    UNetGraph(pipe.unet, family == "sdxl", deep=is_deep),
-                    inputs=inputs,
-                    outputs=[out, deep] if is_deep else [out],
-                    dims=_dims(image, scale, 2, pixels=False),
-                    size_multiple=unet_multiple,
-                )
-            )
-        elif name == "unet_shallow":
-            unet_plan = plan_components(pipe, family, image, ["unet_deep"])[0]
-            inputs = [*unet_plan.inputs[:3], unet_plan.outputs[1], *unet_plan.inputs[3:]]
-            if not getattr(pipe.unet.up_blocks[-1], "attentions", None):  # SDXL: no cross-attention there
-                inputs = [t for t in inputs if t.name != "encoder_hidden_states"]
-            shallow = UNetShallowGraph(pipe.unet, family == "sdxl", [t.name for t in inputs])
-            plans.append(
-                ComponentPlan(
-                    name,
-                    shallow,
-                    inputs=inputs,
-                    outputs=unet_plan.outputs[:1],
-                    dims=unet_plan.dims,
-                    size_multiple=unet_plan.size_multiple,
-                )
-            )
-        elif name == "vae_decoder":
-            plans.append(
-                ComponentPlan(
-                    name,
-                    VaeDecoderGraph(pipe.vae),
-                    inputs=[TensorSpec("latent_sample", f32, ["batch", latent_c, "latent_height", "latent_width"])],
-                    outputs=[TensorSpec("sample", f32, ["batch", 3, "height", "width"])],
-                    dims={
-                        **_dims(image, scale, 1, pixels=False),
-                        **{k: v for k, v in _dims(image, scale, 1, pixels=True).items() if k != "batch"},
-                    },
-                    keep_fp32=True,
-                )
-            )
-        elif name == "vae_encoder":
-            plans.append(
-                ComponentPlan(
-                    name,
-                    VaeEncoderGraph(pipe.vae),
-                    inputs=[TensorSpec("sample", f32, ["batch", 3, "height", "width"])],
-                    outputs=[
-                        TensorSpec(
-                            "latent_parameters",
-                            f32,  # mean and log-variance: 2x the latent channels
-                            ["batch", 2 * latent_c, "latent_height", "latent_width"],
-                        )
-                    ],
-                    dims={
-                        **_dims(image, scale, 1, pixels=True),
-                        **{k: v for k, v in _dims(image, scale, 1, pixels=False).items() if k != "batch"},
-                    },
-                    keep_fp32=True,
-                )
-            )
-        else:
+        planner = _PLANNERS.get(name)
+        if planner is None:
             raise ValueError(name)
+        plans.append(planner(pipe, name, family, image))
     return plans

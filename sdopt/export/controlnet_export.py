@@ -22,9 +22,9 @@ from typing import Any
 
 from sdopt.errors import SdoptError
 from sdopt.export import onnx_graph
-from sdopt.export.components import ComponentPlan, plan_components, vae_scale
+from sdopt.export.components import ComponentPlan, plan_components, probe_dims, vae_scale
 from sdopt.export.controlnet import LoadedControlNet, control_plans, load_controlnet, parse_sources
-from sdopt.export.shared_weights import DATA_NAME, externalize, share_weights
+from sdopt.export.shared_weights import DATA_NAME, SharingReport, externalize, share_weights
 from sdopt.export.verify import TOLERANCE, verify_component
 from sdopt.manifest import Component, ControlNetSection, ControlNetSpec, ImageSpec, TensorSpec, sha256_file
 
@@ -79,36 +79,11 @@ def export_controlnets(
     pipe, family = model.pipe, model.family
     unet_plan = plan_components(pipe, family, image, ["unet_deep"])[0]  # outputs + deep_feature (fast mode)
     uplan, cplans, residuals = control_plans(pipe, family, unet_plan, nets, image)
-    unet_path = root / "unet" / "model.onnx"
-    data = externalize(unet_path)
-    unet = components["unet"]  # its graph may now keep its weights in `data`: re-hash what changed
-    unet.files = {rel: sha256_file(root / rel) for rel in sorted({*unet.files, str(data.relative_to(root))})}
-
-    staging = root / "_controlnet_staging"
-    shared = []
-
-    def place(path: Path) -> Path:  # verified where it will be read: weights from unet/model.onnx.data
-        shared.append(share_weights(unet_path, path, root / UNET_CONTROL_PATH))
-        onnx_graph.remove(staging)
-        return root / UNET_CONTROL_PATH
-
-    comp = _export(uplan, staging / "model.onnx", root, image, vae_scale(pipe), opts, tolerance, progress, place)
-    report = shared[0]
-    comp.files = {UNET_CONTROL_PATH: sha256_file(root / UNET_CONTROL_PATH)}
-    components[UNET_CONTROL] = comp
-    specs = []
-    for net, plan in zip(nets, cplans, strict=True):
-        folder = root / "controlnet" / net.name
-        comp = _export(plan, folder / "model.onnx", root, image, vae_scale(pipe), opts, tolerance, progress)
-        if opts.ort_optimize:
-            from sdopt.engines.ort import cpu_target, save_optimized
-
-            save_optimized(folder / "model.onnx", folder / "model.ort-cpu.onnx")
-            comp.ort_cpu_path, comp.ort_cpu_target = f"controlnet/{net.name}/model.ort-cpu.onnx", cpu_target()
-        comp.files = {str(p.relative_to(root)): sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
-        net.model.save_config(folder)  # after hashing, like the other components' configs
-        components[plan.name] = comp
-        specs.append(ControlNetSpec(net.name, plan.name, net.source, int(net.model.config.conditioning_channels)))
+    report = _export_control_unet(uplan, root, image, vae_scale(pipe), opts, tolerance, components, progress)
+    specs = [
+        _export_controlnet(net, plan, root, image, vae_scale(pipe), opts, tolerance, components, progress)
+        for net, plan in zip(nets, cplans, strict=True)
+    ]
     exported = [components[UNET_CONTROL], *(components[s.component] for s in specs)]
     failures = [
         f"{c.name}: max relative error {c.verification.max_rel_err:.2e} > {tolerance:.0e}"
@@ -124,6 +99,62 @@ def export_controlnets(
         own_bytes=report.own_bytes,
     )
     return section, failures
+
+
+def _export_control_unet(
+    uplan: ComponentPlan,
+    root: Path,
+    image: ImageSpec,
+    scale: int,
+    opts: Any,
+    tolerance: float,
+    components: dict[str, Component],
+    progress: Progress,
+) -> SharingReport:
+    """`unet/control.onnx` over unet/model.onnx's weights (moved to unet/model.onnx.data, the
+    unet component's hashes updated); added to `components`. Returns the weight-sharing report."""
+    unet_path = root / "unet" / "model.onnx"
+    data = externalize(unet_path)
+    unet = components["unet"]  # its graph may now keep its weights in `data`: re-hash what changed
+    unet.files = {rel: sha256_file(root / rel) for rel in sorted({*unet.files, str(data.relative_to(root))})}
+
+    staging = root / "_controlnet_staging"
+    shared = []
+
+    def place(path: Path) -> Path:  # verified where it will be read: weights from unet/model.onnx.data
+        shared.append(share_weights(unet_path, path, root / UNET_CONTROL_PATH))
+        onnx_graph.remove(staging)
+        return root / UNET_CONTROL_PATH
+
+    comp = _export(uplan, staging / "model.onnx", root, image, scale, opts, tolerance, progress, place)
+    comp.files = {UNET_CONTROL_PATH: sha256_file(root / UNET_CONTROL_PATH)}
+    components[UNET_CONTROL] = comp
+    return shared[0]
+
+
+def _export_controlnet(
+    net: LoadedControlNet,
+    plan: ComponentPlan,
+    root: Path,
+    image: ImageSpec,
+    scale: int,
+    opts: Any,
+    tolerance: float,
+    components: dict[str, Component],
+    progress: Progress,
+) -> ControlNetSpec:
+    """`controlnet/<name>/` (graph, optional ORT CPU copy, config.json); added to `components`."""
+    folder = root / "controlnet" / net.name
+    comp = _export(plan, folder / "model.onnx", root, image, scale, opts, tolerance, progress)
+    if opts.ort_optimize:
+        from sdopt.engines.ort import cpu_target, save_optimized
+
+        save_optimized(folder / "model.onnx", folder / "model.ort-cpu.onnx")
+        comp.ort_cpu_path, comp.ort_cpu_target = f"controlnet/{net.name}/model.ort-cpu.onnx", cpu_target()
+    comp.files = {str(p.relative_to(root)): sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    net.model.save_config(folder)  # after hashing, like the other components' configs
+    components[plan.name] = comp
+    return ControlNetSpec(net.name, plan.name, net.source, int(net.model.config.conditioning_channels))
 
 
 def _export(
@@ -142,20 +173,7 @@ def _export(
     t0 = time.perf_counter()
     raw_dir = path.parent / "_raw"
     raw_dir.mkdir(parents=True)
-    small = {
-        "batch": 2,
-        "height": image.min_size,
-        "width": image.min_size,
-        "latent_height": image.min_size // scale,
-        "latent_width": image.min_size // scale,
-    }
-    opt = {
-        "batch": 1,
-        "height": image.default_height,
-        "width": image.default_width,
-        "latent_height": image.default_height // scale,
-        "latent_width": image.default_width // scale,
-    }
+    small, opt = probe_dims(image, scale)
     progress(plan.name, "export", "")
     example = plan.example_inputs(small, opts.seed)
     onnx_graph.export_raw(plan, raw_dir / "model.onnx", example, opts.opset, opts.exporter)
