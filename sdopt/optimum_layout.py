@@ -36,9 +36,7 @@ def _json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
-        raise SdoptError(
-            f"{path} is unreadable ({e})", "re-export the folder with `optimum-cli export onnx`"
-        ) from e
+        raise SdoptError(f"{path} is unreadable ({e})", "re-export the folder with `optimum-cli export onnx`") from e
 
 
 def optimum_manifest(root: str | Path) -> Manifest:
