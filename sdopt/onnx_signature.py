@@ -18,6 +18,7 @@ import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sdopt.errors import SdoptError
 
@@ -52,7 +53,8 @@ class GraphSignature:
     opset: int = 0
 
 
-def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+def varint(buf: Any, pos: int) -> tuple[int, int]:
+    """(value, next position) of the protobuf varint at `pos`."""
     value = shift = 0
     while True:
         b = buf[pos]
@@ -63,23 +65,34 @@ def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: memoryview) -> Iterator[tuple[int, int | memoryview]]:
-    """(field number, int value or length-delimited bytes) of one message."""
-    pos, end = 0, len(buf)
+def wire_fields(buf: Any, start: int, end: int) -> Iterator[tuple[int, int, Any]]:
+    """The fields of the protobuf message in `buf[start:end]`, without copying it.
+
+    Yields:
+        (field number, wire type, value): an int for varints, the (start, end) offsets of the
+        bytes for length-delimited fields; fixed32/fixed64 fields are skipped.
+    """
+    pos = start
     while pos < end:
-        key, pos = _varint(buf, pos)
+        key, pos = varint(buf, pos)
         number, wire = key >> 3, key & 7
         if wire == 0:
-            value, pos = _varint(buf, pos)
-            yield number, value
+            value, pos = varint(buf, pos)
+            yield number, wire, value
         elif wire == 2:
-            size, pos = _varint(buf, pos)
-            yield number, buf[pos : pos + size]
+            size, pos = varint(buf, pos)
+            yield number, wire, (pos, pos + size)
             pos += size
         elif wire in (1, 5):  # fixed64 / fixed32: skipped
             pos += 8 if wire == 1 else 4
         else:
             raise ValueError(f"unsupported protobuf wire type {wire}")
+
+
+def _fields(buf: memoryview) -> Iterator[tuple[int, int | memoryview]]:
+    """(field number, int value or length-delimited bytes) of one message."""
+    for number, wire, value in wire_fields(buf, 0, len(buf)):
+        yield number, buf[value[0] : value[1]] if wire == 2 else value
 
 
 def _msg(value: int | memoryview) -> memoryview:

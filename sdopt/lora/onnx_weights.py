@@ -14,7 +14,6 @@ name = 8, raw_data = 9, external_data = 13 (key = 1, value = 2), data_location =
 from __future__ import annotations
 
 import mmap
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from sdopt.errors import SdoptError
+from sdopt.onnx_signature import varint, wire_fields
 
 _DTYPES = {1: np.float32, 10: np.float16, 11: np.float64, 6: np.int32, 7: np.int64}
 
@@ -42,38 +42,6 @@ class TensorLocation:
         ).reshape(self.shape)
 
 
-def _varint(buf: Any, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
-
-
-def _fields(buf: Any, start: int, end: int) -> Iterator[tuple[int, int, Any]]:
-    """(field number, wire type, value or (start, end) of a length-delimited field, ...)."""
-    pos = start
-    while pos < end:
-        key, pos = _varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-            yield number, wire, value
-        elif wire == 2:
-            length, pos = _varint(buf, pos)
-            yield number, wire, (pos, pos + length)
-            pos += length
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-
-
 def initializer_locations(path: Path, names: set[str] | None = None) -> dict[str, TensorLocation]:
     """name -> TensorLocation of the initializers of `path` (only `names` when given).
 
@@ -86,10 +54,10 @@ def initializer_locations(path: Path, names: set[str] | None = None) -> dict[str
     path = Path(path)
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         try:
-            graphs = [v for n, w, v in _fields(buf, 0, len(buf)) if n == 7 and w == 2]
+            graphs = [v for n, w, v in wire_fields(buf, 0, len(buf)) if n == 7 and w == 2]
             out: dict[str, TensorLocation] = {}
             for g_start, g_end in graphs:
-                for number, wire, span in _fields(buf, g_start, g_end):
+                for number, wire, span in wire_fields(buf, g_start, g_end):
                     if number == 5 and wire == 2:
                         loc = _tensor(buf, span, path, names)
                         if loc is not None:
@@ -105,7 +73,7 @@ def _dims(buf: Any, wire: int, value: Any) -> list[int]:
     out: list[int] = []
     pos, end = value  # packed
     while pos < end:
-        d, pos = _varint(buf, pos)
+        d, pos = varint(buf, pos)
         out.append(d)
     return out
 
@@ -116,7 +84,7 @@ def _tensor(buf: Any, span: tuple[int, int], path: Path, names: set[str] | None)
     name = ""
     data: tuple[int, int] | None = None
     external: dict[str, str] = {}
-    for number, wire, value in _fields(buf, *span):
+    for number, wire, value in wire_fields(buf, *span):
         if number == 1:
             dims.extend(_dims(buf, wire, value))
         elif number == 2:
@@ -126,7 +94,7 @@ def _tensor(buf: Any, span: tuple[int, int], path: Path, names: set[str] | None)
         elif number in (9, 4) and wire == 2:  # raw_data, or packed float_data (same bytes)
             data = value
         elif number == 13:
-            entry = {n: bytes(buf[v[0] : v[1]]).decode() for n, w, v in _fields(buf, *value) if w == 2}
+            entry = {n: bytes(buf[v[0] : v[1]]).decode() for n, w, v in wire_fields(buf, *value) if w == 2}
             external[entry.get(1, "")] = entry.get(2, "")
     if (names is not None and name not in names) or (names is None and dtype not in _DTYPES):
         return None
