@@ -15,6 +15,8 @@ The suite runs in two installs:
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import importlib.util
 import os
 import re
@@ -86,3 +88,24 @@ class ReferenceStore:
 def scalar(value: np.ndarray) -> Any:
     """A 0-d array read back from the store as a plain Python value."""
     return np.asarray(value).item()
+
+
+@contextlib.contextmanager
+def aligned_randn(seed: int, modules: tuple[str, ...]) -> Any:
+    """Make diffusers draw its noise from np.random.default_rng(seed), in call order, like the runtime.
+
+    Args:
+        seed: The seed the runtime call uses.
+        modules: Every diffusers module on the tested path that imports `randn_tensor`.
+    """
+    import torch
+
+    rng = np.random.default_rng(seed)
+
+    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
+        return torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32)).to(dtype or torch.float32)
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in modules:
+            mp.setattr(importlib.import_module(name), "randn_tensor", randn_tensor)  # raises if it moved
+        yield

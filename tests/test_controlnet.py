@@ -17,11 +17,10 @@ without the fast-mode graph and the saved ORT graphs, to keep the file fast.
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import warnings
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 from PIL import Image
@@ -59,17 +58,8 @@ _artifacts: dict[str, Path] = {}
 _pipes: dict[str, Pipeline] = {}
 
 
-@contextlib.contextmanager
 def aligned_randn(seed: int):
-    rng = np.random.default_rng(seed)
-
-    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
-        return torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32)).to(dtype or torch.float32)
-
-    with pytest.MonkeyPatch.context() as mp:
-        for name in RANDN_MODULES:
-            mp.setattr(importlib.import_module(name), "randn_tensor", randn_tensor)  # raises if it moved
-        yield
+    return helpers.aligned_randn(seed, RANDN_MODULES)
 
 
 @pytest.fixture(scope="session")

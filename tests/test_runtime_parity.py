@@ -20,7 +20,6 @@ through a few denoising steps; observed worst ~1.5e-5 (SD2's v-prediction), so 1
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import importlib
@@ -30,6 +29,7 @@ import subprocess
 import sys
 import textwrap
 
+import helpers
 import numpy as np
 import pytest
 from helpers import FAMILY_PRESETS
@@ -61,20 +61,8 @@ RANDN_MODULES = (  # every module on these paths that imports diffusers' randn_t
 
 
 # -- helpers -----------------------------------------------------------------------------------
-@contextlib.contextmanager
 def aligned_randn(seed: int):
-    """diffusers draws from np.random.default_rng(seed), in call order, like the runtime."""
-    import torch
-
-    rng = np.random.default_rng(seed)
-
-    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
-        return torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32)).to(dtype or torch.float32)
-
-    with pytest.MonkeyPatch.context() as mp:
-        for name in RANDN_MODULES:
-            mp.setattr(importlib.import_module(name), "randn_tensor", randn_tensor)  # raises if it moved
-        yield
+    return helpers.aligned_randn(seed, RANDN_MODULES)
 
 
 def diffusers_scheduler(config, name: str):
