@@ -10,17 +10,13 @@ from __future__ import annotations
 import base64
 import io
 import os
-import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,6 +25,7 @@ pytest.importorskip("ray.serve")
 requests = pytest.importorskip("requests")
 
 from PIL import Image  # noqa: E402
+from serve_process import CLIENT_TIMEOUT, Server, free_port, serve_process  # noqa: E402
 
 from sdopt.errors import SdoptError  # noqa: E402
 from sdopt.serve.config import ServeConfig  # noqa: E402
@@ -36,13 +33,6 @@ from sdopt.serve.config import ServeConfig  # noqa: E402
 KEY_ENV = "SDOPT_TEST_SERVE_KEY"
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-CLIENT_TIMEOUT = 60  # seconds; every request in this file is bounded
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 SERVE_ARGS = [
@@ -63,62 +53,13 @@ SERVE_ARGS = [
 ]
 
 
-@dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen
-    log: Path
-    artifact: str
-
-    def post(self, body, headers=AUTH, timeout=CLIENT_TIMEOUT, **kw):
-        return requests.post(self.url + "/v1/images/generations", json=body, headers=headers, timeout=timeout, **kw)
-
-    def metric(self, name: str) -> float:
-        text = requests.get(self.url + "/metrics", timeout=10).text
-        return sum(
-            float(line.split()[-1])
-            for line in text.splitlines()
-            if line.startswith(name + " ") or line.startswith(name + "{")
-        )
-
-    def ray_address(self) -> str:
-        match = re.search(r"local Ray instance (\S+);", self.log.read_text())
-        assert match, self.log.read_text()[-2000:]
-        return match.group(1)
-
-
 @pytest.fixture(scope="module")
 def server(tiny_artifact, tmp_path_factory):
     """`sdopt serve ARTIFACT` exactly as a user runs it: a local Ray instance, loopback, Ctrl-C to stop."""
-    artifact = str(tiny_artifact("tiny"))
-    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {**os.environ, KEY_ENV: KEY, "PYTHONUNBUFFERED": "1", "COLUMNS": "400"}
-    cmd = [sys.executable, "-m", "sdopt", "serve", artifact, "--port", str(port), *SERVE_ARGS]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", proc, log, artifact)
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if requests.get(server.url + "/ready", timeout=5).status_code == 200 and "Ctrl-C" in log.read_text():
-                    break
-            except requests.exceptions.RequestException:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"sdopt serve did not start: {log.read_text()[-3000:]}")
+    with serve_process(str(tiny_artifact("tiny")), SERVE_ARGS, log, env={KEY_ENV: KEY}, headers=AUTH) as server:
         yield server
         _assert_clean_shutdown(server)
-    finally:
-        if proc.poll() is None:  # only where the shutdown check failed
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
 
 
 def _assert_clean_shutdown(server: Server) -> None:
