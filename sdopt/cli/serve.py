@@ -69,7 +69,7 @@ def serve(
     max_size: int = typer.Option(1024, help=_MAX_SIZE_HELP),
     max_images: int = typer.Option(4, help="Largest n (images per request)."),
     max_body_bytes: int = typer.Option(16 * 1024 * 1024, help="Largest request body in bytes; beyond: 413."),
-    lora: Optional[list[str]] = typer.Option(None, "--lora", help=_LORA_HELP),
+    lora: Optional[list[str]] = typer.Option(None, "--lora", metavar="NAME=PATH[:SCALE]", help=_LORA_HELP),
 ) -> None:
     """Serve an artifact over HTTP (OpenAI Images API shape) on Ray Serve, with step-level batching."""
     from sdopt.serve.config import ServeConfig, ServeLimits, ServeLora
