@@ -316,27 +316,32 @@ def test_mlperf_protocol_settings_deviations_and_window():
     assert protocol.window_check("mlperf-sdxl", None, None)["fid_ok"] is None
 
 
-def test_server_scenario_queues_poisson_arrivals():
+def test_server_scenario_arrivals_and_summary():
     arrivals = protocol.poisson_arrivals(4000, qps=2.0, seed=0)
     assert np.mean(np.diff([0.0, *arrivals])) == pytest.approx(0.5, rel=0.05)  # mean gap 1/qps
-    now = [0.0]  # a clock the fake service advances: 1 s per query, so the queue arithmetic is exact
-    served = []
+    lat = [0.5, 1.0, 2.5, None]  # the fourth query was refused
+    result = protocol.server_result(lat, ["200", "200", "200", "503"], 4.0, 3.0, "http x", "queue full")
+    assert (result.queries, result.completed, result.statuses) == (4, 3, {"200": 3, "503": 1})
+    assert result.latency_p50_s == 1.0 and result.latency_p99_s == pytest.approx(float(np.percentile(lat[:3], 99)))
+    assert result.met is False  # p99 2.47 s < 3 s, but a query was not answered
+    assert protocol.server_result([0.5, 1.0], ["200"] * 2, 4.0, 3.0, "http x").met is True
+    assert protocol.server_result([None], ["error"], 4.0, 3.0, "http x").latency_p99_s is None
 
-    def serve(i):
-        served.append(i)
-        now[0] += 1.0
 
-    result = protocol.run_server(
-        serve, 5, qps=0.5, target_s=2.0, seed=1, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s)
+def test_unreachable_server_url_fails_before_any_worker(tiny_artifact, tmp_path):
+    from sdopt.bench.server_scenario import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    result = invoke(
+        str(tiny_artifact()),
+        *("--backends", "onnxruntime", "--steps", "2", "--height", "64", "--width", "64"),
+        *("--quality", "2", "--server-url", url, "--out", str(tmp_path / "out")),
     )
-    arr = protocol.poisson_arrivals(5, 0.5, seed=1)
-    finish, lat = 0.0, []
-    for a in arr:
-        finish = max(finish, a) + 1.0
-        lat.append(finish - a)
-    assert served == [0, 1, 2, 3, 4]
-    assert result.latency_p99_s == pytest.approx(float(np.percentile(lat, 99)))
-    assert result.met == (result.latency_p99_s <= 2.0) and "in-process" in result.transport
+    assert result.exit_code == 2, result.output
+    assert f"no sdopt server answers at {url}" in result.output and "sdopt serve ARTIFACT" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out" / "results.json").exists()
+    bad = invoke(str(tiny_artifact()), "--quality", "2", "--server-url", "http://8.8.8.8:80")
+    assert bad.exit_code == 2 and "not a loopback address" in bad.output, bad.output
 
 
 # -- end to end on the tiny model ------------------------------------------------------------------
@@ -401,12 +406,21 @@ def test_bench_quality_end_to_end_with_protocol(tiny_artifact, tiny_clip, tmp_pa
     assert ort["kid"]["subset_size"] == 3
     assert ort["inception_score"] is None and "pool layer" in ort["inception_score_note"]
     assert ort["clip_score"] is not None and ort["clip_score"] >= 0.0 and ort["fid_vs_ref_stats"] > 0
-    assert ort["offline"]["images"] == 3 and ort["server"]["queries"] == 3 and "p99" not in ort["server"]
+    assert ort["offline"]["images"] == 3 and "server" not in ort
+    # The Server scenario: 3 real HTTP requests to the `sdopt serve` the bench started on loopback.
+    sv = q["server"]
+    assert sv["transport"].startswith("http http://127.0.0.1:") and sv["started_by"].startswith(
+        "the bench: sdopt serve"
+    )
+    assert (sv["queries"], sv["completed"], sv["statuses"]) == (3, 3, {"200": 3}), sv
+    assert 0 < sv["latency_p50_s"] <= sv["latency_p99_s"] and sv["qps"] == 20 and sv["ready"]["ready"] is True
+    assert "seed" in sv["seeds"] and "not measured" in sv["torch"]
+    assert (out / "quality" / "server" / "00002.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "quality" / "onnxruntime" / "00002.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "quality" / "compare.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "quality" / "grid-torch.png").is_file()
     md = (out / "results.md").read_text()
-    assert "## Quality" in md and "not conformant" in md and "N = 3" in md
+    assert "## Quality" in md and "not conformant" in md and "N = 3" in md and "3/3 queries answered" in md
 
 
 def test_latents_of_the_wrong_shape_are_rejected(tmp_path):

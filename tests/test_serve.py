@@ -292,6 +292,39 @@ def test_concurrent_requests_match_pipeline(server, tiny_artifact):
             assert np.abs(got - ref8).max() <= 1, (case, i)
 
 
+def test_mlperf_server_scenario_over_http(server, tiny_artifact, tmp_path, monkeypatch):
+    """`sdopt bench`'s Server scenario (sdopt.bench.server_scenario) against this real server: N Poisson-timed
+    queries as real HTTP requests; all answered, latencies positive, each image the runtime's for its seed."""
+    from sdopt.bench.records import Job
+    from sdopt.bench.server_scenario import query_bodies, send_queries
+    from sdopt.runtime import Pipeline
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    job = Job("unused", "blurry", 3, 7.5, 64, 64, 1, 0, "euler", 1, [1, 4, 8, 8])
+    items = [(f"a lighthouse, variation {i}", 100 + i) for i in range(6)]
+    result = send_queries(
+        server.url, query_bodies(items, job), qps=50.0, target_s=60.0, seed=3, api_key_env=KEY_ENV, folder=tmp_path
+    )
+    assert result.transport == f"http {server.url}" and result.statuses == {"200": 6}, result
+    assert result.completed == result.queries == 6 and result.met is True
+    assert 0 < result.latency_p50_s <= result.latency_p99_s < 60
+    ref = Pipeline.load(tiny_artifact("tiny"))(
+        items[5][0],
+        negative_prompt="blurry",
+        height=64,
+        width=64,
+        num_inference_steps=3,
+        scheduler="euler",
+        seed=105,
+        output_type="np",
+    ).images[0]
+    got = np.asarray(Image.open(tmp_path / "00005.png").convert("RGB")).astype(np.int16)
+    # 1/255: batch-size-dependent last-bit differences may flip one 8-bit rounding (as above).
+    assert np.abs(got - (ref * 255).round().astype(np.int16)).max() <= 1
+    with pytest.raises(SdoptError, match="SDOPT_TEST_UNSET_KEY is not set"):
+        send_queries(server.url, query_bodies(items[:1], job), 50.0, 60.0, api_key_env="SDOPT_TEST_UNSET_KEY")
+
+
 def test_bad_requests_400(server):
     bad = [
         ({"prompt": "x", "sizee": "64x64"}, "sizee"),

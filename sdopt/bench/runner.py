@@ -83,6 +83,7 @@ def run_benchmark(
     if quality_plan is not None:
         from sdopt.bench import quality_run
 
+        quality_run.server_scenario(quality_plan, runs, config, artifact, job, log)
         quality_run.add_metrics(results, runs, quality_plan, config, out, log)
     from sdopt.bench import report
 
@@ -97,6 +98,10 @@ def _prepare(p: Plan, config: BenchConfig, manifest: Manifest, artifact: Path, l
         check_image(config, manifest.image, f"the export of {p.model}'s")
     job = make_job(config, manifest, artifact, p.threads)
     job.build_engines = p.artifact is None  # TensorRT engines: built on demand into the harness's cached export
+    if config.quality and config.server_url:  # before any worker starts: a server that is not there fails fast
+        from sdopt.serve.bench import read_ready
+
+        read_ready(config.server_url)
     if config.quality and config.latents:
         from sdopt.bench.quality_run import check_latents
 

@@ -1,0 +1,266 @@
+"""MLPerf's Server scenario through `sdopt serve`: Poisson-timed queries as real HTTP requests.
+
+Where the queries go:
+    --server-url URL  a running `sdopt serve` on this machine (loopback only, the rule of every sdopt
+                      load generator: sdopt.serve.bench.check_loopback); its artifact, provider and
+                      batching are its own, and what its /ready says is recorded.
+    default           the bench starts `sdopt serve ARTIFACT` itself, as a user runs it (a local Ray
+                      Serve instance on a free loopback port), once its workers have exited, and stops
+                      it with Ctrl-C (SIGINT) when every query is answered.
+
+A query is one of the first min(N, 64) captions of the quality set, sent as the serve schema's
+ImagesRequest with the job's size, steps, guidance, scheduler and negative prompt, and the caption's
+seed. The HTTP API takes a seed per image, not initial latents, so MLPerf's fixed latent does not
+travel: accuracy (FID, CLIP score) is the Offline set's (which uses --latents), and the Server
+scenario measures latency. Arrivals are open-loop, as in LoadGen's Server scenario: each query is
+sent at its arrival time whether or not earlier ones were answered; latency = answer - arrival.
+
+torch: not measured. `sdopt serve` serves the runtime; a Poisson replay into torch in-process
+would measure something else (no HTTP, no step batching) under the same name.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from sdopt.bench.config import BenchConfig
+from sdopt.bench.plan import Log
+from sdopt.bench.protocol import PROTOCOLS, Server, offline, poisson_arrivals, server_result
+from sdopt.bench.records import BackendRun, Job
+from sdopt.errors import SdoptError
+
+MAX_QUERIES = 64
+RUNTIME_BACKEND = "onnxruntime"  # the backend whose engine `sdopt serve` runs
+START_TIMEOUT_S = 300.0  # a local Ray instance plus one replica loading the artifact
+STOP_TIMEOUT_S = 90.0
+SEED_NOTE = (
+    "one seed per query (the caption's): the HTTP API takes seeds, not latents, so MLPerf's fixed "
+    "latent cannot travel; accuracy is measured on the Offline set"
+)
+TORCH_NOTE = "torch: not measured (sdopt serve serves the runtime; an in-process replay is not the Server scenario)"
+
+
+def wanted(config: BenchConfig) -> bool:
+    """Whether this run has a Server scenario: --protocol, --server-qps or --server-url."""
+    return bool(config.protocol or config.server_qps or config.server_url)
+
+
+def query_bodies(items: list[tuple[str, int]], job: Job) -> list[bytes]:
+    """One serve-schema request body per (caption, seed): the job's settings, one image each.
+
+    Args:
+        items: (caption, seed) per query.
+        job: the benchmark job (size, steps, guidance, scheduler, negative prompt).
+
+    Returns:
+        The JSON bodies, validated by sdopt.serve.schema.ImagesRequest.
+    """
+    try:
+        from sdopt.serve.schema import ImagesRequest
+    except ImportError as e:
+        raise SdoptError(f"the Server scenario needs sdopt's serve schema ({e})", "pip install 'sdopt[serve]'") from e
+    common = {
+        "n": 1,
+        "size": f"{job.width}x{job.height}",
+        "negative_prompt": job.negative_prompt,
+        "num_inference_steps": job.steps,
+        "guidance_scale": job.guidance,
+        "scheduler": job.scheduler,
+    }
+    return [
+        ImagesRequest.model_validate({**common, "prompt": prompt, "seed": seed % 2**32})
+        .model_dump_json(exclude_none=True)
+        .encode()
+        for prompt, seed in items
+    ]
+
+
+def send_queries(
+    url: str,
+    bodies: list[bytes],
+    qps: float,
+    target_s: float,
+    seed: int = 0,
+    api_key_env: str | None = None,
+    folder: Path | None = None,
+    patience_s: float = 600.0,
+) -> Server:
+    """Send each body at its Poisson arrival time (open loop) and measure arrival-to-image latency.
+
+    Args:
+        url: base URL of a running `sdopt serve`.
+        bodies: the request bodies, in arrival order.
+        qps: the arrival rate.
+        target_s: the p99 latency target.
+        seed: seed of the arrival times.
+        api_key_env: environment variable holding the server's API key.
+        folder: where each answered query's PNG is written (NNNNN.png); None: not kept.
+        patience_s: how long after the last arrival an unanswered query is given up ("timeout").
+
+    Returns:
+        The Server result (transport "http URL").
+    """
+    from sdopt.serve.bench import GENERATIONS_PATH, auth_headers, post_generation
+
+    headers = auth_headers(api_key_env)
+    endpoint = url.rstrip("/") + GENERATIONS_PATH
+    arrivals = poisson_arrivals(len(bodies), qps, seed)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    deadline = time.monotonic() + arrivals[-1] + patience_s
+
+    def one(i: int) -> tuple[str, float | None, str | None]:
+        wait = arrivals[i] - (time.perf_counter() - start)
+        if wait > 0:
+            time.sleep(wait)
+        reply = post_generation(endpoint, headers, bodies[i], deadline)
+        latency = time.perf_counter() - start - arrivals[i]
+        if reply.status != "200" or reply.payload is None:
+            return reply.status, None, reply.error or reply.status
+        if folder is not None:
+            (folder / f"{i:05d}.png").write_bytes(base64.b64decode(reply.payload["data"][0]["b64_json"]))
+        return reply.status, latency, None
+
+    with ThreadPoolExecutor(len(bodies)) as pool:  # open loop: one thread per query, at most MAX_QUERIES
+        outcomes = list(pool.map(one, range(len(bodies))))
+    errors = [e for _, _, e in outcomes if e]
+    return server_result(
+        [t for _, t, _ in outcomes],
+        [s for s, _, _ in outcomes],
+        qps,
+        target_s,
+        f"http {url}",
+        errors[0] if errors else None,
+    )
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LocalServer:
+    """`sdopt serve ARTIFACT` in its own process (and process group) on a free loopback port."""
+
+    def __init__(self, artifact: Path, job: Job, queries: int, provider: str, log_path: Path) -> None:
+        self.log_path = log_path
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.command = [
+            *("sdopt", "serve", str(artifact), "--port", str(self.port), "--threads", str(job.threads)),
+            *("--provider", provider, "--max-steps", str(max(100, job.steps))),
+            *("--max-size", str(max(1024, job.height, job.width)), "--max-queue", str(max(16, queries))),
+        ]
+        self.proc: subprocess.Popen | None = None
+        self.ready: dict[str, Any] = {}  # what the server's /ready said once it answered
+
+    def __enter__(self) -> LocalServer:
+        from sdopt.serve.bench import read_ready
+
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "400"}
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "sdopt", *self.command[1:]],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: a stuck Ray instance can be ended as one
+            )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                self.ready = read_ready(self.url, timeout_s=5.0)
+                return self
+            except SdoptError:
+                time.sleep(0.5)
+        tail = self.log_path.read_text(errors="replace")[-1500:]
+        self.__exit__(None, None, None)
+        raise SdoptError(
+            f"the local `sdopt serve` did not become ready: {tail.strip().splitlines()[-1:] or 'no output'}",
+            f"see {self.log_path}; or start a server yourself and pass --server-url",
+        )
+
+    def __exit__(self, *exc: Any) -> None:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGINT)  # the CLI's Ctrl-C path: Serve and the local Ray instance stop
+        try:
+            proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def run(
+    items: list[tuple[str, int]],
+    runs: dict[str, BackendRun],
+    config: BenchConfig,
+    artifact: Path,
+    job: Job,
+    folder: Path,
+    log: Log,
+) -> dict[str, Any]:
+    """The Server scenario of a `--quality` run (results.json: quality.server).
+
+    Args:
+        items: the quality set's (caption, seed) pairs; the first min(N, 64) become queries.
+        runs: the backends (onnxruntime's Offline throughput sets the default rate, its provider the server's).
+        config: --server-qps, --server-target-s, --server-url, --server-api-key-env, --protocol.
+        artifact: the artifact a local server serves.
+        job: the benchmark job.
+        folder: <out>/quality/server (answered images, the local server's log).
+        log: progress lines.
+
+    Returns:
+        The Server result as a dict plus where the queries went; {"error": ...} when it could not run.
+    """
+    rt = runs.get(RUNTIME_BACKEND)
+    qps = config.server_qps
+    if not qps and rt is not None and rt.status == "ok" and rt.quality_seconds:
+        qps = offline(rt.quality_seconds).images_per_s / 2  # half the Offline throughput: a stable queue
+    if not qps:
+        return {"error": f"no {RUNTIME_BACKEND} Offline throughput to derive the rate from; pass --server-qps"}
+    target = config.server_target_s or PROTOCOLS.get(config.protocol or "", {}).get("server_target_s", 20.0)
+    queries = items[:MAX_QUERIES]
+    extra: dict[str, Any] = {"seeds": SEED_NOTE, "torch": TORCH_NOTE}
+    try:
+        bodies = query_bodies(queries, job)
+        if config.server_url:
+            result = _to_url(config, bodies, qps, target, folder, extra)
+        else:
+            provider = (rt.info.get("provider") if rt is not None else None) or "cpu"
+            log(f"Server scenario: starting `sdopt serve` ({provider}) for {len(queries)} queries at {qps:.3g} q/s")
+            with LocalServer(artifact, job, len(queries), provider, folder / "serve.log") as server:
+                extra.update(url=server.url, started_by="the bench: " + " ".join(server.command), ready=server.ready)
+                result = send_queries(server.url, bodies, qps, target, config.seed, None, folder)
+    except SdoptError as e:
+        log(f"Server scenario failed: {e.problem}")
+        return {"error": e.problem, **extra}
+    p99 = "-" if result.latency_p99_s is None else f"{result.latency_p99_s:.2f}"
+    log(f"Server: {result.completed}/{result.queries} answered over HTTP, p99 {p99} s (target {target:g} s)")
+    return {**result.to_dict(), **extra}
+
+
+def _to_url(
+    config: BenchConfig, bodies: list[bytes], qps: float, target: float, folder: Path, extra: dict[str, Any]
+) -> Server:
+    """The queries to --server-url (checked again: it may have gone since the run started)."""
+    from sdopt.serve.bench import read_ready
+
+    url = config.server_url or ""
+    extra.update(url=url, started_by="--server-url", ready=read_ready(url))
+    return send_queries(url, bodies, qps, target, config.seed, config.server_api_key_env, folder)
