@@ -289,6 +289,25 @@ def test_server_scenario_arrivals_and_summary():
     assert protocol.server_result([None], ["error"], 4.0, 3.0, "http x").latency_p99_s is None
 
 
+def test_served_images_compared_with_the_offline_set(tmp_path):
+    from PIL import Image
+
+    from sdopt.bench.server_scenario import compare_with_offline
+
+    (tmp_path / "server").mkdir()
+    (tmp_path / "offline").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        pixels = rng.integers(0, 250, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "offline" / f"{i:05d}.png")
+        pixels[0, 0, 0] += 3 * (i == 2)  # the third served image differs by 3 in one pixel
+        Image.fromarray(pixels).save(tmp_path / "server" / f"{i:05d}.png")
+    assert compare_with_offline(tmp_path / "server", tmp_path / "offline", 4) == {
+        "compared": 3,
+        "max_abs_diff_uint8": 3,
+    }
+
+
 def test_unreachable_server_url_fails_before_any_worker(tiny_artifact, tmp_path):
     from sdopt.bench.server_scenario import free_port
 
@@ -370,7 +389,7 @@ def test_bench_quality_end_to_end_with_protocol(tiny_artifact, tiny_clip, tmp_pa
     assert ort["offline"]["images"] == 3 and "server" not in ort
     # The Server scenario: 3 real HTTP requests to the `sdopt serve` the bench started on loopback.
     sv = q["server"]
-    assert sv["transport"].startswith("http http://127.0.0.1:") and sv["started_by"].startswith(
+    assert sv["transport"].startswith("HTTP POST http://127.0.0.1:") and sv["started_by"].startswith(
         "the bench: sdopt serve"
     )
     assert (sv["queries"], sv["completed"], sv["statuses"]) == (3, 3, {"200": 3}), sv

@@ -305,7 +305,8 @@ def test_mlperf_server_scenario_over_http(server, tiny_artifact, tmp_path, monke
     result = send_queries(
         server.url, query_bodies(items, job), qps=50.0, target_s=60.0, seed=3, api_key_env=KEY_ENV, folder=tmp_path
     )
-    assert result.transport == f"http {server.url}" and result.statuses == {"200": 6}, result
+    assert result.transport == f"HTTP POST {server.url}/v1/images/generations", result
+    assert result.statuses == {"200": 6}, result
     assert result.completed == result.queries == 6 and result.met is True
     assert 0 < result.latency_p50_s <= result.latency_p99_s < 60
     ref = Pipeline.load(tiny_artifact("tiny"))(

@@ -112,7 +112,7 @@ class Server:
     latency_p50_s: float | None  # arrival-to-image, over the completed queries
     latency_p99_s: float | None
     met: bool  # every query completed and p99 <= target
-    transport: str  # "http <url>"
+    transport: str  # "HTTP POST <url>/v1/images/generations"
     statuses: dict[str, int] = field(default_factory=dict)  # "200", "503", "timeout", "error", ...
     first_error: str | None = None
 
@@ -141,7 +141,7 @@ def server_result(
         statuses: per query: "200", an HTTP status, "timeout", "error" or "unsent".
         qps: the arrival rate.
         target_s: the p99 latency target.
-        transport: how the queries travelled, e.g. "http http://127.0.0.1:8000".
+        transport: how the queries travelled, e.g. "HTTP POST http://127.0.0.1:8000/v1/images/generations".
         first_error: the first failed query's error message.
 
     Returns:

@@ -119,6 +119,7 @@ def server_line(sv: dict[str, Any]) -> str:
         f"Server ({sv['transport']}, {sv.get('started_by', '?')}): {sv['completed']}/{sv['queries']} queries "
         f"answered at {sv['qps']:.3g} q/s, p50 {p50} s, p99 {p99} s vs target {sv['target_s']:g} s: "
         f"{'met' if sv['met'] else 'NOT met'}; statuses {sv.get('statuses')}; {sv.get('seeds')}; {sv.get('torch')}"
+        + (f"; served images vs the Offline set: {sv['vs_offline']}" if sv.get("vs_offline") else "")
     )
 
 

@@ -107,7 +107,7 @@ def send_queries(
         patience_s: how long after the last arrival an unanswered query is given up ("timeout").
 
     Returns:
-        The Server result (transport "http URL").
+        The Server result (transport "HTTP POST <endpoint>").
     """
     from sdopt.serve.bench import GENERATIONS_PATH, auth_headers, post_generation
 
@@ -139,7 +139,7 @@ def send_queries(
         [s for s, _, _ in outcomes],
         qps,
         target_s,
-        f"http {url}",
+        f"HTTP POST {endpoint}",
         errors[0] if errors else None,
     )
 
@@ -252,7 +252,34 @@ def run(
         return {"error": e.problem, **extra}
     p99 = "-" if result.latency_p99_s is None else f"{result.latency_p99_s:.2f}"
     log(f"Server: {result.completed}/{result.queries} answered over HTTP, p99 {p99} s (target {target:g} s)")
+    if not config.latents and not config.server_url and rt is not None and rt.quality_dir:
+        extra["vs_offline"] = compare_with_offline(folder, Path(rt.quality_dir), len(queries))
     return {**result.to_dict(), **extra}
+
+
+def compare_with_offline(server: Path, offline_dir: Path, n: int) -> dict[str, Any]:
+    """The served images against the Offline set's image of the same caption and seed (one seed each,
+    no --latents: the same initial latents), as the largest 8-bit difference; a check, not a gate.
+
+    Args:
+        server: the answered images (NNNNN.png).
+        offline_dir: onnxruntime's Offline set (NNNNN.png).
+        n: queries.
+
+    Returns:
+        {"compared": images found in both, "max_abs_diff_uint8": largest pixel difference, or None}.
+    """
+    import numpy as np
+    from PIL import Image
+
+    diffs = []
+    for i in range(n):
+        a, b = server / f"{i:05d}.png", offline_dir / f"{i:05d}.png"
+        if a.is_file() and b.is_file():
+            with Image.open(a) as x, Image.open(b) as y:
+                pa, pb = np.asarray(x.convert("RGB"), np.int16), np.asarray(y.convert("RGB"), np.int16)
+            diffs.append(int(np.abs(pa - pb).max()) if pa.shape == pb.shape else 255)
+    return {"compared": len(diffs), "max_abs_diff_uint8": max(diffs) if diffs else None}
 
 
 def _to_url(
