@@ -296,15 +296,20 @@ def test_mlperf_server_scenario_over_http(server, tiny_artifact, tmp_path, monke
     """`sdopt bench`'s Server scenario (sdopt.bench.server_scenario) against this real server: N Poisson-timed
     queries as real HTTP requests; all answered, latencies positive, each image the runtime's for its seed."""
     from sdopt.bench.records import Job
-    from sdopt.bench.server_scenario import query_bodies, send_queries
+    from sdopt.bench.server_scenario import BATCH_METRICS, batching, query_bodies, send_queries
     from sdopt.runtime import Pipeline
+    from sdopt.serve.bench import read_metrics
 
     monkeypatch.setenv(KEY_ENV, KEY)
     job = Job("unused", "blurry", 3, 7.5, 64, 64, 1, 0, "euler", 1, [1, 4, 8, 8])
     items = [(f"a lighthouse, variation {i}", 100 + i) for i in range(6)]
+    before = read_metrics(server.url, BATCH_METRICS)
     result = send_queries(
         server.url, query_bodies(items, job), qps=50.0, target_s=60.0, seed=3, api_key_env=KEY_ENV, folder=tmp_path
     )
+    stacked = batching(before, read_metrics(server.url, BATCH_METRICS))
+    # 6 images x 3 Euler steps: 18 image-steps went through the U-Net, however they were stacked.
+    assert stacked is not None and stacked["unet_calls"] * stacked["images_per_unet_call_mean"] == 18
     assert result.transport == f"HTTP POST {server.url}/v1/images/generations", result
     assert result.statuses == {"200": 6}, result
     assert result.completed == result.queries == 6 and result.met is True

@@ -37,11 +37,13 @@ from sdopt.bench.plan import Log
 from sdopt.bench.protocol import PROTOCOLS, Server, offline, poisson_arrivals, server_result
 from sdopt.bench.records import BackendRun, Job
 from sdopt.errors import SdoptError
+from sdopt.serve.bench import GENERATIONS_PATH, auth_headers, post_generation, read_metrics, read_ready
 
 MAX_QUERIES = 64
 RUNTIME_BACKEND = "onnxruntime"  # the backend whose engine `sdopt serve` runs
 START_TIMEOUT_S = 300.0  # a local Ray instance plus one replica loading the artifact
 STOP_TIMEOUT_S = 90.0
+BATCH_METRICS = ("sdopt_unet_batch_images_count", "sdopt_unet_batch_images_sum")  # the server's step batcher
 SEED_NOTE = (
     "one seed per query (the caption's): the HTTP API takes seeds, not latents, so MLPerf's fixed "
     "latent cannot travel; accuracy is measured on the Offline set"
@@ -109,8 +111,6 @@ def send_queries(
     Returns:
         The Server result (transport "HTTP POST <endpoint>").
     """
-    from sdopt.serve.bench import GENERATIONS_PATH, auth_headers, post_generation
-
     headers = auth_headers(api_key_env)
     endpoint = url.rstrip("/") + GENERATIONS_PATH
     arrivals = poisson_arrivals(len(bodies), qps, seed)
@@ -167,8 +167,6 @@ class LocalServer:
         self.ready: dict[str, Any] = {}  # what the server's /ready said once it answered
 
     def __enter__(self) -> LocalServer:
-        from sdopt.serve.bench import read_ready
-
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "400"}
         with open(self.log_path, "wb") as log:
@@ -246,7 +244,9 @@ def run(
             log(f"Server scenario: starting `sdopt serve` ({provider}) for {len(queries)} queries at {qps:.3g} q/s")
             with LocalServer(artifact, job, len(queries), provider, folder / "serve.log") as server:
                 extra.update(url=server.url, started_by="the bench: " + " ".join(server.command), ready=server.ready)
+                before = read_metrics(server.url, BATCH_METRICS)
                 result = send_queries(server.url, bodies, qps, target, config.seed, None, folder)
+                extra["batching"] = batching(before, read_metrics(server.url, BATCH_METRICS))
     except SdoptError as e:
         log(f"Server scenario failed: {e.problem}")
         return {"error": e.problem, **extra}
@@ -286,8 +286,27 @@ def _to_url(
     config: BenchConfig, bodies: list[bytes], qps: float, target: float, folder: Path, extra: dict[str, Any]
 ) -> Server:
     """The queries to --server-url (checked again: it may have gone since the run started)."""
-    from sdopt.serve.bench import read_ready
-
     url = config.server_url or ""
     extra.update(url=url, started_by="--server-url", ready=read_ready(url))
-    return send_queries(url, bodies, qps, target, config.seed, config.server_api_key_env, folder)
+    before = read_metrics(url, BATCH_METRICS)
+    result = send_queries(url, bodies, qps, target, config.seed, config.server_api_key_env, folder)
+    extra["batching"] = batching(before, read_metrics(url, BATCH_METRICS))
+    return result
+
+
+def batching(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float] | None:
+    """U-Net calls and images per call during the scenario, from the server's /metrics before and after.
+
+    Args:
+        before: read_metrics(url, BATCH_METRICS) before the first query.
+        after: the same after the last answer.
+
+    Returns:
+        {"unet_calls", "images_per_unet_call_mean"} (of the replica that answered /metrics: with one
+        replica, the whole server), or None when /metrics could not be read.
+    """
+    if before is None or after is None:
+        return None
+    calls = after[BATCH_METRICS[0]] - before[BATCH_METRICS[0]]
+    images = after[BATCH_METRICS[1]] - before[BATCH_METRICS[1]]
+    return {"unet_calls": calls, "images_per_unet_call_mean": images / calls if calls else 0.0}

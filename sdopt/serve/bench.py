@@ -3,7 +3,7 @@
 Loopback targets only (it is a load generator), bounded in time. Reports throughput in
 images/s, latency percentiles of the successful requests, and counts by status.
 
-The client pieces (`check_loopback`, `auth_headers`, `post_generation`, `read_ready`) are also the
+The client pieces (`check_loopback`, `auth_headers`, `post_generation`, `read_ready`, `read_metrics`) are also the
 HTTP side of `sdopt bench --quality`'s MLPerf Server scenario (sdopt.bench.server_scenario).
 """
 
@@ -221,6 +221,28 @@ def read_ready(url: str, timeout_s: float = 10.0) -> dict[str, Any]:
     if not isinstance(body, dict) or body.get("ready") is not True:
         raise SdoptError(f"{url}/ready did not answer like a ready sdopt server: {str(body)[:200]}", fix)
     return body
+
+
+def read_metrics(url: str, names: tuple[str, ...], timeout_s: float = 10.0) -> dict[str, float] | None:
+    """Sums of the named samples in URL/metrics (Prometheus text, e.g. "sdopt_unet_batch_images_count").
+
+    Args:
+        url: the server's base URL.
+        names: sample names, each summed over its labels.
+        timeout_s: how long to wait for the answer.
+
+    Returns:
+        name -> value (0.0 when absent); None when /metrics cannot be read. One replica answers.
+    """
+    try:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=timeout_s) as response:
+            text = response.read().decode("utf-8")
+        samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    except (ImportError, urllib.error.URLError, ConnectionError, OSError, ValueError):
+        return None
+    return {name: float(sum(s.value for s in samples if s.name == name)) for name in names}
 
 
 def _send(endpoint: str, headers: dict[str, str], body: bytes, deadline: float) -> tuple[str, float, int, dict]:
