@@ -99,9 +99,9 @@ def _prepare(p: Plan, config: BenchConfig, manifest: Manifest, artifact: Path, l
     job = make_job(config, manifest, artifact, p.threads)
     job.build_engines = p.artifact is None  # TensorRT engines: built on demand into the harness's cached export
     if config.quality and config.server_url:  # before any worker starts: a server that is not there fails fast
-        from sdopt.serve.bench import read_ready
+        from sdopt.bench.server_scenario import check_server_url
 
-        read_ready(config.server_url)
+        check_server_url(config.server_url)
     if config.quality and config.latents:
         from sdopt.bench.quality_run import check_latents
 

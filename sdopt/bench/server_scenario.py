@@ -51,6 +51,19 @@ SEED_NOTE = (
 TORCH_NOTE = "torch: not measured (sdopt serve serves the runtime; an in-process replay is not the Server scenario)"
 
 
+def check_server_url(url: str) -> dict[str, Any]:
+    """--server-url answers as a ready sdopt server (checked before any worker starts). Returns its /ready.
+
+    Raises:
+        SdoptError: nothing answers there, or it is not ready.
+    """
+    try:
+        return read_ready(url)
+    except SdoptError as e:
+        fix = f"{e.fix}; or leave --server-url out: the bench starts one"
+        raise SdoptError(f"--server-url: {e.problem}", fix) from e
+
+
 def wanted(config: BenchConfig) -> bool:
     """Whether this run has a Server scenario: --protocol, --server-qps or --server-url."""
     return bool(config.protocol or config.server_qps or config.server_url)
@@ -184,10 +197,10 @@ class LocalServer:
                 return self
             except SdoptError:
                 time.sleep(0.5)
-        tail = self.log_path.read_text(errors="replace")[-1500:]
+        lines = [line for line in self.log_path.read_text(errors="replace").splitlines() if line.strip()]
         self.__exit__(None, None, None)
         raise SdoptError(
-            f"the local `sdopt serve` did not become ready: {tail.strip().splitlines()[-1:] or 'no output'}",
+            f"the local `sdopt serve` did not become ready: {lines[-1] if lines else 'no output'}",
             f"see {self.log_path}; or start a server yourself and pass --server-url",
         )
 
