@@ -318,8 +318,8 @@ def test_unreachable_server_url_fails_before_any_worker(tiny_artifact, tmp_path)
         *("--quality", "2", "--server-url", url, "--out", str(tmp_path / "out")),
     )
     assert result.exit_code == 2, result.output
-    assert f"--server-url: no sdopt server answers at {url}" in result.output and "sdopt serve ARTIFACT" in result.output
-    assert "leave --server-url out" in result.output
+    assert f"--server-url: no sdopt server answers at {url}" in result.output
+    assert "sdopt serve ARTIFACT" in result.output and "leave --server-url out" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "out" / "results.json").exists()
     bad = invoke(str(tiny_artifact()), "--quality", "2", "--server-url", "http://8.8.8.8:80")
     assert bad.exit_code == 2 and "not a loopback address" in bad.output, bad.output
