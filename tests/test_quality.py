@@ -396,7 +396,7 @@ def test_bench_quality_end_to_end_with_protocol(tiny_artifact, tiny_clip, tmp_pa
     assert (sv["queries"], sv["completed"], sv["statuses"]) == (3, 3, {"200": 3}), sv
     assert 0 < sv["latency_p50_s"] <= sv["latency_p99_s"] and sv["qps"] == 20 and sv["ready"]["ready"] is True
     assert "seed" in sv["seeds"] and "not measured" in sv["torch"]
-    assert sv["batching"]["unet_calls"] * sv["batching"]["images_per_unet_call_mean"] == 3 * 2  # 3 images x 2 steps
+    assert sv["batching"]["unet_images"] == 3 * 2  # 3 images x 2 steps
     assert (out / "quality" / "server" / "00002.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "quality" / "onnxruntime" / "00002.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "quality" / "compare.png").read_bytes()[:8] == PNG_MAGIC

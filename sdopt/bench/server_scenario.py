@@ -315,11 +315,11 @@ def batching(before: dict[str, float] | None, after: dict[str, float] | None) ->
         after: the same after the last answer.
 
     Returns:
-        {"unet_calls", "images_per_unet_call_mean"} (of the replica that answered /metrics: with one
-        replica, the whole server), or None when /metrics could not be read.
+        {"unet_calls", "unet_images" (image-steps), "images_per_unet_call_mean"} of the replica that
+        answered /metrics (with one replica, the whole server); None when /metrics could not be read.
     """
     if before is None or after is None:
         return None
     calls = after[BATCH_METRICS[0]] - before[BATCH_METRICS[0]]
     images = after[BATCH_METRICS[1]] - before[BATCH_METRICS[1]]
-    return {"unet_calls": calls, "images_per_unet_call_mean": images / calls if calls else 0.0}
+    return {"unet_calls": calls, "unet_images": images, "images_per_unet_call_mean": images / calls if calls else 0.0}
