@@ -330,6 +330,11 @@ def test_mlperf_server_scenario_over_http(server, tiny_artifact, tmp_path, monke
     assert np.abs(got - (ref * 255).round().astype(np.int16)).max() <= 1
     with pytest.raises(SdoptError, match="SDOPT_TEST_UNSET_KEY is not set"):
         send_queries(server.url, query_bodies(items[:1], job), 50.0, 60.0, api_key_env="SDOPT_TEST_UNSET_KEY")
+    # `sdopt bench-serve` shares the client (post_generation): it still counts images and statuses.
+    from sdopt.serve.bench import BenchServeOptions, run_bench_serve
+
+    load = run_bench_serve(BenchServeOptions(server.url, requests=2, concurrency=2, steps=2, api_key_env=KEY_ENV))
+    assert load.statuses == {"200": 2} and load.images == 2 and {"unet", "total"} <= set(load.server_timings_s)
 
 
 def test_bench_server_scenario_to_server_url(server, tmp_path, monkeypatch):
