@@ -321,6 +321,11 @@ def test_unreachable_server_url_fails_before_any_worker(tiny_artifact, tmp_path)
     assert f"--server-url: no sdopt server answers at {url}" in result.output
     assert "sdopt serve ARTIFACT" in result.output and "leave --server-url out" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "out" / "results.json").exists()
+    unset = invoke(
+        str(tiny_artifact()),
+        *("--quality", "2", "--server-url", url, "--server-api-key-env", "SDOPT_TEST_UNSET_KEY"),
+    )
+    assert unset.exit_code == 2 and "SDOPT_TEST_UNSET_KEY is not set" in unset.output, unset.output
     bad = invoke(str(tiny_artifact()), "--quality", "2", "--server-url", "http://8.8.8.8:80")
     assert bad.exit_code == 2 and "not a loopback address" in bad.output, bad.output
 

@@ -101,7 +101,7 @@ def _prepare(p: Plan, config: BenchConfig, manifest: Manifest, artifact: Path, l
     if config.quality and config.server_url:  # before any worker starts: a server that is not there fails fast
         from sdopt.bench.server_scenario import check_server_url
 
-        check_server_url(config.server_url)
+        check_server_url(config.server_url, config.server_api_key_env)
     if config.quality and config.latents:
         from sdopt.bench.quality_run import check_latents
 

@@ -51,12 +51,20 @@ SEED_NOTE = (
 TORCH_NOTE = "torch: not measured (sdopt serve serves the runtime; an in-process replay is not the Server scenario)"
 
 
-def check_server_url(url: str) -> dict[str, Any]:
-    """--server-url answers as a ready sdopt server (checked before any worker starts). Returns its /ready.
+def check_server_url(url: str, api_key_env: str | None = None) -> dict[str, Any]:
+    """--server-url answers as a ready sdopt server and its key variable is set (before any worker starts).
+
+    Args:
+        url: --server-url.
+        api_key_env: --server-api-key-env.
+
+    Returns:
+        The server's /ready body.
 
     Raises:
-        SdoptError: nothing answers there, or it is not ready.
+        SdoptError: nothing answers there, it is not ready, or the key variable is not set.
     """
+    auth_headers(api_key_env)
     try:
         return read_ready(url)
     except SdoptError as e:
