@@ -320,13 +320,14 @@ def test_unreachable_server_url_fails_before_any_worker(tiny_artifact, tmp_path)
     assert result.exit_code == 2, result.output
     assert f"--server-url: no sdopt server answers at {url}" in result.output
     assert "sdopt serve ARTIFACT" in result.output and "leave --server-url out" in result.output
-    assert "Traceback" not in result.output and not (tmp_path / "out" / "results.json").exists()
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()  # nothing written
     unset = invoke(
         str(tiny_artifact()),
         *("--quality", "2", "--server-url", url, "--server-api-key-env", "SDOPT_TEST_UNSET_KEY"),
+        *("--out", str(tmp_path / "unset")),
     )
     assert unset.exit_code == 2 and "SDOPT_TEST_UNSET_KEY is not set" in unset.output, unset.output
-    bad = invoke(str(tiny_artifact()), "--quality", "2", "--server-url", "http://8.8.8.8:80")
+    bad = invoke(str(tiny_artifact()), "--quality", "2", "--server-url", "http://8.8.8.8:80", "--out", str(tmp_path))
     assert bad.exit_code == 2 and "not a loopback address" in bad.output, bad.output
 
 

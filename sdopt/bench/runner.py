@@ -55,9 +55,9 @@ def run_benchmark(
     p = plan(config, cache_dir)
     out = Path(out_dir) if out_dir else default_out_dir(config)
     artifact, artifact_info = ensure_artifact(p, log)
-    out.mkdir(parents=True, exist_ok=True)
     manifest = load_manifest(artifact)
     job, machine = _prepare(p, config, manifest, artifact, log)
+    out.mkdir(parents=True, exist_ok=True)  # after the checks: bad input leaves no empty results folder
     runs = {b: BackendRun(b) for b in config.backend_list()}
     for b, reason in p.skipped.items():
         runs[b].status, runs[b].error = "skipped", reason
