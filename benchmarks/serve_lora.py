@@ -5,7 +5,9 @@
 In one process, side by side, on the replica's own engine (`StepBatcher`, the code `sdopt serve`
 runs; no HTTP, whose overhead `serve_load.py` measures): the same N requests submitted at once,
 (1) all on the base weights, (2) cycling base / LoRA "a" / LoRA "b" (the turn policy groups them:
-one swap per LoRA set, not per request). Reported: wall time, swaps and their seconds. Then each
+one swap per LoRA set, not per request), (3) the same mix in strict arrival order (a turn takes only
+the run of same-set requests at the head of the queue: what the engine would do without grouping).
+Reported: wall time, swaps and their seconds, U-Net calls. Then each
 LoRA request's image is compared with `Pipeline` + `set_loras` in-process (max |diff| on [0, 1]
 pixels). The two LoRAs are written from the artifact's weight map like benchmarks/lora_swap.py's
 "style" file (U-Net + text encoder, rank 16, random values: speed and equality only).
@@ -29,7 +31,7 @@ from lora_swap import STYLE_TEXT, STYLE_UNET, write_lora  # noqa: E402
 from sdopt.runtime import Pipeline  # noqa: E402
 from sdopt.serve.config import ServeLora  # noqa: E402
 from sdopt.serve.engine import StepBatcher  # noqa: E402
-from sdopt.serve.lora_groups import LoraCatalog  # noqa: E402
+from sdopt.serve.lora_groups import LoraCatalog, LoraTurns  # noqa: E402
 from sdopt.serve.metrics import ServeMetrics  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -39,10 +41,24 @@ def style(component: str, module: str) -> bool:
     return module.split(".")[-1] in STYLE_TEXT or any(module.endswith(t) for t in STYLE_UNET)
 
 
-def run_engine(pipe, catalog, sets, args) -> dict:
+class StrictFifo(LoraTurns):
+    """No grouping: only the same-set run at the head of the queue is admissible."""
+
+    def admissible(self, waiting):
+        run = []
+        for job in waiting:
+            if job.lora != self.current:
+                break
+            run.append(job)
+        return run
+
+
+def run_engine(pipe, catalog, sets, args, turns: LoraTurns | None = None) -> dict:
     """Submit one request per LoRA set at once; wait for all. The pipeline ends on the base weights."""
     metrics = ServeMetrics()
     engine = StepBatcher(pipe, args.max_batch, max_waiting=len(sets), observer=metrics, loras=catalog)
+    if turns is not None:
+        engine._turns = turns  # the policy under comparison (set before any job arrives)
     call = dict(num_inference_steps=args.steps, height=args.size, width=args.size, output_type="np")
     requests = [pipe.make_request(PROMPT, seed=i, **call) for i in range(len(sets))]
     t0 = time.perf_counter()
@@ -88,6 +104,7 @@ def main() -> None:
     mixed_sets = [cycle[i % 3] for i in range(args.requests)]
     base = run_engine(pipe, catalog, [()] * args.requests, args)
     mixed = run_engine(pipe, catalog, mixed_sets, args)
+    fifo = run_engine(pipe, catalog, mixed_sets, args, StrictFifo())
 
     diffs = {}  # one request per LoRA set against Pipeline + set_loras in-process
     for lora_set in cycle:
@@ -99,7 +116,8 @@ def main() -> None:
         diffs["+".join(lora_set) or "base"] = float(np.abs(want.images[0] - mixed["images"][i]).max())
     pipe.set_loras([])
     base_same = float(np.abs(base["images"][0] - mixed["images"][0]).max())  # request 0 is base in both
-    for run in (base, mixed):
+    fifo_same = max(float(np.abs(a - b).max()) for a, b in zip(mixed["images"], fifo["images"], strict=True))
+    for run in (base, mixed, fifo):
         del run["images"]
     result = {
         "artifact": str(args.artifact),
@@ -110,6 +128,8 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "all_base": base,
         "mixed_base_a_b": mixed,
+        "mixed_strict_fifo": fifo,
+        "grouped_vs_fifo_images_max_abs_diff": fifo_same,
         "max_abs_diff_vs_in_process_set_loras": diffs,
         "base_request_same_in_both_runs_max_abs_diff": base_same,
         "note": "random LoRA weights: speed and equality only; shared 2-core machine (noisy)",
