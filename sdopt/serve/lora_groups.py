@@ -124,12 +124,27 @@ class LoraTurns:
         return waiting[0].lora if waiting else None
 
     def begin(self, lora_set: LoraSet, next_seq: int) -> None:
-        """A turn of `lora_set` begins: every job that arrived before `next_seq` belongs to it."""
+        """A turn of `lora_set` begins (the weights hold it now).
+
+        Args:
+            lora_set: The set the weights hold.
+            next_seq: The arrival number of the next job: every job of the set that arrived before
+                it belongs to this turn.
+        """
         self.current = lora_set
         self._start = next_seq
 
     def admissible(self, waiting: Iterable[Waiting]) -> list[Any]:
-        """The waiting jobs the current turn may admit, oldest first (the caller fills free slots in order)."""
+        """The waiting jobs the current turn may admit.
+
+        Args:
+            waiting: The waiting jobs, oldest first.
+
+        Returns:
+            Those of the current set that arrived before the turn began, or before the oldest waiting
+            job of another set (all of them where none waits), oldest first; the caller fills free
+            slots in that order.
+        """
         jobs = list(waiting)
         others = [j.seq for j in jobs if j.lora != self.current]
         cutoff = max(self._start, min(others)) if others else None
