@@ -88,12 +88,16 @@ def compare(record_metric, case: str, got: np.ndarray, want: np.ndarray) -> None
 
 def test_lora_request_matches_set_loras_and_base_comes_back(server, reference, record_metric):
     body = {"prompt": "a lighthouse", "seed": 21, "num_inference_steps": STEPS}
+    assert server.post({**body, "seed": 0}).status_code == 200  # whatever ran before: base weights now
     swaps = server.metric("sdopt_lora_swaps_total")
     base = server.post(body)
     styled = server.post({**body, "lora": "style"})
     again = server.post(body)
     got = pixels(styled)
     compare(record_metric, "style alone", got, reference({**body, "lora": "style"}))
+    timings = styled.json()["timings"]
+    assert 0 < timings["lora_swap"] <= timings["queue"]  # it waited for the swap to style
+    assert "lora_swap" not in base.json()["timings"]  # no swap before it
     assert np.abs(got - pixels(base)).max() > MOVES  # the LoRA really applied
     # Restoring re-creates the base sessions exactly as at load: the PNG bytes are the same.
     assert again.json()["data"][0]["b64_json"] == base.json()["data"][0]["b64_json"]

@@ -80,6 +80,7 @@ class Job:
     state: Any = None  # DenoiseState once admitted
     admitted: float = 0.0
     unet_s: float = 0.0  # wall time of the U-Net calls this job was part of
+    lora_swap_s: float = 0.0  # the LoRA swap it waited for (part of its queue time)
 
     @property
     def images(self) -> int:
@@ -213,6 +214,7 @@ class StepBatcher:
 
         A swap that fails fails that set's waiting jobs; the weights stay as they were.
         """
+        swap_s = 0.0
         if lora_set != self._turns.current:
             t0 = time.perf_counter()
             try:
@@ -224,10 +226,14 @@ class StepBatcher:
                 for job in failed:
                     _settle(job.future, error=e)
                 return
+            swap_s = time.perf_counter() - t0
             if self.observer:
-                self.observer.lora_swap(time.perf_counter() - t0)
+                self.observer.lora_swap(swap_s)
         with self._cond:
             self._turns.begin(lora_set, self._seq)
+            for job in self._waiting:
+                if job.lora == lora_set and swap_s:
+                    job.lora_swap_s = swap_s
 
     def _admit(self) -> list[Job]:
         """The current turn's waiting jobs that fit the free slots, oldest first (call with the lock held)."""
@@ -314,6 +320,7 @@ class StepBatcher:
         now = time.perf_counter()
         timings = {
             "queue": job.admitted - job.submitted,
+            **({"lora_swap": job.lora_swap_s} if job.lora_swap_s else {}),
             **job.state.timings,
             "unet": job.unet_s,
             "unet_per_step": job.unet_s / max(job.state.total, 1),
