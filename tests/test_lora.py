@@ -33,7 +33,7 @@ from lora_files import make_peft_lora, peft_to_kohya  # noqa: E402
 
 from sdopt.errors import SdoptError  # noqa: E402
 from sdopt.export.synthetic import build_pipeline, load_preset  # noqa: E402
-from sdopt.lora.files import LoraSpec, compute_deltas, parse_lora_arg  # noqa: E402
+from sdopt.lora.files import LoraSpec, compute_deltas, parse_lora_arg, plan_deltas  # noqa: E402
 from sdopt.lora.keys import _diffusers_module, split_role  # noqa: E402
 from sdopt.runtime import Pipeline  # noqa: E402
 from sdopt.runtime.lora_swap import manifest_targets  # noqa: E402
@@ -289,7 +289,7 @@ def test_optimised_graph_and_original_graph_swaps_agree(runtime, lora_file):
     graph = "unet_deep" if "unet_deep" in pipe.manifest.components else "unet"  # what the runtime loads
     refs = pipe.manifest.components[graph].weights
     assert all(r.ort_cpu for r in refs.values()) and any(r.ort_cpu_layout for r in refs.values())
-    deltas = compute_deltas([LoraSpec(lora_file("tiny"), 1.0)], manifest_targets(pipe.manifest))
+    deltas = plan_deltas([LoraSpec(lora_file("tiny"), 1.0)], manifest_targets(pipe.manifest))
     fast_over = build_overrides(pipe.root, pipe.manifest, deltas, pipe.backend.optimised_graph, [graph])[graph]
     slow_over = build_overrides(pipe.root, pipe.manifest, deltas, names=[graph])[graph]
     assert fast_over.optimised and not slow_over.optimised

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from sdopt.errors import SdoptError
-from sdopt.lora.files import Deltas, LoraSpec, Targets, as_specs, compute_deltas
+from sdopt.lora.files import DeltaPlan, LoraSpec, Targets, as_specs, plan_deltas
 from sdopt.lora.layout import to_layout
 from sdopt.lora.onnx_weights import initializer_locations
 from sdopt.manifest import Manifest
@@ -77,16 +77,21 @@ def check_swappable(manifest: Manifest) -> None:
 def build_overrides(
     root: Path,
     manifest: Manifest,
-    deltas: Deltas,
+    deltas: DeltaPlan,
     optimised: Callable[[str], bool] = lambda name: False,
     names: list[str] | None = None,
 ) -> dict[str, Overrides]:
     """component -> its overridden initializers, for every graph a delta touches.
 
+    Memory: each merged value is the one new array a weight needs (its base read from the
+    graph's data file, the delta added in place); the deltas go through one reused buffer.
+    Fresh memory is what the first swap in a process pays for (page faults), so a swap
+    touches no more of it than the session will keep.
+
     Args:
         root: the artifact folder.
         manifest: its manifest.
-        deltas: from `compute_deltas`.
+        deltas: from `plan_deltas`.
         optimised: whether the backend loads a component from its saved ORT-optimised graph;
             where it does and the export found every changed weight there, the values are
             computed in that graph's names and layouts, from its own (page-cached) file.
@@ -95,10 +100,11 @@ def build_overrides(
         Only components with at least one changed weight.
     """
     out: dict[str, Overrides] = {}
+    scratch = _Scratch()
     for name in names if names is not None else manifest.runtime_components():
         comp = manifest.components[name]
-        source = deltas.get(SHARES_WEIGHTS.get(name, name), {})
-        refs = {param: comp.weights[param] for param in source if param in comp.weights}
+        source = SHARES_WEIGHTS.get(name, name)
+        refs = {param: comp.weights[param] for param in deltas.params(source) if param in comp.weights}
         if not refs:
             continue
         folded = [param for param, ref in refs.items() if not ref.initializer]
@@ -115,19 +121,45 @@ def build_overrides(
         values = {}
         for init, param in by_init.items():
             ref = refs[param]
-            delta = source[param].T if ref.transposed else source[param]
+            delta = deltas.delta(source, param, scratch.get(int(np.prod(ref.shape))))
+            if ref.transposed:
+                delta = delta.T
             if fast and ref.ort_cpu_layout:
                 delta = to_layout(delta, ref.ort_cpu_layout)
-            values[init] = _merged(locations[init].read(), delta)
+            values[init] = merged(locations[init].read(), delta)
         out[name] = Overrides(values, fast)
     return out
 
 
-def _merged(base: np.ndarray, delta: np.ndarray) -> np.ndarray:
-    merged = base.astype(np.float32) + delta
+class _Scratch:
+    """One float32 buffer, grown to the largest delta, reused for every weight of a swap."""
+
+    def __init__(self) -> None:
+        self.buffer = np.empty(0, np.float32)
+
+    def get(self, size: int) -> np.ndarray:
+        if self.buffer.size < size:
+            self.buffer = np.empty(size, np.float32)
+        return self.buffer
+
+
+def merged(base: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """base + delta in the base's dtype: float32(base) + delta, rounded back (fp16: clipped to its range).
+
+    Args:
+        base: a weight as read from the graph (a new array this call may reuse).
+        delta: float32, the base's shape (any strides).
+    Returns:
+        The C-contiguous merged weight; for a float32 base, `base` itself updated in place
+        (the same float32 additions, without a second array).
+    """
+    if base.dtype == np.float32 and base.flags.c_contiguous and base.flags.writeable:
+        np.add(base, delta, out=base)
+        return base
+    result = base.astype(np.float32) + delta
     if base.dtype == np.float16:
-        merged = np.clip(merged, -65504.0, 65504.0)
-    return np.ascontiguousarray(merged.astype(base.dtype, copy=False))
+        result = np.clip(result, -65504.0, 65504.0)
+    return np.ascontiguousarray(result.astype(base.dtype, copy=False))
 
 
 def ort_model_with(
@@ -254,7 +286,7 @@ class LoraSwapper:
         if not specs:
             return {}
         check_swappable(self.manifest)
-        deltas = compute_deltas(specs, manifest_targets(self.manifest), ignore_unmatched)
+        deltas = plan_deltas(specs, manifest_targets(self.manifest), ignore_unmatched)
         optimised = getattr(self.backend, "optimised_graph", lambda name: False)
         return build_overrides(self.root, self.manifest, deltas, optimised, self.names)
 
