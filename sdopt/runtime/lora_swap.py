@@ -275,6 +275,7 @@ class LoraSwapper:
         self.loras: list[LoraSpec] = []
         self._applied: set[str] = set()  # components whose sessions carry LoRA weights
         self._refitted: dict[str, set[str]] = {}  # TensorRT: initializers refitted away from the base
+        self.refit_partners: dict[str, list[str]] = {}  # TensorRT, last refit: fused partner weights set too
         self._swap = threading.Lock()  # one swap at a time
 
     def overrides(self, specs: list[LoraSpec], ignore_unmatched: bool = False) -> dict[str, Overrides]:
@@ -312,7 +313,10 @@ class LoraSwapper:
         from sdopt.runtime.lora_refit import refit_sessions
 
         by_name = {name: sessions[self.role(name)] for name in set(overrides) | set(self._refitted)}
-        self._refitted = refit_sessions(self.root, self.manifest, by_name, overrides, self._refitted)
+        self.refit_partners = {}
+        self._refitted = refit_sessions(
+            self.root, self.manifest, by_name, overrides, self._refitted, self.refit_partners
+        )
 
     def start(
         self,
