@@ -22,6 +22,7 @@ wait. A call holds the read side for its whole length, so no call sees a mix of 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -276,6 +277,9 @@ class LoraSwapper:
         self._applied: set[str] = set()  # components whose sessions carry LoRA weights
         self._refitted: dict[str, set[str]] = {}  # TensorRT: initializers refitted away from the base
         self.refit_partners: dict[str, list[str]] = {}  # TensorRT, last refit: fused partner weights set too
+        # Last swap's seconds: "weights" (read the files, B @ A, read the base weights, merge),
+        # "engines" (new sessions, or the refit), "swap_in" (waiting for calls in flight, then the swap).
+        self.timings: dict[str, float] = {}
         self._swap = threading.Lock()  # one swap at a time
 
     def overrides(self, specs: list[LoraSpec], ignore_unmatched: bool = False) -> dict[str, Overrides]:
@@ -358,13 +362,18 @@ class LoraSwapper:
         """
         specs = as_specs(specs)
         with self._swap:
+            t0 = time.perf_counter()
             overrides = self.overrides(specs, ignore_unmatched)
+            t1 = time.perf_counter()
             if self.refits:
                 with self.lock.writing():  # refitting changes engines in place: no call may run
                     self._refit(sessions, overrides)
                     self.loras, self._applied = specs, set(overrides)
+                self.timings = {"weights": t1 - t0, "engines": time.perf_counter() - t1}
                 return
             new = self.new_sessions(overrides)
+            t2 = time.perf_counter()
             with self.lock.writing():
                 sessions.update(new)
                 self.loras, self._applied = specs, set(overrides)
+            self.timings = {"weights": t1 - t0, "engines": t2 - t1, "swap_in": time.perf_counter() - t2}
