@@ -20,13 +20,13 @@ import json
 import math
 import re
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from sdopt.errors import SdoptError
+from sdopt.lora.blas import one_blas_thread
 from sdopt.lora.keys import KeyRef, KeyResolver, unsupported_variant
 
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
@@ -159,9 +159,6 @@ class _Module:
     keys: dict[str, str] = field(default_factory=dict)  # role -> file key
 
 
-_BLOCK = 1 << 18  # float32 values per delta block (1 MiB): computed and used while still in the CPU cache
-
-
 @dataclass(frozen=True)
 class _Term:
     """One file's share of one weight's delta: up @ down, `up` already times scale * alpha / r."""
@@ -174,11 +171,9 @@ class _Term:
 class DeltaPlan:
     """Every file checked against the model; each weight's delta computed only when asked.
 
-    A delta is computed in blocks of rows (`blocks`), which a swap adds to the base weight
-    while they are in the CPU cache, so a swap never holds a whole delta, let alone all of
-    them (a rank-16 sd15 LoRA's deltas are 1.4 GB of float32). `delta` assembles the same
-    blocks, computed by the same calls, into one array: the export merge and a runtime swap
-    get the same bits.
+    `delta` computes one weight's delta at a time, into a buffer the caller may reuse, so a
+    swap never holds all deltas at once (a rank-16 sd15 LoRA's deltas are 1.4 GB of float32).
+    The export merge (`compute_deltas`) goes through the same calls: the same bits.
     """
 
     shapes: dict[str, dict[str, tuple[int, ...]]] = field(default_factory=dict)  # component -> param -> shape
@@ -188,49 +183,29 @@ class DeltaPlan:
         """The "<module>.weight" names a delta exists for in `component`."""
         return list(self.terms.get(component, {}))
 
-    def blocks(self, component: str, param: str, out: np.ndarray | None = None) -> Iterator[tuple[slice, np.ndarray]]:
-        """The float32 delta, sum over the files of scale * (alpha / r) * B @ A, as (out, fan_in) row blocks.
-
-        Args:
-            component: e.g. "unet".
-            param: "<module>.weight".
-            out: a float32 C-contiguous (out, fan_in) array to compute the blocks into; else one
-                reused buffer, whose block is valid only until the next one.
-        Returns:
-            Iterator of (rows, block of those rows).
-        """
-        terms = self.terms[component][param]
-        rows, cols = terms[0].up.shape[0], terms[0].down.shape[1]
-        step = max(1, _BLOCK // cols)
-        target = np.empty((min(step, rows), cols), np.float32) if out is None else out
-        extra = np.empty((min(step, rows), cols), np.float32) if len(terms) > 1 else None
-        for start in range(0, rows, step):
-            end = min(rows, start + step)
-            block = target[start:end] if out is not None else target[: end - start]
-            np.matmul(terms[0].up[start:end], terms[0].down, out=block)
-            for term in terms[1:]:  # stacked files
-                assert extra is not None
-                np.matmul(term.up[start:end], term.down, out=extra[: end - start])
-                block += extra[: end - start]
-            yield slice(start, end), block
-
     def delta(self, component: str, param: str, out: np.ndarray | None = None) -> np.ndarray:
-        """The whole delta in the weight's shape (the blocks of `blocks`, by the same calls).
+        """float32 sum over the files of scale * (alpha / r) * B @ A, in the weight's shape.
 
         Args:
             component: e.g. "unet".
             param: "<module>.weight".
-            out: a float32 buffer of at least the weight's size to write into (else a new array).
+            out: a float32 C-contiguous buffer of at least the weight's size to write into (else a new array).
         Returns:
             The delta (a view of `out` where given).
         """
         shape = self.shapes[component][param]
         size = int(np.prod(shape))
-        flat = np.empty(size, np.float32) if out is None else out.reshape(-1)[:size]
-        whole = flat.reshape(shape[0], size // shape[0])
-        for _ in self.blocks(component, param, whole):
-            pass
-        return flat.reshape(shape)
+        acc = np.empty(size, np.float32) if out is None else out.reshape(-1)[:size]
+        terms = self.terms[component][param]
+        product = acc.reshape(terms[0].up.shape[0], terms[0].down.shape[1])
+        with one_blas_thread():
+            np.matmul(terms[0].up, terms[0].down, out=product)  # one sgemm, written in place
+            if len(terms) > 1:  # stacked files
+                extra = np.empty_like(product)
+                for term in terms[1:]:
+                    np.matmul(term.up, term.down, out=extra)
+                    product += extra
+        return acc.reshape(shape)
 
 
 def plan_deltas(loras: list[LoraSpec], targets: Targets, ignore_unmatched: bool = False) -> DeltaPlan:

@@ -36,10 +36,21 @@ class TensorLocation:
     shape: tuple[int, ...]
 
     def read(self) -> np.ndarray:
+        """A new array with the tensor's values."""
         count = int(np.prod(self.shape)) if self.shape else 1
         return np.fromfile(
             self.file, dtype=np.dtype(self.dtype).newbyteorder("<"), count=count, offset=self.offset
         ).reshape(self.shape)
+
+    def mapped(self) -> np.ndarray:
+        """A read-only memory map of the tensor's bytes (no copy; the file stays mapped while it lives).
+
+        For a value used once (base + delta), this skips copying the file's page-cached bytes into
+        new memory first.
+        """
+        return np.memmap(
+            self.file, dtype=np.dtype(self.dtype).newbyteorder("<"), mode="r", offset=self.offset, shape=self.shape
+        )
 
 
 def initializer_locations(path: Path, names: set[str] | None = None) -> dict[str, TensorLocation]:

@@ -85,8 +85,7 @@ def build_overrides(
     """component -> its overridden initializers, for every graph a delta touches.
 
     Memory: each merged value is the one new array a weight needs (its base read from the
-    graph's data file, the delta added in place, block by block while the block is in the CPU
-    cache; float16 and NCHWc-blocked weights take the whole delta through one reused buffer).
+    graph's data file, the delta added in place); the deltas go through one reused buffer.
     Fresh memory is what the first swap in a process pays for (page faults), so a swap
     touches little more of it than the new sessions keep.
 
@@ -123,16 +122,9 @@ def build_overrides(
         values = {}
         for init, param in by_init.items():
             ref = refs[param]
-            base = locations[init].read()
-            layout = ref.ort_cpu_layout if fast else ""
-            if not layout and base.dtype == np.float32:  # the common case: blocks added in place, in cache
-                rows = base.T if ref.transposed else base.reshape(ref.shape[0], -1)
-                for block_rows, block in deltas.blocks(source, param):
-                    rows[block_rows] += block
-                values[init] = base
-                continue
             delta = deltas.delta(source, param, scratch.get(int(np.prod(ref.shape))))
-            values[init] = merged(base, to_layout(delta.T if ref.transposed else delta, layout))
+            layout = ref.ort_cpu_layout if fast else ""
+            values[init] = merged(locations[init].mapped(), to_layout(delta.T if ref.transposed else delta, layout))
         out[name] = Overrides(values, fast)
     return out
 
@@ -153,16 +145,16 @@ def merged(base: np.ndarray, delta: np.ndarray) -> np.ndarray:
     """base + delta in the base's dtype: float32(base) + delta, rounded back (fp16: clipped to its range).
 
     Args:
-        base: a weight as read from the graph (a new array this call may reuse).
+        base: a weight as stored (e.g. memory-mapped from the graph's data file; only read).
         delta: float32, the base's shape (any strides).
     Returns:
-        The C-contiguous merged weight; for a float32 base, `base` itself updated in place
-        (the same float32 additions, without a second array).
+        A new C-contiguous array: the merged weight, the only new memory a weight needs.
     """
-    if base.dtype == np.float32 and base.flags.c_contiguous and base.flags.writeable:
-        np.add(base, delta, out=base)
-        return base
-    result = base.astype(np.float32) + delta
+    if base.dtype == np.float32:
+        out = np.empty(base.shape, np.float32)
+        np.add(base, delta, out=out)  # the same float32 additions as below, straight into the result
+        return out
+    result = np.asarray(base).astype(np.float32) + delta
     if base.dtype == np.float16:
         result = np.clip(result, -65504.0, 65504.0)
     return np.ascontiguousarray(result.astype(base.dtype, copy=False))
