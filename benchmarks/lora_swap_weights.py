@@ -46,7 +46,8 @@ for call in range(2):
                       merged_gb=round(merged_gb, 3)))
     del out, deltas
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-print(json.dumps(dict(calls=calls, peak_rss_gb=round(rss, 2), load_average=[round(x, 2) for x in os.getloadavg()])))
+load = [round(x, 2) for x in os.getloadavg()]
+print(json.dumps(dict(sdopt=files.__file__, calls=calls, peak_rss_gb=round(rss, 2), load_average=load)))
 """
 
 
@@ -78,8 +79,9 @@ def main() -> None:
     for round_ in range(args.rounds):
         for name, folder in codes.items():
             env = {**os.environ, "PYTHONPATH": str(Path(folder).resolve())}
-            proc = subprocess.run(
-                [sys.executable, "-c", CHILD, str(args.artifact), str(lora)],
+            proc = subprocess.run(  # run in the folder: `python -c` puts the working folder first on sys.path
+                [sys.executable, "-c", CHILD, str(args.artifact.resolve()), str(lora.resolve())],
+                cwd=Path(folder).resolve(),
                 env=env,
                 capture_output=True,
                 text=True,
