@@ -3,8 +3,8 @@
 The runtime needs the base value of each weight a LoRA changes (W + delta). An ONNX file is
 a protobuf ModelProto; this walks its wire format just far enough to find each
 initializer's name, type, dims and where its bytes are (inline `raw_data`, or the external
-data file the tensor points to), without copying the weights it skips. Reads are then one
-`np.fromfile` per tensor.
+data file the tensor points to), without copying the weights it skips. A tensor is then read
+with one `np.fromfile` (a new array) or memory-mapped (`mapped`: no copy, for a value read once).
 
 Wire format (protobuf encoding; onnx.proto field numbers): ModelProto.graph = 7;
 GraphProto.initializer = 5; TensorProto: dims = 1, data_type = 2, float_data = 4,
