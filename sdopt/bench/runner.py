@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sdopt.bench import control
 from sdopt.bench.config import REFERENCE, BenchConfig
 from sdopt.bench.machine import machine_info, measure_matmul_peak
 from sdopt.bench.plan import Log, Plan, check_image, default_out_dir, ensure_artifact, plan
@@ -58,6 +59,8 @@ def run_benchmark(
     out.mkdir(parents=True, exist_ok=True)
     manifest = load_manifest(artifact)
     job, machine = _prepare(p, config, manifest, artifact, log)
+    if config.controlnet:
+        control.prepare_job(job, config, manifest, out, f"the artifact {artifact.name}")
     runs = {b: BackendRun(b) for b in config.backend_list()}
     for b, reason in p.skipped.items():
         runs[b].status, runs[b].error = "skipped", reason
@@ -65,7 +68,7 @@ def run_benchmark(
     with tempfile.TemporaryDirectory(prefix="sdopt-bench-") as tmp:
         try:
             _load_all(p.backends, runs, artifact, job, out, faults or {}, log)
-            _measure(runs, config, log)
+            _measure(runs, config, control.stage_names(job), log)
             if config.quality:
                 from sdopt.bench import quality_run
 
@@ -166,7 +169,7 @@ def request(r: BackendRun, **msg: Any) -> dict[str, Any]:
         return {"ok": False, "error": str(e)}
 
 
-def _measure(runs: dict[str, BackendRun], config: BenchConfig, log: Log) -> None:
+def _measure(runs: dict[str, BackendRun], config: BenchConfig, stage_names: tuple[str, ...], log: Log) -> None:
     order = [b for b, r in runs.items() if r.status == "ok"]
     total = config.warmup + config.runs
     for i in range(total):
@@ -182,7 +185,7 @@ def _measure(runs: dict[str, BackendRun], config: BenchConfig, log: Log) -> None
                 log(f"{b}: FAILED in {label}: {r.error}")
                 close_worker(r)
                 continue
-            entry = run_entry(reply)
+            entry = run_entry(reply, stage_names)
             r.absorb_memory(reply)
             if r.first_image_s is None:
                 r.first_image_s = entry["e2e_s"]
