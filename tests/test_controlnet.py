@@ -188,6 +188,22 @@ def test_controlnet_from_another_family_is_refused_at_export(tmp_path, reference
     assert not (tmp_path / "out").exists()
 
 
+def test_nine_channel_inpainting_unet_is_refused_at_export(tmp_path, reference_pipeline):
+    """Not a covered mode: the ControlNet graph takes the U-Net's sample, which for a 9-channel U-Net holds
+    the mask and masked-image latents too (diffusers feeds the ControlNet the 4 latent channels only)."""
+    from sdopt.export.synthetic import load_preset
+
+    torch.manual_seed(1)
+    unet = diffusers.UNet2DConditionModel(**{**load_preset("tiny")["unet"], "in_channels": 9})
+    ref = reference_pipeline("tiny")
+    diffusers.StableDiffusionPipeline(**{**ref.components, "unet": unet}).save_pretrained(tmp_path / "inpainting")
+    opts = ExportOptions(components=["text_encoder", "unet"], ort_optimize=False, controlnets=["synthetic"])
+    with pytest.raises(SdoptError, match=r"9-channel \(inpainting\) U-Net is not supported") as e:
+        export_artifact(str(tmp_path / "inpainting"), tmp_path / "out", opts)
+    assert "export the base (non-inpainting) model" in e.value.fix
+    assert not (tmp_path / "out").exists()
+
+
 # -- parity -------------------------------------------------------------------------------------
 MODES = {"txt2img": "", "img2img": "Img2Img", "inpaint": "Inpaint"}  # diffusers' ControlNet pipeline names
 CASES = {  # name -> (family, ControlNets, mode, call arguments beyond the prompt)
