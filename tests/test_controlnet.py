@@ -8,7 +8,7 @@ compared as [0, 1] pixels. Every number is recorded (`record_metric`) and summar
 
 Tolerance: 1e-4 max abs pixel difference (the issue's bound is 1e-3). Both sides are fp32; the
 only differences are kernel rounding (ONNX Runtime vs PyTorch) carried through a few steps,
-observed <= ~5e-6; a real bug (a residual missing, a wrong scale, window or guess-mode ramp) moves
+observed <= ~7e-6; a real bug (a residual missing, a wrong scale, window or guess-mode ramp) moves
 pixels by >= 1e-2 (each case also checks that its ControlNets change the image by far more).
 
 Artifacts: each family's ControlNet artifact is exported once per session (`control_artifact`),
