@@ -3,7 +3,8 @@
 Order of work (cheap before heavy, so bad input fails fast):
 1. `plan`: validate the config, find which backends this machine has, check size/batch against the
    model's preset or the artifact's manifest;
-2. export the model (or reuse the cached export), measure the machine's matmul peak;
+2. export the model (or reuse the cached export; with --controlnet, its ControlNets too: see
+   sdopt.bench.control), measure the machine's matmul peak;
 3. start one worker process per backend, one after another (cold start is timed on a quiet
    machine), then run warm-up and measured rounds with the backends interleaved run by run —
    ABAB... in even rounds, reversed in odd ones, so slow drift (thermals, other load) hits
@@ -58,9 +59,7 @@ def run_benchmark(
     artifact, artifact_info = ensure_artifact(p, log)
     out.mkdir(parents=True, exist_ok=True)
     manifest = load_manifest(artifact)
-    job, machine = _prepare(p, config, manifest, artifact, log)
-    if config.controlnet:
-        control.prepare_job(job, config, manifest, out, f"the artifact {artifact.name}")
+    job, machine = _prepare(p, config, manifest, artifact, out, log)
     runs = {b: BackendRun(b) for b in config.backend_list()}
     for b, reason in p.skipped.items():
         runs[b].status, runs[b].error = "skipped", reason
@@ -94,12 +93,17 @@ def run_benchmark(
     return results
 
 
-def _prepare(p: Plan, config: BenchConfig, manifest: Manifest, artifact: Path, log: Log) -> tuple[Job, dict]:
-    """The job (checked against the exported manifest) and the machine facts, matmul peak included."""
+def _prepare(
+    p: Plan, config: BenchConfig, manifest: Manifest, artifact: Path, out: Path, log: Log
+) -> tuple[Job, dict]:
+    """The job (checked against the exported manifest; a ControlNet job's control image written to `out`)
+    and the machine facts, matmul peak included."""
     if p.artifact is None:  # checks that needed the exported manifest (non-synthetic models)
         check_image(config, manifest.image, f"the export of {p.model}'s")
     job = make_job(config, manifest, artifact, p.threads)
     job.build_engines = p.artifact is None  # TensorRT engines: built on demand into the harness's cached export
+    if config.controlnet:
+        control.prepare_job(job, config, manifest, out, f"the artifact {artifact.name}")
     if config.quality and config.latents:
         from sdopt.bench.quality_run import check_latents
 
