@@ -68,6 +68,26 @@ def test_bench_controlnet_job_end_to_end(cn_artifact, tmp_path):
     assert np.abs(plain[0] - bench).max() > 0.05
 
 
+def test_bench_sdxl_two_controlnets(tmp_path_factory):
+    """SDXL (StableDiffusionXLControlNetPipeline), two ControlNets summed (MultiControlNetModel), scale 0.7."""
+    from sdopt.export.artifact import ExportOptions, export_artifact
+
+    art = tmp_path_factory.mktemp("bench-cn-xl") / "tiny-sdxl-cn"
+    comps = ["text_encoder", "text_encoder_2", "unet", "vae_decoder"]
+    nets = ["a=synthetic:1", "b=synthetic:2"]
+    export_artifact("synthetic:tiny-sdxl", art, ExportOptions(components=comps, controlnets=nets, ort_optimize=False))
+    out = tmp_path_factory.mktemp("bench-cn-xl-out")
+    args = ["--controlnet", ",".join(nets), "--control-scale", "0.7", "--guidance", "5", "--steps", "2"]
+    result = invoke(str(art), *args, "--runs", "1", "--warmup", "0", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    assert data["job"]["controlnet"] == ["a", "b"] and data["job"]["control_scale"] == 0.7
+    assert data["job"]["control_sources"] == ["a=synthetic:1", "b=synthetic:2"]
+    by = {b["name"]: b for b in data["backends"]}
+    assert all(b["status"] == "ok" and b["stages_s"]["controlnet"]["median"] > 0 for b in by.values())
+    assert by["onnxruntime"]["parity"]["max_abs_diff"] < TOL, by["onnxruntime"]["parity"]  # see the module docstring
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
