@@ -118,6 +118,31 @@ def test_bench_controlnet_artifact_must_hold_it(tiny_artifact, cn_artifact, tmp_
     assert not out.exists()
 
 
+def test_plain_job_on_a_controlnet_artifact(cn_artifact, tmp_path):
+    """Without --controlnet the job on a ControlNet artifact is plain: no ControlNet stage, no control image."""
+    out = tmp_path / "out"
+    result = invoke(
+        str(cn_artifact),
+        "--backends",
+        "onnxruntime",
+        "--steps",
+        "1",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--out",
+        str(out),
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    assert data["job"]["controlnet"] == [] and data["job"]["control_image"] is None
+    assert (
+        "controlnet" not in data["backends"][0]["stages_s"] and data["backends"][0]["stages_s"]["unet"]["median"] > 0
+    )
+    assert not (out / "control.png").exists()
+
+
 def test_controlnets_matched_by_name_or_source(cn_artifact):
     m = load_manifest(cn_artifact)
     for spec in ("synthetic", "synthetic=anything", "x=synthetic"):
