@@ -159,6 +159,16 @@ def write_control_image(config: BenchConfig, height: int, width: int, path: Path
     Image.fromarray(np.asarray(image, dtype=np.uint8)).save(path)
 
 
+def control_images(job: Job) -> Any:
+    """What both workers pass as the control image: the job's control.png as an RGB PIL image, one per ControlNet
+    when there are several (diffusers' MultiControlNet and the runtime both take a list then)."""
+    from PIL import Image
+
+    with Image.open(str(job.control_image)) as f:
+        image = f.convert("RGB")
+    return image if len(job.controlnet) == 1 else [image] * len(job.controlnet)
+
+
 def stage_names(job: Job | dict[str, Any]) -> tuple[str, ...]:
     """The timed stages of a job, in pipeline order: the ControlNet stage only for a ControlNet job."""
     control = job.get("controlnet") if isinstance(job, dict) else job.controlnet

@@ -112,12 +112,10 @@ def _control_kwargs(job: Job) -> dict[str, Any]:
     """The pipeline's ControlNet arguments for a ControlNet job (sdopt.bench.control), else none."""
     if not job.controlnet:
         return {}
-    from PIL import Image
+    from sdopt.bench.control import control_images
 
-    with Image.open(str(job.control_image)) as f:
-        image = f.convert("RGB")
     return {
-        "control_image": image if len(job.controlnet) == 1 else [image] * len(job.controlnet),
+        "control_image": control_images(job),
         "controlnet_conditioning_scale": job.control_scale,
         "controlnet": list(job.controlnet),
     }

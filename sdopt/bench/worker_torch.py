@@ -48,11 +48,9 @@ class TorchWorker:
         self.latents = initial_latents(job)
         self.job = job
         if job.controlnet:
-            from PIL import Image
+            from sdopt.bench.control import control_images
 
-            with Image.open(str(job.control_image)) as f:
-                image = f.convert("RGB")
-            self.control_image = image if len(job.controlnet) == 1 else [image] * len(job.controlnet)
+            self.control_image = control_images(job)
         return {
             "import_s": import_s,
             "load_s": time.perf_counter() - t0,
