@@ -137,8 +137,13 @@ def _build_engines(artifact: str, job: Job) -> float:
     t0 = time.perf_counter()
     try:
         from sdopt.export.tensorrt_build import BuildOptions, build_engines
+        from sdopt.manifest import load_manifest
 
-        build_engines(artifact, BuildOptions(batch=job.batch, height=job.height, width=job.width))
+        m, components = load_manifest(artifact), None
+        if m.controlnet is not None and not job.controlnet:  # a plain job on a ControlNet artifact: plain U-Net
+            components = m.controlnet.components_to_load(m.runtime_components(), controlnet=False)
+        options = BuildOptions(batch=job.batch, height=job.height, width=job.width, components=components)
+        build_engines(artifact, options)
     except Exception as e:  # noqa: BLE001
         raise EngineBuildFailed(f"building TensorRT engines failed: {describe(e)}") from e
     return time.perf_counter() - t0
