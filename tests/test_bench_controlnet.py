@@ -18,7 +18,7 @@ from bench_cli import invoke
 from PIL import Image
 
 from sdopt.bench.config import BenchConfig, make_config
-from sdopt.bench.control import artifact_controlnets, edge_map, torch_sources, write_control_image
+from sdopt.bench.control import artifact_controlnets, edge_map, render_control_image, torch_sources
 from sdopt.bench.plan import cache_key, export_settings
 from sdopt.errors import SdoptError
 from sdopt.manifest import load_manifest
@@ -169,5 +169,8 @@ def test_control_image_is_the_job_size(tmp_path):
     assert np.array_equal(a, edge_map(64, 96, 0)) and not np.array_equal(a, edge_map(64, 96, 1))
     Image.fromarray(edge_map(40, 30, 3)).save(tmp_path / "given.png")
     config = make_config(model="synthetic:tiny", controlnet="synthetic", control_image=str(tmp_path / "given.png"))
-    write_control_image(config, 64, 96, tmp_path / "control.png")
-    assert Image.open(tmp_path / "control.png").size == (96, 64)
+    assert render_control_image(config, 64, 96).size == (96, 64)
+    (tmp_path / "text.png").write_text("not an image")
+    config.control_image = str(tmp_path / "text.png")
+    with pytest.raises(SdoptError, match="is not a readable image"):
+        render_control_image(config, 64, 96)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import signal
@@ -290,6 +291,72 @@ def test_concurrent_requests_match_pipeline(server, tiny_artifact):
             # Tolerance 1/255: ONNX Runtime may differ in the last float bits between batch sizes, which can
             # flip one 8-bit rounding; measured 0.0 (float) on this tiny fp32 artifact, see README "Serving".
             assert np.abs(got - ref8).max() <= 1, (case, i)
+
+
+def test_mlperf_server_scenario_over_http(server, tiny_artifact, tmp_path, monkeypatch):
+    """`sdopt bench`'s Server scenario (sdopt.bench.server_scenario) against this real server: N Poisson-timed
+    queries as real HTTP requests; all answered, latencies positive, each image the runtime's for its seed."""
+    from sdopt.bench.records import Job
+    from sdopt.bench.server_scenario import BATCH_METRICS, batching, query_bodies, send_queries
+    from sdopt.runtime import Pipeline
+    from sdopt.serve.bench import read_metrics
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    job = Job("unused", "blurry", 3, 7.5, 64, 64, 1, 0, "euler", 1, [1, 4, 8, 8])
+    items = [(f"a lighthouse, variation {i}", 100 + i) for i in range(6)]
+    before = read_metrics(server.url, BATCH_METRICS)
+    result = send_queries(
+        server.url, query_bodies(items, job), qps=50.0, target_s=60.0, seed=3, api_key_env=KEY_ENV, folder=tmp_path
+    )
+    stacked = batching(before, read_metrics(server.url, BATCH_METRICS))
+    # 6 images x 3 Euler steps: 18 image-steps went through the U-Net, however they were stacked.
+    assert stacked is not None and stacked["unet_images"] == 18 and stacked["unet_calls"] >= 1
+    assert result.transport == f"HTTP POST {server.url}/v1/images/generations", result
+    assert result.statuses == {"200": 6}, result
+    assert result.completed == result.queries == 6 and result.met is True
+    assert 0 < result.latency_p50_s <= result.latency_p99_s < 60
+    ref = Pipeline.load(tiny_artifact("tiny"))(
+        items[5][0],
+        negative_prompt="blurry",
+        height=64,
+        width=64,
+        num_inference_steps=3,
+        scheduler="euler",
+        seed=105,
+        output_type="np",
+    ).images[0]
+    got = np.asarray(Image.open(tmp_path / "00005.png").convert("RGB")).astype(np.int16)
+    # 1/255: batch-size-dependent last-bit differences may flip one 8-bit rounding (as above).
+    assert np.abs(got - (ref * 255).round().astype(np.int16)).max() <= 1
+    with pytest.raises(SdoptError, match="SDOPT_TEST_UNSET_KEY is not set"):
+        send_queries(server.url, query_bodies(items[:1], job), 50.0, 60.0, api_key_env="SDOPT_TEST_UNSET_KEY")
+    # `sdopt bench-serve` shares the client (post_generation): it still counts images and statuses.
+    from sdopt.serve.bench import BenchServeOptions, run_bench_serve
+
+    load = run_bench_serve(BenchServeOptions(server.url, requests=2, concurrency=2, steps=2, api_key_env=KEY_ENV))
+    assert load.statuses == {"200": 2} and load.images == 2 and {"unet", "total"} <= set(load.server_timings_s)
+
+
+def test_bench_server_scenario_to_server_url(server, tmp_path, monkeypatch):
+    """`sdopt bench --quality N --server-url URL --server-api-key-env VAR`: the Server scenario goes to this server."""
+    pytest.importorskip("torchmetrics", reason="sdopt[quality] is not installed")
+    from bench_cli import invoke
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    out = tmp_path / "out"
+    result = invoke(
+        server.artifact,
+        *("--backends", "onnxruntime", "--runs", "1", "--warmup", "0", "--steps", "2", "--height", "64"),
+        *("--width", "64", "--quality", "3", "--server-url", server.url, "--server-api-key-env", KEY_ENV),
+        *("--server-qps", "20", "--scheduler", "euler", "--out", str(out)),
+    )
+    assert result.exit_code == 0, result.output
+    sv = json.loads((out / "results.json").read_text())["quality"]["server"]
+    assert (sv["started_by"], sv["url"]) == ("--server-url", server.url)
+    assert (sv["statuses"], sv["completed"]) == ({"200": 3}, 3)
+    assert sv["ready"]["family"] == "sd1" and sv["latency_p50_s"] > 0 and "vs_offline" not in sv
+    # 3 images x 2 Euler steps (one U-Net pass per step; PNDM would add a warm-up pass per image)
+    assert sv["batching"]["unet_images"] == 3 * 2
 
 
 def test_bad_requests_400(server):

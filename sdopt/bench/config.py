@@ -36,6 +36,8 @@ QUALITY_ONLY = (
     "protocol",
     "server_qps",
     "server_target_s",
+    "server_url",
+    "server_api_key_env",
 )  # options that need --quality N
 TEXT_KEYS = ("description", "note")  # free text a config file may carry; copied into results
 
@@ -77,6 +79,8 @@ class BenchConfig:
     protocol: str | None = None  # "mlperf-sdxl": MLPerf's settings, FID/CLIP window, Offline and Server
     server_qps: float | None = None  # Server scenario: Poisson arrival rate (queries per second)
     server_target_s: float | None = None  # Server scenario: the p99 latency target in seconds
+    server_url: str | None = None  # Server scenario: a running `sdopt serve` (loopback); None: the bench starts one
+    server_api_key_env: str | None = None  # Server scenario: env var holding that server's API key
     name: str | None = None  # the named config this came from
     description: str | None = None
     note: str | None = None
@@ -239,6 +243,10 @@ def validate_quality(config: BenchConfig) -> None:
                 f"--{name.replace('_', '-')} must be a number >= 0, got {value!r}",
                 "e.g. --max-fid-delta 5 --min-clip-score 25",
             )
+    if config.server_url is not None:
+        from sdopt.serve.bench import check_loopback
+
+        check_loopback(config.server_url)  # the bench's rule for load generators: this machine's servers only
     if config.protocol is not None:
         from sdopt.bench.protocol import PROTOCOLS
 

@@ -89,21 +89,22 @@ def artifact_controlnets(specs: list[str], manifest: Manifest, where: str) -> li
 
 
 def prepare_job(job: Job, config: BenchConfig, manifest: Manifest, out: Path, where: str) -> None:
-    """Fill in `job`'s ControlNet part and write its control image to `out`/control.png.
+    """Fill in `job`'s ControlNet part (its control image: `out`/control.png, written by `write_control_image`).
 
     Args:
         job: the job (changed in place).
         config: the benchmark config (its controlnet, control_image, control_scale).
         manifest: the artifact's manifest.
-        out: the results folder.
+        out: the results folder (need not exist yet).
         where: the artifact, as errors name it.
+    Raises:
+        SdoptError: a ControlNet the artifact lacks, or a --control-image that is not a readable image.
     """
     job.controlnet = artifact_controlnets(config.controlnet, manifest, where)
     job.control_sources = torch_sources(manifest, job.controlnet)
     job.control_scale = float(config.control_scale)
-    path = Path(out) / CONTROL_IMAGE
-    write_control_image(config, job.height, job.width, path)
-    job.control_image = str(path)
+    render_control_image(config, job.height, job.width)  # an unreadable --control-image fails before any work
+    job.control_image = str(Path(out) / CONTROL_IMAGE)
     given = config.control_image
     job.control_image_source = f"{given}, resized (Lanczos)" if given else f"seeded edge map, seed {config.seed}"
 
@@ -142,21 +143,24 @@ def edge_map(height: int, width: int, seed: int) -> np.ndarray:
     return np.repeat((edges * 255).astype(np.uint8)[..., None], 3, axis=2)
 
 
-def write_control_image(config: BenchConfig, height: int, width: int, path: Path) -> None:
-    """The job's control image at its output size, as PNG: --control-image resized (Lanczos), else `edge_map`."""
-    import numpy as np
+def render_control_image(config: BenchConfig, height: int, width: int) -> Any:
+    """The job's control image at its output size (PIL RGB): --control-image resized (Lanczos), else `edge_map`."""
     from PIL import Image
 
     if config.control_image is None:
-        image = Image.fromarray(edge_map(height, width, config.seed))
-    else:
-        try:
-            with Image.open(Path(config.control_image).expanduser()) as src:
-                image = src.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
-        except OSError as e:
-            problem = f"--control-image {config.control_image} is not a readable image ({e})"
-            raise SdoptError(problem, "pass a PNG or JPEG file") from e
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(path)
+        return Image.fromarray(edge_map(height, width, config.seed))
+    try:
+        with Image.open(Path(config.control_image).expanduser()) as src:
+            return src.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+    except OSError as e:
+        problem = f"--control-image {config.control_image} is not a readable image ({e})"
+        raise SdoptError(problem, "pass a PNG or JPEG file") from e
+
+
+def write_control_image(config: BenchConfig, job: Job, out: Path) -> None:
+    """A ControlNet job's control image as `out`/control.png, the file both workers read (nothing for a plain job)."""
+    if job.controlnet:
+        render_control_image(config, job.height, job.width).save(Path(out) / CONTROL_IMAGE)
 
 
 def control_images(job: Job) -> Any:

@@ -192,8 +192,8 @@ ServerQps = Annotated[
     Optional[float],
     typer.Option(
         "--server-qps",
-        help="--quality: run the Server scenario with Poisson arrivals at this rate (default "
-        "with --protocol: half the backend's Offline throughput).",
+        help="--quality: run the Server scenario: Poisson arrivals at this rate, sent over HTTP to "
+        "`sdopt serve` (default with --protocol: half onnxruntime's Offline throughput).",
     ),
 ]
 
@@ -201,6 +201,23 @@ ServerTargetS = Annotated[
     Optional[float],
     typer.Option(
         "--server-target-s", help="--quality Server scenario: p99 latency target in seconds (MLPerf SDXL: 20)."
+    ),
+]
+
+ServerUrl = Annotated[
+    Optional[str],
+    typer.Option(
+        "--server-url",
+        help="--quality Server scenario: send the queries to this running `sdopt serve` (loopback, e.g. "
+        "http://127.0.0.1:8000) instead of the local server the bench starts for the artifact.",
+    ),
+]
+
+ServerApiKeyEnv = Annotated[
+    Optional[str],
+    typer.Option(
+        "--server-api-key-env",
+        help="--quality Server scenario: environment variable holding --server-url's API key (Bearer).",
     ),
 ]
 

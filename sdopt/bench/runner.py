@@ -57,12 +57,11 @@ def run_benchmark(
     p = plan(config, cache_dir)
     out = Path(out_dir) if out_dir else default_out_dir(config)
     artifact, artifact_info = ensure_artifact(p, log)
-    out.mkdir(parents=True, exist_ok=True)
     manifest = load_manifest(artifact)
     job, machine = _prepare(p, config, manifest, artifact, out, log)
-    runs = {b: BackendRun(b) for b in config.backend_list()}
-    for b, reason in p.skipped.items():
-        runs[b].status, runs[b].error = "skipped", reason
+    out.mkdir(parents=True, exist_ok=True)  # after the checks: bad input leaves no empty results folder
+    control.write_control_image(config, job, out)
+    runs = _backend_runs(config, p)
     quality_plan = None
     with tempfile.TemporaryDirectory(prefix="sdopt-bench-") as tmp:
         try:
@@ -85,12 +84,21 @@ def run_benchmark(
     if quality_plan is not None:
         from sdopt.bench import quality_run
 
+        quality_run.server_scenario(quality_plan, runs, config, artifact, job, log)
         quality_run.add_metrics(results, runs, quality_plan, config, out, log)
     from sdopt.bench import report
 
     report.write_all(results, out, images)
     results["_out"] = str(out)
     return results
+
+
+def _backend_runs(config: BenchConfig, p: Plan) -> dict[str, BackendRun]:
+    """One record per requested backend, in table order; those this machine cannot run already skipped."""
+    runs = {b: BackendRun(b) for b in config.backend_list()}
+    for b, reason in p.skipped.items():
+        runs[b].status, runs[b].error = "skipped", reason
+    return runs
 
 
 def _prepare(
@@ -102,8 +110,12 @@ def _prepare(
         check_image(config, manifest.image, f"the export of {p.model}'s")
     job = make_job(config, manifest, artifact, p.threads)
     job.build_engines = p.artifact is None  # TensorRT engines: built on demand into the harness's cached export
-    if config.controlnet:
+    if config.controlnet:  # its control image is checked here, written once the results folder exists
         control.prepare_job(job, config, manifest, out, f"the artifact {artifact.name}")
+    if config.quality and config.server_url:  # before any worker starts: a server that is not there fails fast
+        from sdopt.bench.server_scenario import check_server_url
+
+        check_server_url(config.server_url, config.server_api_key_env)
     if config.quality and config.latents:
         from sdopt.bench.quality_run import check_latents
 
