@@ -207,7 +207,8 @@ def missing_partners_error(missing: list[str], supplied: list[str]) -> SdoptErro
     return SdoptError(
         f"refitting also needs the weights {' and '.join(parts)}{after} (TensorRT fused them with the ones "
         "given, and their current values are not known here)",
-        "rebuild the engine from this artifact (sdopt build ARTIFACT --force --refittable), "
+        "pass their current values too (refit_engine's `partners`); where they are no initializers of the "
+        "graph the engine was built from, rebuild the engine (sdopt build ARTIFACT --force --refittable) "
         "or merge the LoRA at export instead: sdopt export --lora FILE",
     )
 
