@@ -62,6 +62,10 @@ class BenchConfig:
     seed: int = 0
     threads: int | None = None  # None: physical cores
     precision: str = "fp32"  # export precision when MODEL is a model id
+    # ControlNet job (sdopt.bench.control): sources as `sdopt export --controlnet` takes them
+    controlnet: list[str] = field(default_factory=list)  # []: no ControlNet
+    control_image: str | None = None  # None: a seeded synthetic edge map of the job's size
+    control_scale: float = 1.0
     # --quality N (sdopt.bench.quality): N images per backend, one prompt and seed each, scored against torch's
     quality: int = 0  # 0: off
     prompts: str | None = None  # file: one prompt per line, or a TSV with a "caption" column (COCO/MLPerf)
@@ -136,6 +140,8 @@ def load_config_file(name: str) -> dict[str, Any]:
         )
     if isinstance(raw.get("backends"), str):
         raw["backends"] = parse_backends(raw["backends"])
+    if isinstance(raw.get("controlnet"), str):
+        raw["controlnet"] = parse_list(raw["controlnet"])
     raw.setdefault("name", path.stem)
     return raw
 
@@ -143,6 +149,11 @@ def load_config_file(name: str) -> dict[str, Any]:
 def parse_backends(value: str | list[str]) -> list[str]:
     items = value.split(",") if isinstance(value, str) else list(value)
     return [b.strip().lower() for b in items if b.strip()]
+
+
+def parse_list(value: str) -> list[str]:
+    """A comma-separated flag value as a list (--controlnet a=synthetic:1,b=synthetic:2)."""
+    return [v.strip() for v in value.split(",") if v.strip()]
 
 
 def make_config(config_name: str | None = None, **overrides: Any) -> BenchConfig:
@@ -159,7 +170,11 @@ def make_config(config_name: str | None = None, **overrides: Any) -> BenchConfig
         if key not in FIELDS:
             raise TypeError(f"unknown BenchConfig field {key!r}")
         if value is not None:
-            values[key] = parse_backends(value) if key == "backends" else value
+            if key == "backends":
+                value = parse_backends(value)
+            elif key == "controlnet" and isinstance(value, str):
+                value = parse_list(value)
+            values[key] = value
     try:
         config = BenchConfig(**values)
     except TypeError as e:  # pragma: no cover - guarded by the FIELDS check above
@@ -198,6 +213,9 @@ def validate(config: BenchConfig) -> None:
     if not config.prompt:
         raise SdoptError("empty prompt", "pass --prompt TEXT")
     validate_quality(config)
+    from sdopt.bench.control import validate_control
+
+    validate_control(config)
 
 
 def validate_quality(config: BenchConfig) -> None:

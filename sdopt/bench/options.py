@@ -79,6 +79,31 @@ Precision = Annotated[
     Optional[str], typer.Option("--precision", help="Export precision for a model id: fp32 or fp16.")
 ]
 
+Controlnet = Annotated[
+    Optional[str],
+    typer.Option(
+        "--controlnet",
+        help="ControlNet job: SRC[,SRC] as `sdopt export --controlnet` takes them (synthetic[:SEED], a "
+        "ControlNet folder or hub id, NAME=SRC). A model id is exported with them (cached per source list); "
+        "an artifact folder must hold them. torch runs diffusers' ControlNet pipeline with the same weights; "
+        "the ControlNet is its own stage.",
+    ),
+]
+
+ControlImage = Annotated[
+    Optional[str],
+    typer.Option(
+        "--control-image",
+        help="--controlnet: control image file, resized to the job's size (default: a seeded synthetic edge "
+        "map). Saved as control.png in the results.",
+    ),
+]
+
+ControlScale = Annotated[
+    Optional[float],
+    typer.Option("--control-scale", help="--controlnet: conditioning scale of every ControlNet (default 1.0)."),
+]
+
 Quality = Annotated[
     Optional[int],
     typer.Option(
