@@ -18,6 +18,7 @@ import textwrap
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import pytest
@@ -393,22 +394,34 @@ def test_client_disconnect_cancels_remaining_steps(server):
     assert server.metric('sdopt_requests_total{status="499"}') >= 1
 
 
-def ray_api(server: Server, code: str) -> str:
-    """Run Ray API calls as a separate driver on the server's Ray instance; returns its stdout.
+def ray_driver(server: Server, code: str, **popen: Any) -> subprocess.Popen:
+    """Start Ray API calls as a separate driver on the server's Ray instance.
 
     Joining by explicit address needs Ray's token mode in the environment before Ray starts
     (RAY_AUTH_MODE=token; the token is ~/.ray/auth_token, written by the server's ray.init).
     """
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     prologue = f"import ray\nray.init(address={server.ray_address()!r}, log_to_driver=False)\n"
-    done = subprocess.run(
-        [sys.executable, "-c", prologue + textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    return done.stdout
+    return subprocess.Popen([sys.executable, "-c", prologue + textwrap.dedent(code)], env=env, text=True, **popen)
+
+
+def ray_api(server: Server, code: str) -> str:
+    """Run Ray API calls as a separate driver on the server's Ray instance; returns its stdout."""
+    driver = ray_driver(server, code, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = driver.communicate(timeout=120)
+    assert driver.returncode == 0, out[-2000:] + err[-2000:]
+    return out
 
 
 REPLICAS = "from sdopt.serve.deploy import replica_actor_names\nprint(*replica_actor_names())\n"
+KILL_ON_CUE = """
+import sys
+actor = ray.get_actor({name!r}, namespace="serve")
+print("ready", flush=True)
+sys.stdin.readline()
+ray.kill(actor, no_restart=True)
+print("killed", flush=True)
+"""
 
 
 def test_replica_killed_mid_load(server):
@@ -425,6 +438,9 @@ def test_replica_killed_mid_load(server):
         except requests.exceptions.RequestException as e:  # a hang would show as ReadTimeout
             results.append(type(e).__name__)
 
+    # Joining Ray takes seconds on a loaded machine, longer than these requests: join first, kill on cue.
+    killer = ray_driver(server, KILL_ON_CUE.format(name=names[0]), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert killer.stdout.readline().strip() == "ready"
     threads = [threading.Thread(target=one, args=(i,)) for i in range(held + 2)]
     for t in threads:
         t.start()
@@ -438,7 +454,10 @@ def test_replica_killed_mid_load(server):
     deadline = time.monotonic() + 20
     while active() == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
-    ray_api(server, f"ray.kill(ray.get_actor({names[0]!r}, namespace='serve'), no_restart=True)")
+    killer.stdin.write("kill\n")  # the driver joined Ray before the load: the kill itself is immediate
+    killer.stdin.flush()
+    assert killer.stdout.readline().strip() == "killed"
+    killer.wait(timeout=60)
     for t in threads:
         t.join(CLIENT_TIMEOUT + 10)
     print("statuses after the kill:", results)
