@@ -3,12 +3,8 @@ answers, stop it with Ctrl-C. Every request has a client timeout, so nothing her
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,13 +14,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from sdopt.serve.process import free_port, start, stop
+
 CLIENT_TIMEOUT = 60  # seconds
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -61,10 +53,7 @@ def serve_process(
 
     The caller may stop it itself (then this only checks it is gone); otherwise Ctrl-C stops it here."""
     port = free_port()
-    env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", "COLUMNS": "400"}
-    cmd = [sys.executable, "-m", "sdopt", "serve", artifact, "--port", str(port), *args]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    proc = start(artifact, port, args, log, env)
     server = Server(f"http://127.0.0.1:{port}", proc, log, artifact, headers or {})
     try:
         deadline = time.monotonic() + 240
@@ -79,10 +68,4 @@ def serve_process(
             pytest.fail(f"sdopt serve did not start: {log.read_text()[-3000:]}")
         yield server
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop(proc, timeout_s=60)

@@ -309,7 +309,7 @@ def test_served_images_compared_with_the_offline_set(tmp_path):
 
 
 def test_unreachable_server_url_fails_before_any_worker(tiny_artifact, tmp_path):
-    from sdopt.bench.server_scenario import free_port
+    from sdopt.serve.process import free_port
 
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     result = invoke(

@@ -22,11 +22,7 @@ would measure something else (no HTTP, no step batching) under the same name.
 from __future__ import annotations
 
 import base64
-import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,12 +33,12 @@ from sdopt.bench.plan import Log
 from sdopt.bench.protocol import PROTOCOLS, Server, offline, poisson_arrivals, server_result
 from sdopt.bench.records import BackendRun, Job
 from sdopt.errors import SdoptError
+from sdopt.serve import process as serve_process
 from sdopt.serve.bench import GENERATIONS_PATH, auth_headers, post_generation, read_metrics, read_ready
 
 MAX_QUERIES = 64
 RUNTIME_BACKEND = "onnxruntime"  # the backend whose engine `sdopt serve` runs
 START_TIMEOUT_S = 300.0  # a local Ray instance plus one replica loading the artifact
-STOP_TIMEOUT_S = 90.0
 BATCH_METRICS = ("sdopt_unet_batch_images_count", "sdopt_unet_batch_images_sum")  # the server's step batcher
 SEED_NOTE = (
     "one seed per query (the caption's): the HTTP API takes seeds, not latents, so MLPerf's fixed "
@@ -165,39 +161,24 @@ def send_queries(
     )
 
 
-def free_port() -> int:
-    """A TCP port free on loopback right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class LocalServer:
     """`sdopt serve ARTIFACT` in its own process (and process group) on a free loopback port."""
 
     def __init__(self, artifact: Path, job: Job, queries: int, provider: str, log_path: Path) -> None:
+        self.artifact = artifact
         self.log_path = log_path
-        self.port = free_port()
+        self.port = serve_process.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.command = [
-            *("sdopt", "serve", str(artifact), "--port", str(self.port), "--threads", str(job.threads)),
-            *("--provider", provider, "--max-steps", str(max(100, job.steps))),
+        self.args = [
+            *("--threads", str(job.threads), "--provider", provider, "--max-steps", str(max(100, job.steps))),
             *("--max-size", str(max(1024, job.height, job.width)), "--max-queue", str(max(16, queries))),
         ]
+        self.command = ["sdopt", "serve", str(artifact), "--port", str(self.port), *self.args]
         self.proc: subprocess.Popen | None = None
         self.ready: dict[str, Any] = {}  # what the server's /ready said once it answered
 
     def __enter__(self) -> LocalServer:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "400"}
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sdopt", *self.command[1:]],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: a stuck Ray instance can be ended as one
-            )
+        self.proc = serve_process.start(self.artifact, self.port, self.args, self.log_path)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline and self.proc.poll() is None:
             try:
@@ -213,15 +194,8 @@ class LocalServer:
         )
 
     def __exit__(self, *exc: Any) -> None:
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGINT)  # the CLI's Ctrl-C path: Serve and the local Ray instance stop
-        try:
-            proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        if self.proc is not None:
+            serve_process.stop(self.proc)
 
 
 def run(
