@@ -8,7 +8,9 @@ the synthetic model are random too, so images say nothing about quality, only sp
 - "style": a typical U-Net + text-encoder LoRA, rank 16, on attention (to_q/k/v/out),
   proj_in/proj_out and feed-forward of the U-Net and q/k/v/out_proj and fc1/fc2 of CLIP;
 - "lcm": shaped like LCM-LoRA for SD 1.5 (rank 64 on every U-Net Linear and Conv2d).
-Measured in one process, side by side: swap (set_loras) and restore (set_loras([])) times,
+Measured in one process, side by side: swap (set_loras) and restore (set_loras([])) times
+(each swap split into its spans: weights = reading the file, B @ A, reading the base weights
+and merging; engines = creating the new sessions; swap_in = waiting for calls in flight),
 U-Net step time of 20-step runs before and after a swap, and the LCM 4-step run (`lcm`
 scheduler, no CFG) against the 20-step exact run (model's scheduler, CFG 7.5). A swap
 includes reading the file, B @ A for every module, reading the base weights from the graph
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -70,6 +73,7 @@ def main() -> None:
     out = args.out or Path(__file__).parent / "results" / f"lora-sd15-{args.size}-cpu-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
 
+    load_avg = [os.getloadavg()]
     t0 = time.perf_counter()
     pipe = Pipeline.load(args.artifact)
     load_s = time.perf_counter() - t0
@@ -94,9 +98,10 @@ def main() -> None:
     exact(2)  # warm-up (first-run allocations)
     base_image = exact(2).images
     before = [exact().timings for _ in range(args.repeats)]
-    swaps, restores = [], []
+    swaps, restores, spans = [], [], []
     for _ in range(args.repeats):
         swaps.append(timed(lambda: pipe.set_loras([(style, 1.0)])))
+        spans.append({k: round(v, 3) for k, v in getattr(pipe.lora, "timings", {}).items()})
         restores.append(timed(lambda: pipe.set_loras([])))
     restored = exact(2).images
     pipe.set_loras([(style, 1.0)])
@@ -122,6 +127,7 @@ def main() -> None:
         "restore_s": med(restores),
         "swap_all_s": [round(x, 3) for x in swaps],
         "restore_all_s": [round(x, 3) for x in restores],
+        "swap_spans_s": spans,  # per swap: weights (read, B @ A, merge) / engines (new sessions) / swap_in
         "swap_lcm_rank64_s": round(lcm_swap, 3),
         "step_s_before_swap": med([t["unet_per_step"] for t in before]),
         "step_s_after_swap": med([t["unet_per_step"] for t in after]),
@@ -130,6 +136,7 @@ def main() -> None:
         "lcm_step_s": med([t["unet_per_step"] for t in lcm_runs]),
         "restore_identical_bytes": bool(base_image.tobytes() == restored.tobytes()),
         "re_export_s": sum(c.export_seconds for c in m.components.values()),
+        "load_average_start_end": [[round(x, 2) for x in load_avg[0]], [round(x, 2) for x in os.getloadavg()]],
         "note": "random weights: images say nothing about quality; timings on a shared 2-core machine (noisy)",
     }
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")

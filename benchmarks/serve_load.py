@@ -20,10 +20,8 @@ import argparse
 import gc
 import json
 import os
-import signal
-import socket
 import subprocess
-import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import asdict
@@ -32,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from sdopt.serve import process as serve_process
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = [  # (label, replicas, max_batch, ORT threads per replica) on a 2-core machine
@@ -57,12 +57,6 @@ def artifact_for(model: str) -> Path:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -81,16 +75,9 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
 def run_setting(artifact: Path, args: argparse.Namespace, replicas: int, max_batch: int, threads: int) -> dict:
     from sdopt.serve.bench import BenchServeOptions, run_bench_serve
 
-    port = free_port()
+    port = serve_process.free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "sdopt",
-        "serve",
-        str(artifact),
-        "--port",
-        str(port),
+    serve_args = [
         "--replicas",
         str(replicas),
         "--max-batch",
@@ -106,9 +93,9 @@ def run_setting(artifact: Path, args: argparse.Namespace, replicas: int, max_bat
         "--provider",
         args.provider,
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = Path(tempfile.gettempdir()) / f"sdopt-serve-load-{port}.log"
+    proc = serve_process.start(artifact, port, serve_args, log, env={"PYTHONPATH": str(ROOT)})
     try:
         wait_ready(url, proc, args.start_timeout)
         start_s = time.monotonic() - t0
@@ -128,12 +115,7 @@ def run_setting(artifact: Path, args: argparse.Namespace, replicas: int, max_bat
         print(f"  {result.summary()}", flush=True)
         return {**asdict(result), "server_start_s": start_s}
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        serve_process.stop(proc, timeout_s=60)
 
 
 def batching_tolerance(pipe: Any, size: int, steps: int, count: int) -> dict:

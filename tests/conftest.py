@@ -113,6 +113,46 @@ def reference_store() -> ReferenceStore:
     return ReferenceStore(artifacts_dir(), LEAN)
 
 
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A tiny randomly initialised CLIP (model + processor folder) for CLIP score: never downloaded."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from sdopt.export.tokenizer_files import write_clip_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    write_clip_tokenizer(folder, "<|endoftext|>", 77)
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": tokenizer.vocab_size + 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 77,
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=16,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
 # -- the numbers: each test records its own, the summary prints them after the run -------------
 _METRICS = pytest.StashKey[dict]()
 

@@ -382,7 +382,8 @@ def test_importing_the_harness_does_not_import_torch():
     code = (
         "import sys, sdopt.bench, sdopt.bench.command, sdopt.bench.runner, sdopt.bench.report, "
         "sdopt.bench.workers, sdopt.bench.worker_torch, sdopt.bench.worker_runtime, sdopt.bench.quality, "
-        "sdopt.bench.quality_run, sdopt.bench.quality_report, sdopt.bench.protocol; print('torch' in sys.modules)"
+        "sdopt.bench.quality_run, sdopt.bench.quality_report, sdopt.bench.protocol, sdopt.bench.server_scenario, "
+        "sdopt.bench.quality_eval, sdopt.cli.eval; print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

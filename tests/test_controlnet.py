@@ -8,7 +8,7 @@ compared as [0, 1] pixels. Every number is recorded (`record_metric`) and summar
 
 Tolerance: 1e-4 max abs pixel difference (the issue's bound is 1e-3). Both sides are fp32; the
 only differences are kernel rounding (ONNX Runtime vs PyTorch) carried through a few steps,
-observed <= ~5e-6; a real bug (a residual missing, a wrong scale, window or guess-mode ramp) moves
+observed <= ~7e-6; a real bug (a residual missing, a wrong scale, window or guess-mode ramp) moves
 pixels by >= 1e-2 (each case also checks that its ControlNets change the image by far more).
 
 Artifacts: each family's ControlNet artifact is exported once per session (`control_artifact`),
@@ -49,6 +49,7 @@ RANDN_MODULES = (
     "diffusers.pipelines.controlnet.pipeline_controlnet",
     "diffusers.pipelines.controlnet.pipeline_controlnet_img2img",
     "diffusers.pipelines.controlnet.pipeline_controlnet_inpaint",
+    "diffusers.pipelines.controlnet.pipeline_controlnet_inpaint_sd_xl",
     "diffusers.pipelines.controlnet.pipeline_controlnet_sd_xl",
     "diffusers.pipelines.controlnet.pipeline_controlnet_sd_xl_img2img",
     "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion",
@@ -187,6 +188,22 @@ def test_controlnet_from_another_family_is_refused_at_export(tmp_path, reference
     assert not (tmp_path / "out").exists()
 
 
+def test_nine_channel_inpainting_unet_is_refused_at_export(tmp_path, reference_pipeline):
+    """Not a covered mode: the ControlNet graph takes the U-Net's sample, which for a 9-channel U-Net holds
+    the mask and masked-image latents too (diffusers feeds the ControlNet the 4 latent channels only)."""
+    from sdopt.export.synthetic import load_preset
+
+    torch.manual_seed(1)
+    unet = diffusers.UNet2DConditionModel(**{**load_preset("tiny")["unet"], "in_channels": 9})
+    ref = reference_pipeline("tiny")
+    diffusers.StableDiffusionPipeline(**{**ref.components, "unet": unet}).save_pretrained(tmp_path / "inpainting")
+    opts = ExportOptions(components=["text_encoder", "unet"], ort_optimize=False, controlnets=["synthetic"])
+    with pytest.raises(SdoptError, match=r"9-channel \(inpainting\) U-Net is not supported") as e:
+        export_artifact(str(tmp_path / "inpainting"), tmp_path / "out", opts)
+    assert "export the base (non-inpainting) model" in e.value.fix
+    assert not (tmp_path / "out").exists()
+
+
 # -- parity -------------------------------------------------------------------------------------
 MODES = {"txt2img": "", "img2img": "Img2Img", "inpaint": "Inpaint"}  # diffusers' ControlNet pipeline names
 CASES = {  # name -> (family, ControlNets, mode, call arguments beyond the prompt)
@@ -212,6 +229,7 @@ CASES = {  # name -> (family, ControlNets, mode, call arguments beyond the promp
         "inpaint",
         {"strength": 0.75, "controlnet_conditioning_scale": 1.0},
     ),
+    "sdxl inpaint": ("sdxl", ["b"], "inpaint", {"strength": 0.75, "controlnet_conditioning_scale": 1.0}),
     "sd2 one, scale 0.5": ("sd2", ["cn-sd2"], "txt2img", {"controlnet_conditioning_scale": 0.5}),
     "sd2 img2img": ("sd2", ["cn-sd2"], "img2img", {"strength": 0.6, "controlnet_conditioning_scale": 1.0}),
     "sdxl two, scales 1.2/0.6": ("sdxl", ["a", "b"], "txt2img", {"controlnet_conditioning_scale": [1.2, 0.6]}),

@@ -33,7 +33,7 @@ from lora_files import make_peft_lora, peft_to_kohya  # noqa: E402
 
 from sdopt.errors import SdoptError  # noqa: E402
 from sdopt.export.synthetic import build_pipeline, load_preset  # noqa: E402
-from sdopt.lora.files import LoraSpec, compute_deltas, parse_lora_arg  # noqa: E402
+from sdopt.lora.files import LoraSpec, compute_deltas, parse_lora_arg, plan_deltas  # noqa: E402
 from sdopt.lora.keys import _diffusers_module, split_role  # noqa: E402
 from sdopt.runtime import Pipeline  # noqa: E402
 from sdopt.runtime.lora_swap import manifest_targets  # noqa: E402
@@ -289,7 +289,7 @@ def test_optimised_graph_and_original_graph_swaps_agree(runtime, lora_file):
     graph = "unet_deep" if "unet_deep" in pipe.manifest.components else "unet"  # what the runtime loads
     refs = pipe.manifest.components[graph].weights
     assert all(r.ort_cpu for r in refs.values()) and any(r.ort_cpu_layout for r in refs.values())
-    deltas = compute_deltas([LoraSpec(lora_file("tiny"), 1.0)], manifest_targets(pipe.manifest))
+    deltas = plan_deltas([LoraSpec(lora_file("tiny"), 1.0)], manifest_targets(pipe.manifest))
     fast_over = build_overrides(pipe.root, pipe.manifest, deltas, pipe.backend.optimised_graph, [graph])[graph]
     slow_over = build_overrides(pipe.root, pipe.manifest, deltas, names=[graph])[graph]
     assert fast_over.optimised and not slow_over.optimised
@@ -487,3 +487,56 @@ def test_tensorrt_refit_matches_merged_build_and_refits_back(tiny_artifact, lora
     assert np.abs(run(pipe, "tiny") - base).max() < 1e-5
     loaded = Pipeline.load(refittable, provider="tensorrt", loras=[spec])  # refit at load
     assert np.abs(run(loaded, "tiny") - refitted).max() < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_trt_missing(), reason="needs tensorrt and an NVIDIA GPU: run `pytest -m gpu` on a GPU host")
+def test_tensorrt_refit_supplies_fused_partner_weights(tiny_artifact, lora_file, tmp_path):
+    """A LoRA'd weight TensorRT fused with others (a GEMM's bias, a folded scale) is refused alone,
+    naming the partners; with them read from model.onnx the refit goes through, and the swap
+    and the swap back give the base engine's image again."""
+    import shutil
+    from functools import partial
+
+    from sdopt.engines.trt import check_refit_array, refit_engine, trt_logger
+    from sdopt.export.tensorrt_build import BuildOptions, build_engines
+    from sdopt.runtime.lora_refit import base_values, partner_values
+
+    spec = LoraSpec(lora_file("tiny"), 0.8)
+    art = shutil.copytree(tiny_artifact("tiny"), tmp_path / "refittable")
+    build_engines(art, BuildOptions(refittable=True))
+    pipe = Pipeline.load(art, provider="tensorrt")
+    base = run(pipe, "tiny")
+    overrides = pipe.lora.overrides([spec])
+    name = next(n for n in sorted(overrides) if n.startswith("unet"))
+    session = pipe.sessions[pipe.lora.role(name)]
+    session = getattr(session, "session", session)
+    trt, engine = session.backend.trt, session.engine
+    fused = {}  # LoRA'd weight -> what the refitter misses when only it is set
+    for init, value in overrides[name].initializers.items():
+        refitter = trt.Refitter(engine, trt_logger(trt))
+        proto = refitter.get_weights_prototype(init)
+        array = check_refit_array(init, value, int(proto.size), proto.dtype)  # alive while the refitter is
+        refitter.set_named_weights(init, array)
+        missing = [m for m in refitter.get_missing_weights() if m]
+        if missing:
+            fused[init] = missing
+        del refitter, array  # nothing refitted: refit_cuda_engine was never called
+    if not fused:
+        pytest.skip(f"TensorRT {trt.__version__} fused none of the LoRA'd {name} weights: no partner to supply")
+    init = next(iter(fused))
+    one = {init: overrides[name].initializers[init]}
+    with pytest.raises(SdoptError, match="also needs the weights"):
+        refit_engine(trt, engine, one)  # refused before refit_cuda_engine: the engine is unchanged
+    graph = art / pipe.manifest.components[name].path
+    source = partial(partner_values, current=one, base=partial(base_values, graph))
+    assert set(fused[init]) <= set(session.refit(one, source))
+    back = dict(base_values(graph, {init}))
+    session.refit(back, partial(partner_values, current=back, base=partial(base_values, graph)))
+    assert np.abs(run(pipe, "tiny") - base).max() < 1e-5  # base weights and partners back: base image
+
+    pipe.set_loras([spec])  # the pipeline path: every LoRA'd weight, partners from model.onnx
+    assert pipe.lora.refit_partners.get(name), pipe.lora.refit_partners
+    assert np.abs(run(pipe, "tiny") - base).max() > MOVES
+    pipe.set_loras([])
+    assert np.abs(run(pipe, "tiny") - base).max() < 1e-5

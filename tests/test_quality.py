@@ -178,46 +178,7 @@ def test_score_sets_with_logits_model_and_ref_stats(tmp_path):
     assert scores["fast"].clip_score is None and "no CLIP weights" in scores["fast"].clip_score_note
 
 
-# -- CLIP score with a tiny random CLIP ------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    from sdopt.export.tokenizer_files import write_clip_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    write_clip_tokenizer(folder, "<|endoftext|>", 77)
-    tokenizer = CLIPTokenizer.from_pretrained(folder)
-    config = CLIPConfig(
-        text_config={
-            "vocab_size": tokenizer.vocab_size + 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 77,
-            "eos_token_id": tokenizer.eos_token_id,
-            "bos_token_id": tokenizer.bos_token_id,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 32,
-            "patch_size": 8,
-        },
-        projection_dim=16,
-    )
-    import torch
-
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(folder)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
-    return folder
-
-
+# -- CLIP score with a tiny random CLIP (the tiny_clip fixture: tests/conftest.py) -----------------
 def test_clip_score_matches_direct_cosine(tiny_clip):
     import torch
 
@@ -316,27 +277,58 @@ def test_mlperf_protocol_settings_deviations_and_window():
     assert protocol.window_check("mlperf-sdxl", None, None)["fid_ok"] is None
 
 
-def test_server_scenario_queues_poisson_arrivals():
+def test_server_scenario_arrivals_and_summary():
     arrivals = protocol.poisson_arrivals(4000, qps=2.0, seed=0)
     assert np.mean(np.diff([0.0, *arrivals])) == pytest.approx(0.5, rel=0.05)  # mean gap 1/qps
-    now = [0.0]  # a clock the fake service advances: 1 s per query, so the queue arithmetic is exact
-    served = []
+    lat = [0.5, 1.0, 2.5, None]  # the fourth query was refused
+    result = protocol.server_result(lat, ["200", "200", "200", "503"], 4.0, 3.0, "http x", "queue full")
+    assert (result.queries, result.completed, result.statuses) == (4, 3, {"200": 3, "503": 1})
+    assert result.latency_p50_s == 1.0 and result.latency_p99_s == pytest.approx(float(np.percentile(lat[:3], 99)))
+    assert result.met is False  # p99 2.47 s < 3 s, but a query was not answered
+    assert protocol.server_result([0.5, 1.0], ["200"] * 2, 4.0, 3.0, "http x").met is True
+    assert protocol.server_result([None], ["error"], 4.0, 3.0, "http x").latency_p99_s is None
 
-    def serve(i):
-        served.append(i)
-        now[0] += 1.0
 
-    result = protocol.run_server(
-        serve, 5, qps=0.5, target_s=2.0, seed=1, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s)
+def test_served_images_compared_with_the_offline_set(tmp_path):
+    from PIL import Image
+
+    from sdopt.bench.server_scenario import compare_with_offline
+
+    (tmp_path / "server").mkdir()
+    (tmp_path / "offline").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        pixels = rng.integers(0, 250, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "offline" / f"{i:05d}.png")
+        pixels[0, 0, 0] += 3 * (i == 2)  # the third served image differs by 3 in one pixel
+        Image.fromarray(pixels).save(tmp_path / "server" / f"{i:05d}.png")
+    assert compare_with_offline(tmp_path / "server", tmp_path / "offline", 4) == {
+        "compared": 3,
+        "max_abs_diff_uint8": 3,
+    }
+
+
+def test_unreachable_server_url_fails_before_any_worker(tiny_artifact, tmp_path):
+    from sdopt.serve.process import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    result = invoke(
+        str(tiny_artifact()),
+        *("--backends", "onnxruntime", "--steps", "2", "--height", "64", "--width", "64"),
+        *("--quality", "2", "--server-url", url, "--out", str(tmp_path / "out")),
     )
-    arr = protocol.poisson_arrivals(5, 0.5, seed=1)
-    finish, lat = 0.0, []
-    for a in arr:
-        finish = max(finish, a) + 1.0
-        lat.append(finish - a)
-    assert served == [0, 1, 2, 3, 4]
-    assert result.latency_p99_s == pytest.approx(float(np.percentile(lat, 99)))
-    assert result.met == (result.latency_p99_s <= 2.0) and "in-process" in result.transport
+    assert result.exit_code == 2, result.output
+    assert f"--server-url: no sdopt server answers at {url}" in result.output
+    assert "sdopt serve ARTIFACT" in result.output and "leave --server-url out" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()  # nothing written
+    unset = invoke(
+        str(tiny_artifact()),
+        *("--quality", "2", "--server-url", url, "--server-api-key-env", "SDOPT_TEST_UNSET_KEY"),
+        *("--out", str(tmp_path / "unset")),
+    )
+    assert unset.exit_code == 2 and "SDOPT_TEST_UNSET_KEY is not set" in unset.output, unset.output
+    bad = invoke(str(tiny_artifact()), "--quality", "2", "--server-url", "http://8.8.8.8:80", "--out", str(tmp_path))
+    assert bad.exit_code == 2 and "not a loopback address" in bad.output, bad.output
 
 
 # -- end to end on the tiny model ------------------------------------------------------------------
@@ -401,12 +393,22 @@ def test_bench_quality_end_to_end_with_protocol(tiny_artifact, tiny_clip, tmp_pa
     assert ort["kid"]["subset_size"] == 3
     assert ort["inception_score"] is None and "pool layer" in ort["inception_score_note"]
     assert ort["clip_score"] is not None and ort["clip_score"] >= 0.0 and ort["fid_vs_ref_stats"] > 0
-    assert ort["offline"]["images"] == 3 and ort["server"]["queries"] == 3 and "p99" not in ort["server"]
+    assert ort["offline"]["images"] == 3 and "server" not in ort
+    # The Server scenario: 3 real HTTP requests to the `sdopt serve` the bench started on loopback.
+    sv = q["server"]
+    assert sv["transport"].startswith("HTTP POST http://127.0.0.1:") and sv["started_by"].startswith(
+        "the bench: sdopt serve"
+    )
+    assert (sv["queries"], sv["completed"], sv["statuses"]) == (3, 3, {"200": 3}), sv
+    assert 0 < sv["latency_p50_s"] <= sv["latency_p99_s"] and sv["qps"] == 20 and sv["ready"]["ready"] is True
+    assert "seed" in sv["seeds"] and "not measured" in sv["torch"]
+    assert sv["batching"]["unet_images"] == 3 * 2  # 3 images x 2 steps
+    assert (out / "quality" / "server" / "00002.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "quality" / "onnxruntime" / "00002.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "quality" / "compare.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "quality" / "grid-torch.png").is_file()
     md = (out / "results.md").read_text()
-    assert "## Quality" in md and "not conformant" in md and "N = 3" in md
+    assert "## Quality" in md and "not conformant" in md and "N = 3" in md and "3/3 queries answered" in md
 
 
 def test_latents_of_the_wrong_shape_are_rejected(tmp_path):

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
-import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,6 +27,7 @@ pytest.importorskip("ray.serve")
 requests = pytest.importorskip("requests")
 
 from PIL import Image  # noqa: E402
+from serve_process import CLIENT_TIMEOUT, Server, free_port, serve_process  # noqa: E402
 
 from sdopt.errors import SdoptError  # noqa: E402
 from sdopt.serve.config import ServeConfig  # noqa: E402
@@ -36,13 +35,6 @@ from sdopt.serve.config import ServeConfig  # noqa: E402
 KEY_ENV = "SDOPT_TEST_SERVE_KEY"
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-CLIENT_TIMEOUT = 60  # seconds; every request in this file is bounded
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 SERVE_ARGS = [
@@ -63,62 +55,13 @@ SERVE_ARGS = [
 ]
 
 
-@dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen
-    log: Path
-    artifact: str
-
-    def post(self, body, headers=AUTH, timeout=CLIENT_TIMEOUT, **kw):
-        return requests.post(self.url + "/v1/images/generations", json=body, headers=headers, timeout=timeout, **kw)
-
-    def metric(self, name: str) -> float:
-        text = requests.get(self.url + "/metrics", timeout=10).text
-        return sum(
-            float(line.split()[-1])
-            for line in text.splitlines()
-            if line.startswith(name + " ") or line.startswith(name + "{")
-        )
-
-    def ray_address(self) -> str:
-        match = re.search(r"local Ray instance (\S+);", self.log.read_text())
-        assert match, self.log.read_text()[-2000:]
-        return match.group(1)
-
-
 @pytest.fixture(scope="module")
 def server(tiny_artifact, tmp_path_factory):
     """`sdopt serve ARTIFACT` exactly as a user runs it: a local Ray instance, loopback, Ctrl-C to stop."""
-    artifact = str(tiny_artifact("tiny"))
-    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {**os.environ, KEY_ENV: KEY, "PYTHONUNBUFFERED": "1", "COLUMNS": "400"}
-    cmd = [sys.executable, "-m", "sdopt", "serve", artifact, "--port", str(port), *SERVE_ARGS]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", proc, log, artifact)
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if requests.get(server.url + "/ready", timeout=5).status_code == 200 and "Ctrl-C" in log.read_text():
-                    break
-            except requests.exceptions.RequestException:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"sdopt serve did not start: {log.read_text()[-3000:]}")
+    with serve_process(str(tiny_artifact("tiny")), SERVE_ARGS, log, env={KEY_ENV: KEY}, headers=AUTH) as server:
         yield server
         _assert_clean_shutdown(server)
-    finally:
-        if proc.poll() is None:  # only where the shutdown check failed
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
 
 
 def _assert_clean_shutdown(server: Server) -> None:
@@ -292,6 +235,72 @@ def test_concurrent_requests_match_pipeline(server, tiny_artifact):
             assert np.abs(got - ref8).max() <= 1, (case, i)
 
 
+def test_mlperf_server_scenario_over_http(server, tiny_artifact, tmp_path, monkeypatch):
+    """`sdopt bench`'s Server scenario (sdopt.bench.server_scenario) against this real server: N Poisson-timed
+    queries as real HTTP requests; all answered, latencies positive, each image the runtime's for its seed."""
+    from sdopt.bench.records import Job
+    from sdopt.bench.server_scenario import BATCH_METRICS, batching, query_bodies, send_queries
+    from sdopt.runtime import Pipeline
+    from sdopt.serve.bench import read_metrics
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    job = Job("unused", "blurry", 3, 7.5, 64, 64, 1, 0, "euler", 1, [1, 4, 8, 8])
+    items = [(f"a lighthouse, variation {i}", 100 + i) for i in range(6)]
+    before = read_metrics(server.url, BATCH_METRICS)
+    result = send_queries(
+        server.url, query_bodies(items, job), qps=50.0, target_s=60.0, seed=3, api_key_env=KEY_ENV, folder=tmp_path
+    )
+    stacked = batching(before, read_metrics(server.url, BATCH_METRICS))
+    # 6 images x 3 Euler steps: 18 image-steps went through the U-Net, however they were stacked.
+    assert stacked is not None and stacked["unet_images"] == 18 and stacked["unet_calls"] >= 1
+    assert result.transport == f"HTTP POST {server.url}/v1/images/generations", result
+    assert result.statuses == {"200": 6}, result
+    assert result.completed == result.queries == 6 and result.met is True
+    assert 0 < result.latency_p50_s <= result.latency_p99_s < 60
+    ref = Pipeline.load(tiny_artifact("tiny"))(
+        items[5][0],
+        negative_prompt="blurry",
+        height=64,
+        width=64,
+        num_inference_steps=3,
+        scheduler="euler",
+        seed=105,
+        output_type="np",
+    ).images[0]
+    got = np.asarray(Image.open(tmp_path / "00005.png").convert("RGB")).astype(np.int16)
+    # 1/255: batch-size-dependent last-bit differences may flip one 8-bit rounding (as above).
+    assert np.abs(got - (ref * 255).round().astype(np.int16)).max() <= 1
+    with pytest.raises(SdoptError, match="SDOPT_TEST_UNSET_KEY is not set"):
+        send_queries(server.url, query_bodies(items[:1], job), 50.0, 60.0, api_key_env="SDOPT_TEST_UNSET_KEY")
+    # `sdopt bench-serve` shares the client (post_generation): it still counts images and statuses.
+    from sdopt.serve.bench import BenchServeOptions, run_bench_serve
+
+    load = run_bench_serve(BenchServeOptions(server.url, requests=2, concurrency=2, steps=2, api_key_env=KEY_ENV))
+    assert load.statuses == {"200": 2} and load.images == 2 and {"unet", "total"} <= set(load.server_timings_s)
+
+
+def test_bench_server_scenario_to_server_url(server, tmp_path, monkeypatch):
+    """`sdopt bench --quality N --server-url URL --server-api-key-env VAR`: the Server scenario goes to this server."""
+    pytest.importorskip("torchmetrics", reason="sdopt[quality] is not installed")
+    from bench_cli import invoke
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    out = tmp_path / "out"
+    result = invoke(
+        server.artifact,
+        *("--backends", "onnxruntime", "--runs", "1", "--warmup", "0", "--steps", "2", "--height", "64"),
+        *("--width", "64", "--quality", "3", "--server-url", server.url, "--server-api-key-env", KEY_ENV),
+        *("--server-qps", "20", "--scheduler", "euler", "--out", str(out)),
+    )
+    assert result.exit_code == 0, result.output
+    sv = json.loads((out / "results.json").read_text())["quality"]["server"]
+    assert (sv["started_by"], sv["url"]) == ("--server-url", server.url)
+    assert (sv["statuses"], sv["completed"]) == ({"200": 3}, 3)
+    assert sv["ready"]["family"] == "sd1" and sv["latency_p50_s"] > 0 and "vs_offline" not in sv
+    # 3 images x 2 Euler steps (one U-Net pass per step; PNDM would add a warm-up pass per image)
+    assert sv["batching"]["unet_images"] == 3 * 2
+
+
 def test_bad_requests_400(server):
     bad = [
         ({"prompt": "x", "sizee": "64x64"}, "sizee"),
@@ -343,9 +352,11 @@ def test_body_too_large_413(server):
 
 def test_queue_full_503_with_retry_after(server):
     """More requests than replica slots (2 x max_batch) + proxy queue (max_queue): the rest get 503."""
+    # The server's step limit (60), so that no request finishes before all 30 have arrived: with
+    # shorter requests a fast machine drained the queue as the client filled it (all 200, no 503).
     with ThreadPoolExecutor(30) as pool:
         responses = list(
-            pool.map(lambda i: server.post({"prompt": f"p{i}", "num_inference_steps": 10, "seed": i}), range(30))
+            pool.map(lambda i: server.post({"prompt": f"p{i}", "num_inference_steps": 60, "seed": i}), range(30))
         )
     codes = [r.status_code for r in responses]
     assert set(codes) <= {200, 503} and codes.count(200) >= 8 and codes.count(503) >= 1, codes
@@ -383,22 +394,34 @@ def test_client_disconnect_cancels_remaining_steps(server):
     assert server.metric('sdopt_requests_total{status="499"}') >= 1
 
 
-def ray_api(server: Server, code: str) -> str:
-    """Run Ray API calls as a separate driver on the server's Ray instance; returns its stdout.
+def ray_driver(server: Server, code: str, **popen: Any) -> subprocess.Popen:
+    """Start Ray API calls as a separate driver on the server's Ray instance.
 
     Joining by explicit address needs Ray's token mode in the environment before Ray starts
     (RAY_AUTH_MODE=token; the token is ~/.ray/auth_token, written by the server's ray.init).
     """
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     prologue = f"import ray\nray.init(address={server.ray_address()!r}, log_to_driver=False)\n"
-    done = subprocess.run(
-        [sys.executable, "-c", prologue + textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    return done.stdout
+    return subprocess.Popen([sys.executable, "-c", prologue + textwrap.dedent(code)], env=env, text=True, **popen)
+
+
+def ray_api(server: Server, code: str) -> str:
+    """Run Ray API calls as a separate driver on the server's Ray instance; returns its stdout."""
+    driver = ray_driver(server, code, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = driver.communicate(timeout=120)
+    assert driver.returncode == 0, out[-2000:] + err[-2000:]
+    return out
 
 
 REPLICAS = "from sdopt.serve.deploy import replica_actor_names\nprint(*replica_actor_names())\n"
+KILL_ON_CUE = """
+import sys
+actor = ray.get_actor({name!r}, namespace="serve")
+print("ready", flush=True)
+sys.stdin.readline()
+ray.kill(actor, no_restart=True)
+print("killed", flush=True)
+"""
 
 
 def test_replica_killed_mid_load(server):
@@ -415,6 +438,9 @@ def test_replica_killed_mid_load(server):
         except requests.exceptions.RequestException as e:  # a hang would show as ReadTimeout
             results.append(type(e).__name__)
 
+    # Joining Ray takes seconds on a loaded machine, longer than these requests: join first, kill on cue.
+    killer = ray_driver(server, KILL_ON_CUE.format(name=names[0]), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert killer.stdout.readline().strip() == "ready"
     threads = [threading.Thread(target=one, args=(i,)) for i in range(held + 2)]
     for t in threads:
         t.start()
@@ -428,7 +454,10 @@ def test_replica_killed_mid_load(server):
     deadline = time.monotonic() + 20
     while active() == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
-    ray_api(server, f"ray.kill(ray.get_actor({names[0]!r}, namespace='serve'), no_restart=True)")
+    killer.stdin.write("kill\n")  # the driver joined Ray before the load: the kill itself is immediate
+    killer.stdin.flush()
+    assert killer.stdout.readline().strip() == "killed"
+    killer.wait(timeout=60)
     for t in threads:
         t.join(CLIENT_TIMEOUT + 10)
     print("statuses after the kill:", results)

@@ -36,6 +36,8 @@ QUALITY_ONLY = (
     "protocol",
     "server_qps",
     "server_target_s",
+    "server_url",
+    "server_api_key_env",
 )  # options that need --quality N
 TEXT_KEYS = ("description", "note")  # free text a config file may carry; copied into results
 
@@ -60,6 +62,10 @@ class BenchConfig:
     seed: int = 0
     threads: int | None = None  # None: physical cores
     precision: str = "fp32"  # export precision when MODEL is a model id
+    # ControlNet job (sdopt.bench.control): sources as `sdopt export --controlnet` takes them
+    controlnet: list[str] = field(default_factory=list)  # []: no ControlNet
+    control_image: str | None = None  # None: a seeded synthetic edge map of the job's size
+    control_scale: float = 1.0
     # --quality N (sdopt.bench.quality): N images per backend, one prompt and seed each, scored against torch's
     quality: int = 0  # 0: off
     prompts: str | None = None  # file: one prompt per line, or a TSV with a "caption" column (COCO/MLPerf)
@@ -73,6 +79,8 @@ class BenchConfig:
     protocol: str | None = None  # "mlperf-sdxl": MLPerf's settings, FID/CLIP window, Offline and Server
     server_qps: float | None = None  # Server scenario: Poisson arrival rate (queries per second)
     server_target_s: float | None = None  # Server scenario: the p99 latency target in seconds
+    server_url: str | None = None  # Server scenario: a running `sdopt serve` (loopback); None: the bench starts one
+    server_api_key_env: str | None = None  # Server scenario: env var holding that server's API key
     name: str | None = None  # the named config this came from
     description: str | None = None
     note: str | None = None
@@ -132,6 +140,8 @@ def load_config_file(name: str) -> dict[str, Any]:
         )
     if isinstance(raw.get("backends"), str):
         raw["backends"] = parse_backends(raw["backends"])
+    if isinstance(raw.get("controlnet"), str):
+        raw["controlnet"] = parse_list(raw["controlnet"])
     raw.setdefault("name", path.stem)
     return raw
 
@@ -139,6 +149,11 @@ def load_config_file(name: str) -> dict[str, Any]:
 def parse_backends(value: str | list[str]) -> list[str]:
     items = value.split(",") if isinstance(value, str) else list(value)
     return [b.strip().lower() for b in items if b.strip()]
+
+
+def parse_list(value: str) -> list[str]:
+    """A comma-separated flag value as a list (--controlnet a=synthetic:1,b=synthetic:2)."""
+    return [v.strip() for v in value.split(",") if v.strip()]
 
 
 def make_config(config_name: str | None = None, **overrides: Any) -> BenchConfig:
@@ -155,7 +170,11 @@ def make_config(config_name: str | None = None, **overrides: Any) -> BenchConfig
         if key not in FIELDS:
             raise TypeError(f"unknown BenchConfig field {key!r}")
         if value is not None:
-            values[key] = parse_backends(value) if key == "backends" else value
+            if key == "backends":
+                value = parse_backends(value)
+            elif key == "controlnet" and isinstance(value, str):
+                value = parse_list(value)
+            values[key] = value
     try:
         config = BenchConfig(**values)
     except TypeError as e:  # pragma: no cover - guarded by the FIELDS check above
@@ -194,6 +213,9 @@ def validate(config: BenchConfig) -> None:
     if not config.prompt:
         raise SdoptError("empty prompt", "pass --prompt TEXT")
     validate_quality(config)
+    from sdopt.bench.control import validate_control
+
+    validate_control(config)
 
 
 def validate_quality(config: BenchConfig) -> None:
@@ -221,6 +243,10 @@ def validate_quality(config: BenchConfig) -> None:
                 f"--{name.replace('_', '-')} must be a number >= 0, got {value!r}",
                 "e.g. --max-fid-delta 5 --min-clip-score 25",
             )
+    if config.server_url is not None:
+        from sdopt.serve.bench import check_loopback
+
+        check_loopback(config.server_url)  # the bench's rule for load generators: this machine's servers only
     if config.protocol is not None:
         from sdopt.bench.protocol import PROTOCOLS
 

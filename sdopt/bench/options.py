@@ -79,6 +79,31 @@ Precision = Annotated[
     Optional[str], typer.Option("--precision", help="Export precision for a model id: fp32 or fp16.")
 ]
 
+Controlnet = Annotated[
+    Optional[str],
+    typer.Option(
+        "--controlnet",
+        help="ControlNet job: SRC[,SRC] as `sdopt export --controlnet` takes them (synthetic[:SEED], a "
+        "ControlNet folder or hub id, NAME=SRC). A model id is exported with them (cached per source list); "
+        "an artifact folder must hold them. torch runs diffusers' ControlNet pipeline with the same weights; "
+        "the ControlNet is its own stage.",
+    ),
+]
+
+ControlImage = Annotated[
+    Optional[str],
+    typer.Option(
+        "--control-image",
+        help="--controlnet: control image file, resized to the job's size (default: a seeded synthetic edge "
+        "map). Saved as control.png in the results.",
+    ),
+]
+
+ControlScale = Annotated[
+    Optional[float],
+    typer.Option("--control-scale", help="--controlnet: conditioning scale of every ControlNet (default 1.0)."),
+]
+
 Quality = Annotated[
     Optional[int],
     typer.Option(
@@ -167,8 +192,8 @@ ServerQps = Annotated[
     Optional[float],
     typer.Option(
         "--server-qps",
-        help="--quality: run the Server scenario with Poisson arrivals at this rate (default "
-        "with --protocol: half the backend's Offline throughput).",
+        help="--quality: run the Server scenario: Poisson arrivals at this rate, sent over HTTP to "
+        "`sdopt serve` (default with --protocol: half onnxruntime's Offline throughput).",
     ),
 ]
 
@@ -176,6 +201,23 @@ ServerTargetS = Annotated[
     Optional[float],
     typer.Option(
         "--server-target-s", help="--quality Server scenario: p99 latency target in seconds (MLPerf SDXL: 20)."
+    ),
+]
+
+ServerUrl = Annotated[
+    Optional[str],
+    typer.Option(
+        "--server-url",
+        help="--quality Server scenario: send the queries to this running `sdopt serve` (loopback, e.g. "
+        "http://127.0.0.1:8000) instead of the local server the bench starts for the artifact.",
+    ),
+]
+
+ServerApiKeyEnv = Annotated[
+    Optional[str],
+    typer.Option(
+        "--server-api-key-env",
+        help="--quality Server scenario: environment variable holding --server-url's API key (Bearer).",
     ),
 ]
 

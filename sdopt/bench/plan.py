@@ -45,11 +45,10 @@ def export_settings(model: str, config: BenchConfig) -> dict[str, Any]:
     """What the cached export depends on: the model, the export options, the sdopt version."""
     if not model.startswith("synthetic:") and Path(model).expanduser().exists():
         model = str(Path(model).expanduser().resolve())
-    return {
-        "model": model,
-        "options": {"precision": config.precision, "max_batch": max(4, config.batch)},
-        "sdopt": __version__,
-    }
+    options: dict[str, Any] = {"precision": config.precision, "max_batch": max(4, config.batch)}
+    if config.controlnet:  # only when given: exports without a ControlNet keep their cache keys
+        options["controlnets"] = list(config.controlnet)
+    return {"model": model, "options": options, "sdopt": __version__}
 
 
 def cache_key(settings: dict[str, Any]) -> str:
@@ -152,6 +151,10 @@ def _check_artifact(config: BenchConfig, artifact: Path, runnable: list[str], sk
             raise SdoptError(
                 "no requested backend can run an Optimum ONNX export", "use --backends onnxruntime (or tensorrt)"
             )
+    if config.controlnet:  # before any worker starts: the artifact must hold the ControlNets asked for
+        from sdopt.bench.control import artifact_controlnets
+
+        artifact_controlnets(config.controlnet, m, f"the artifact {artifact}")
     if config.precision != "fp32" and config.precision != m.precision:
         raise SdoptError(
             f"--precision {config.precision} but the artifact is {m.precision}",
@@ -174,10 +177,16 @@ def ensure_artifact(p: Plan, log: Log) -> tuple[Path, dict[str, Any]]:
             return out, {**info, "cached": True, "export_seconds": None}
         except SdoptError as e:
             log(f"cached export {out} is unusable ({e.problem}); exporting again")
-    log(f"exporting {p.model} ({p.config.precision}) to the cache {out} (once; later runs reuse it)")
+    with_cn = f" with ControlNet {', '.join(p.config.controlnet)}" if p.config.controlnet else ""
+    log(f"exporting {p.model} ({p.config.precision}){with_cn} to the cache {out} (once; later runs reuse it)")
     from sdopt.export.artifact import ExportOptions, export_artifact
 
-    options = ExportOptions(precision=p.config.precision, max_batch=max(4, p.config.batch), force=True)
+    options = ExportOptions(
+        precision=p.config.precision,
+        max_batch=max(4, p.config.batch),
+        force=True,
+        controlnets=list(p.config.controlnet),
+    )
     result = export_artifact(p.model, out, options)
     seconds = result.seconds
     del result

@@ -9,22 +9,22 @@ then reported as not conformant, with the reasons.
 
 Scenarios (measured on the generated set, not by MLPerf's LoadGen):
     Offline  every query at once: throughput = images / seconds, one backend at a time.
-    Server   queries arrive as a Poisson process at --server-qps; each waits for the backend (one
-             request at a time, first come first served); p99 of arrival-to-image latency is checked
-             against --server-target-s (MLPerf SDXL: 20 s).
+    Server   queries arrive as a Poisson process at --server-qps and are sent as real HTTP requests
+             to `sdopt serve` (one the bench starts on loopback for the artifact, or --server-url);
+             p99 of arrival-to-image latency is checked against --server-target-s (MLPerf SDXL: 20 s).
+             The HTTP API takes a seed per image, not latents: each query carries its caption's seed,
+             and accuracy (FID, CLIP) stays the Offline run's. See sdopt.bench.server_scenario.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 MLPERF_NEGATIVE_PROMPT = "normal quality, low quality, worst quality, low res, blurry, nsfw, nude"
-PROTOCOLS = {
+PROTOCOLS: dict[str, dict[str, Any]] = {
     "mlperf-sdxl": {
         "settings": {
             "scheduler": "euler",
@@ -41,10 +41,6 @@ PROTOCOLS = {
         "family": "sdxl",
     },
 }
-SERVER_TRANSPORT = (
-    "in-process: the Server scenario's Poisson arrivals are replayed against the backend's worker "
-    "(one request at a time, first come first served), not through an HTTP server"
-)
 
 
 def protocol_settings(name: str) -> dict[str, Any]:
@@ -107,13 +103,18 @@ def offline(seconds_per_image: list[float]) -> Offline:
 
 @dataclass
 class Server:
-    queries: int
+    """The Server scenario's result (results.json: quality.server)."""
+
+    queries: int  # issued
+    completed: int  # answered 200
     qps: float
     target_s: float
-    latency_p50_s: float
-    latency_p99_s: float
-    met: bool
-    transport: str
+    latency_p50_s: float | None  # arrival-to-image, over the completed queries
+    latency_p99_s: float | None
+    met: bool  # every query completed and p99 <= target
+    transport: str  # "HTTP POST <url>/v1/images/generations"
+    statuses: dict[str, int] = field(default_factory=dict)  # "200", "503", "timeout", "error", ...
+    first_error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,39 +126,34 @@ def poisson_arrivals(n: int, qps: float, seed: int = 0) -> list[float]:
     return [float(t) for t in np.cumsum(gaps)]
 
 
-def run_server(
-    serve_one: Callable[[int], None],
-    n: int,
+def server_result(
+    latencies: list[float | None],
+    statuses: list[str],
     qps: float,
     target_s: float,
-    seed: int = 0,
-    clock: Callable[[], float] = time.perf_counter,
-    sleep: Callable[[float], None] = time.sleep,
+    transport: str,
+    first_error: str | None = None,
 ) -> Server:
-    """Replay Poisson arrivals against `serve_one(i)` (which blocks until query i's image exists).
+    """The Server scenario from each query's latency (None: not completed) and status.
 
     Args:
-        serve_one: generates the image of query i.
-        n: number of queries.
-        qps: arrival rate.
-        target_s: p99 latency target.
-        seed: seed of the arrival times.
-        clock: seconds (monotonic).
-        sleep: waits while no query has arrived yet.
+        latencies: arrival-to-image seconds per query, None where it did not complete.
+        statuses: per query: "200", an HTTP status, "timeout", "error" or "unsent".
+        qps: the arrival rate.
+        target_s: the p99 latency target.
+        transport: how the queries travelled, e.g. "HTTP POST http://127.0.0.1:8000/v1/images/generations".
+        first_error: the first failed query's error message.
 
     Returns:
-        The Server scenario's latencies and whether p99 meets the target.
+        The Server result; `met` needs every query completed and p99 <= target_s.
     """
     from sdopt.bench.stats import median, percentile
 
-    arrivals = poisson_arrivals(n, qps, seed)
-    start = clock()
-    latencies = []
-    for i, arrival in enumerate(arrivals):
-        wait = arrival - (clock() - start)
-        if wait > 0:
-            sleep(wait)
-        serve_one(i)
-        latencies.append(clock() - start - arrival)
-    p99 = percentile(latencies, 99.0)
-    return Server(n, qps, target_s, median(latencies), p99, p99 <= target_s, SERVER_TRANSPORT)
+    done = [t for t in latencies if t is not None]
+    counts: dict[str, int] = {}
+    for status in statuses:
+        counts[status] = counts.get(status, 0) + 1
+    p50 = median(done) if done else None
+    p99 = percentile(done, 99.0) if done else None
+    met = len(done) == len(latencies) and p99 is not None and p99 <= target_s
+    return Server(len(latencies), len(done), qps, target_s, p50, p99, met, transport, counts, first_error)

@@ -85,12 +85,54 @@ def prompt_set(path: str | None, n: int, seed: int) -> list[tuple[str, int]]:
     return [(prompts[i % len(prompts)], seed + i) for i in range(n)]
 
 
-def read_image_folder(folder: str | Path, size: tuple[int, int] | None = None, limit: int | None = None) -> np.ndarray:
-    """Every image in `folder` (sorted by name) as uint8 NHWC RGB, resized to `size` (h, w) when given."""
-    import numpy as np
-    from PIL import Image
+def image_paths(folder: str | Path) -> list[Path]:
+    """The image files (IMAGE_SUFFIXES) in `folder`, sorted by name.
 
-    paths = sorted(p for p in Path(folder).expanduser().iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    Raises:
+        SdoptError: `folder` is not a folder.
+    """
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise SdoptError(f"{folder} is not a folder", "pass a folder of PNG/JPEG images")
+    return sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def read_images(paths: list[Path], size: tuple[int, int] | None = None) -> np.ndarray:
+    """The images as uint8 NHWC RGB, resized to `size` (h, w) when given, else all of one size.
+
+    Raises:
+        SdoptError: an image that cannot be decoded, or (without `size`) images of different sizes.
+    """
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                rgb = im.convert("RGB")
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise SdoptError(f"{p} is not a readable image ({e})", "replace or remove the file") from e
+        if size is not None and rgb.size != (size[1], size[0]):
+            rgb = rgb.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+        images.append(np.asarray(rgb, dtype=np.uint8))
+    for p, image in zip(paths, images, strict=True):
+        if image.shape != images[0].shape:
+            raise SdoptError(
+                f"{p.name} is {image.shape[1]}x{image.shape[0]} but {paths[0].name} is "
+                f"{images[0].shape[1]}x{images[0].shape[0]} (the images of one set must share a size)",
+                "resize them to one size",
+            )
+    return np.stack(images)
+
+
+def read_image_folder(folder: str | Path, size: tuple[int, int] | None = None, limit: int | None = None) -> np.ndarray:
+    """Every image in `folder` (sorted by name) as uint8 NHWC RGB, resized to `size` (h, w) when given.
+
+    Raises:
+        SdoptError: not a folder, fewer than 2 images, an unreadable image, or (without `size`) mixed sizes.
+    """
+    paths = image_paths(folder)
     if limit is not None:
         paths = paths[:limit]
     if len(paths) < 2:
@@ -98,14 +140,7 @@ def read_image_folder(folder: str | Path, size: tuple[int, int] | None = None, l
             f"{folder} holds {len(paths)} image(s); FID and KID need at least 2",
             "pass a folder with more PNG/JPEG images",
         )
-    images = []
-    for p in paths:
-        with Image.open(p) as im:
-            im = im.convert("RGB")
-            if size is not None and im.size != (size[1], size[0]):
-                im = im.resize((size[1], size[0]), Image.Resampling.BICUBIC)
-            images.append(np.asarray(im, dtype=np.uint8))
-    return np.stack(images)
+    return read_images(paths, size)
 
 
 def read_ref_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

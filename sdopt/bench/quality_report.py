@@ -96,17 +96,8 @@ def notes(results: dict[str, Any]) -> list[str]:
         lines.append("Inception Score null: " + withq[0]["quality"]["inception_score_note"])
     if s.get("clip_note"):
         lines.append("CLIP score null: " + s["clip_note"])
-    for b in withq:
-        if b["quality"].get("server"):
-            sv = b["quality"]["server"]
-            if "error" in sv:
-                lines.append(f"{b['name']} Server scenario failed: {sv['error']}")
-            else:
-                lines.append(
-                    f"{b['name']} Server: {sv['queries']} queries at {sv['qps']:.3g} q/s, p50 "
-                    f"{sv['latency_p50_s']:.2f} s, p99 {sv['latency_p99_s']:.2f} s vs target "
-                    f"{sv['target_s']:g} s: {'met' if sv['met'] else 'NOT met'} ({sv['transport']})"
-                )
+    if s.get("server"):
+        lines.append(server_line(s["server"]))
     g = s.get("gate") or {}
     if g.get("max_fid_delta") is not None or g.get("min_clip_score") is not None or g.get("failures"):
         lines.append("quality gate: " + ("passed" if g["passed"] else "FAILED: " + "; ".join(g["failures"])))
@@ -117,6 +108,19 @@ def notes(results: dict[str, Any]) -> list[str]:
             + ("conformant" if p["conformant"] else "not conformant: " + "; ".join(p["deviations"]))
         )
     return lines
+
+
+def server_line(sv: dict[str, Any]) -> str:
+    """The Server scenario in one line: where the queries went, latencies against the target."""
+    if "error" in sv:
+        return f"Server scenario failed: {sv['error']}"
+    p50, p99 = (_num(sv.get(k)) for k in ("latency_p50_s", "latency_p99_s"))
+    return (
+        f"Server ({sv['transport']}, {sv.get('started_by', '?')}): {sv['completed']}/{sv['queries']} queries "
+        f"answered at {sv['qps']:.3g} q/s, p50 {p50} s, p99 {p99} s vs target {sv['target_s']:g} s: "
+        f"{'met' if sv['met'] else 'NOT met'}; statuses {sv.get('statuses')}; {sv.get('seeds')}; {sv.get('torch')}"
+        + (f"; served images vs the Offline set: {sv['vs_offline']}" if sv.get("vs_offline") else "")
+    )
 
 
 def markdown(results: dict[str, Any]) -> list[str]:

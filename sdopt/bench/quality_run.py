@@ -1,15 +1,17 @@
 """`sdopt bench --quality N`: generate the same N images on every backend, score them, gate on the scores.
 
 generate_sets  while the workers live: N prompts x one seed each (or --latents), PNGs under
-               <out>/quality/<backend>/; the Server scenario's replay where asked for
-add_metrics    once the workers are gone: sdopt.bench.quality's scores into the results, the
-               quality gate, the protocol's window, the image grids
+               <out>/quality/<backend>/
+server_scenario  once the workers are gone, where asked for: MLPerf's Server scenario over HTTP
+               through `sdopt serve` (sdopt.bench.server_scenario)
+add_metrics    sdopt.bench.quality's scores into the results, the quality gate, the protocol's
+               window, the image grids
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +27,11 @@ class QualityPlan:
     items: list[tuple[str, int]]  # (prompt, seed) per image
     folder: Path
     latents_path: str | None
-    server: dict[str, dict[str, Any]] = field(default_factory=dict)  # backend -> Server scenario
+    server: dict[str, Any] | None = None  # the Server scenario (sdopt.bench.server_scenario.run)
 
 
 def generate_sets(runs: dict[str, BackendRun], config: BenchConfig, job: Job, out: Path, log: Log) -> QualityPlan:
-    """Every running backend generates the N images (one backend after the other), then the Server replay.
+    """Every running backend generates the N images, one backend after the other.
 
     Args:
         runs: the backends; the running ones get `quality_dir` and `quality_seconds` filled in.
@@ -64,9 +66,18 @@ def generate_sets(runs: dict[str, BackendRun], config: BenchConfig, job: Job, ou
                 break
         else:
             log(f"{name}: {len(plan.items)} quality images in {time.perf_counter() - t0:.1f} s")
-            if config.protocol or config.server_qps:
-                plan.server[name] = _server(r, config, job, plan, log)
     return plan
+
+
+def server_scenario(
+    plan: QualityPlan, runs: dict[str, BackendRun], config: BenchConfig, artifact: Path, job: Job, log: Log
+) -> None:
+    """MLPerf's Server scenario over HTTP (where --protocol, --server-qps or --server-url ask for it), once
+    the workers are gone: the local server then has the machine to itself."""
+    from sdopt.bench import server_scenario
+
+    if server_scenario.wanted(config):
+        plan.server = server_scenario.run(plan.items, runs, config, artifact, job, plan.folder / "server", log)
 
 
 def check_latents(path: str, job: Job) -> None:
@@ -104,39 +115,6 @@ def _generate(r: BackendRun, items: list[dict[str, Any]], job: Job, plan: Qualit
     return True
 
 
-def _server(r: BackendRun, config: BenchConfig, job: Job, plan: QualityPlan, log: Log) -> dict[str, Any]:
-    """The Server scenario: the first min(N, 64) prompts again, arriving as a Poisson process."""
-    from sdopt.bench.protocol import PROTOCOLS, offline, run_server
-
-    throughput = offline(r.quality_seconds).images_per_s
-    qps = config.server_qps or throughput / 2  # default: half the Offline throughput, a stable queue
-    target = config.server_target_s or PROTOCOLS.get(config.protocol or "", {}).get("server_target_s", 20.0)
-    folder = plan.folder / "server" / r.name
-    folder.mkdir(parents=True, exist_ok=True)
-    n = min(len(plan.items), 64)
-
-    def serve_one(i: int) -> None:
-        prompt, seed = plan.items[i]
-        if not _generate(
-            r,
-            [{"prompt": prompt, "seed": seed, "path": str(folder / f"{i:05d}.png")}],
-            job,
-            plan,
-            f"server query {i + 1}/{n}",
-            lambda _msg: None,
-        ):
-            raise RuntimeError(r.error or "generation failed")
-
-    try:
-        result = run_server(serve_one, n, qps, target, seed=config.seed)
-    except RuntimeError as e:
-        return {"error": str(e)}
-    finally:
-        del r.quality_seconds[len(plan.items) :]  # the replay's seconds are not the Offline set's
-    log(f"{r.name}: Server p99 {result.latency_p99_s:.2f} s at {qps:.3g} q/s (target {target:g} s)")
-    return result.to_dict()
-
-
 def add_metrics(
     results: dict[str, Any], runs: dict[str, BackendRun], plan: QualityPlan, config: BenchConfig, out: Path, log: Log
 ) -> None:
@@ -168,9 +146,9 @@ def add_metrics(
             entry = scores[b["name"]].to_dict()
             entry["seconds_per_image"] = sum(r.quality_seconds) / len(r.quality_seconds)
             entry["offline"] = offline(r.quality_seconds).__dict__
-            entry["server"] = plan.server.get(b["name"])
             b["quality"] = entry
     results["quality"] = _summary(config, plan, source, refs, len(prompts))
+    results["quality"]["server"] = plan.server
     results["quality"]["grids"] = write_grids(sets, out / "quality", prompts)
     results["quality"]["gate"] = gate(results, config)
     if config.protocol:
@@ -241,6 +219,7 @@ def gate(results: dict[str, Any], config: BenchConfig) -> dict[str, Any]:
 def _protocol(results: dict[str, Any], config: BenchConfig) -> dict[str, Any]:
     from sdopt.bench.protocol import deviations, window_check
 
+    assert config.protocol is not None  # called only with --protocol
     reasons = deviations(config.protocol, config, results["artifact"].get("family", "?"))
     checks = {}
     for b in results["backends"]:

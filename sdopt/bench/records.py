@@ -37,6 +37,13 @@ class Job:
     threads: int
     latent_shape: list[int]
     deepcache: int = 3
+    # ControlNet job (sdopt.bench.control): the artifact's ControlNet names, NAME=SRC each for torch,
+    # the conditioning scale, and the control image file both workers read
+    controlnet: list[str] = field(default_factory=list)
+    control_sources: list[str] = field(default_factory=list)
+    control_scale: float = 1.0
+    control_image: str | None = None
+    control_image_source: str | None = None  # what it was made from: the seeded edge map, or --control-image
     build_engines: bool = False  # TensorRT: build missing engines (only into the harness's own cached export)
     fault: str | None = None  # tests only: "load" | "run" | "crash", see workers.FaultInjected
     fault_after: int = 0
@@ -46,8 +53,12 @@ class Job:
         return dataclasses.asdict(self)
 
     def record(self) -> dict[str, Any]:
-        """What results.json keeps: every field but the test-only fault injection."""
-        return {k: v for k, v in self.to_dict().items() if k not in ("fault", "fault_after")}
+        """What results.json keeps: every field but the test-only fault injection; the control image by file name
+        (it sits in the results folder)."""
+        out = {k: v for k, v in self.to_dict().items() if k not in ("fault", "fault_after")}
+        if self.control_image:
+            out["control_image"] = Path(self.control_image).name
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Job:
@@ -121,9 +132,16 @@ class BackendRun:
                 setattr(self, key, max(getattr(self, key) or 0, int(reply[key])))
 
 
-def run_entry(reply: dict[str, Any]) -> dict[str, Any]:
-    """One measured run as recorded under "runs": end to end, per stage, U-Net calls, the rest."""
-    stages = {s: float(reply["stages"].get(s, 0.0)) for s in STAGE_NAMES}
+def run_entry(reply: dict[str, Any], stage_names: tuple[str, ...] = STAGE_NAMES) -> dict[str, Any]:
+    """One measured run as recorded under "runs": end to end, per stage, U-Net calls, the rest.
+
+    Args:
+        reply: the worker's answer to "run".
+        stage_names: the job's stages (`sdopt.bench.control.stage_names`: ControlNet jobs add "controlnet").
+    Returns:
+        The run's entry.
+    """
+    stages = {s: float(reply["stages"].get(s, 0.0)) for s in stage_names}
     calls = int(reply.get("calls", {}).get("unet", 0))
     return {
         "e2e_s": float(reply["e2e_s"]),

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from sdopt.bench import quality_report
+from sdopt.bench import control, quality_report
 from sdopt.bench.stats import finite_or_none
 
 COLUMNS = (
@@ -47,6 +47,7 @@ TERMINAL_COLUMNS = (
 )
 STAGE_PLOT = (
     ("text_encoder", "text encoder", "#4C72B0"),
+    ("controlnet", "ControlNet (all steps)", "#8172B3"),
     ("unet", "U-Net (all steps)", "#DD8452"),
     ("vae_decoder", "VAE decode", "#55A868"),
     ("other", "other", "#999999"),
@@ -166,7 +167,8 @@ def print_table(results: dict[str, Any], console: Console) -> None:
         style = None if b["status"] == "ok" else ("yellow" if b["status"] == "skipped" else "red")
         table.add_row(*(escape(c) for c in cells), style=style)
     console.print(table)
-    for note in [*notes, *map(escape, fidelity_notes(results))]:
+    cn = control.terminal_note(results)
+    for note in [*notes, *map(escape, fidelity_notes(results)), *([escape(cn)] if cn else [])]:
         console.print(note, highlight=False)
     quality_report.print_table(results, console)
 
@@ -188,6 +190,7 @@ def markdown(results: dict[str, Any]) -> str:
     for b in results["backends"]:
         lines.append("| " + " | ".join(cell(c) for c in row_cells(b)) + " |")
     lines += [""] + [f"- {n}" for n in fidelity_notes(results)]
+    lines += control.markdown(results)
     lines += [
         "",
         "Latencies are medians over the measured runs; stages are time inside the component calls "

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from sdopt.bench import stats
 from sdopt.bench.config import REFERENCE, BenchConfig
-from sdopt.bench.records import STAGE_NAMES, BackendRun, BackendStats, Job
+from sdopt.bench.control import stage_names
+from sdopt.bench.records import BackendRun, BackendStats, Job
 
 if TYPE_CHECKING:
     from sdopt.manifest import Manifest
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 2
 STAGES_HELP = {
     "text_encoder": "seconds inside the text encoder call(s) (both encoders for SDXL; cond + uncond)",
+    "controlnet": "ControlNet jobs: seconds inside all ControlNet calls of one image batch (not in unet)",
     "unet": "seconds inside all U-Net calls of one image batch",
     "unet_per_step": "unet / number of U-Net calls (one per denoising step; PNDM makes steps + 1)",
     "vae_decoder": "seconds inside the VAE decode call",
@@ -103,7 +105,7 @@ def backend_stats(
     """One backend's summary row (speedups are added by `build_results`, which knows the reference)."""
     ok = r.status == "ok"
     e2e = stats.summarize(x["e2e_s"] for x in r.runs) if ok else None
-    stages = _stage_summaries(r) if ok else {}
+    stages = _stage_summaries(r, stage_names(job)) if ok else {}
     peak = _matmul_peak_for(r, machine)
     unet_ps = stages.get("unet_per_step", {}) or {}
     gflops = stats.throughput_gflops(flops, unet_ps.get("median")) if ok else None
@@ -147,8 +149,8 @@ def backend_stats(
     )
 
 
-def _stage_summaries(r: BackendRun) -> dict[str, Any]:
-    stages: dict[str, Any] = {s: stats.summarize(x["stages_s"][s] for x in r.runs) for s in STAGE_NAMES}
+def _stage_summaries(r: BackendRun, names: tuple[str, ...]) -> dict[str, Any]:
+    stages: dict[str, Any] = {s: stats.summarize(x["stages_s"][s] for x in r.runs) for s in names}
     stages["unet_per_step"] = stats.summarize(x["unet_per_step_s"] for x in r.runs if x["unet_per_step_s"])
     stages["other"] = stats.summarize(x["other_s"] for x in r.runs)
     return stages
@@ -206,7 +208,9 @@ def _speedups(s: BackendStats, ref: BackendStats | None) -> dict[str, float | No
     if s.status != "ok" or ref is None or not s.e2e_s or not ref.e2e_s:
         return None
     out = {"e2e": stats.speedup(ref.e2e_s["median"], s.e2e_s["median"])}
-    for stage in ("text_encoder", "unet_per_step", "vae_decoder"):
+    for stage in ("text_encoder", "controlnet", "unet_per_step", "vae_decoder"):
+        if stage not in (ref.stages_s or {}):
+            continue  # "controlnet": ControlNet jobs only
         a, b = (ref.stages_s or {}).get(stage), (s.stages_s or {}).get(stage)
         out[stage] = stats.speedup(a["median"], b["median"]) if a and b else None
     return out

@@ -3,7 +3,8 @@
 Order of work (cheap before heavy, so bad input fails fast):
 1. `plan`: validate the config, find which backends this machine has, check size/batch against the
    model's preset or the artifact's manifest;
-2. export the model (or reuse the cached export), measure the machine's matmul peak;
+2. export the model (or reuse the cached export; with --controlnet, its ControlNets too: see
+   sdopt.bench.control), measure the machine's matmul peak;
 3. start one worker process per backend, one after another (cold start is timed on a quiet
    machine), then run warm-up and measured rounds with the backends interleaved run by run —
    ABAB... in even rounds, reversed in odd ones, so slow drift (thermals, other load) hits
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sdopt.bench import control
 from sdopt.bench.config import REFERENCE, BenchConfig
 from sdopt.bench.machine import machine_info, measure_matmul_peak
 from sdopt.bench.plan import Log, Plan, check_image, default_out_dir, ensure_artifact, plan
@@ -55,17 +57,16 @@ def run_benchmark(
     p = plan(config, cache_dir)
     out = Path(out_dir) if out_dir else default_out_dir(config)
     artifact, artifact_info = ensure_artifact(p, log)
-    out.mkdir(parents=True, exist_ok=True)
     manifest = load_manifest(artifact)
-    job, machine = _prepare(p, config, manifest, artifact, log)
-    runs = {b: BackendRun(b) for b in config.backend_list()}
-    for b, reason in p.skipped.items():
-        runs[b].status, runs[b].error = "skipped", reason
+    job, machine = _prepare(p, config, manifest, artifact, out, log)
+    out.mkdir(parents=True, exist_ok=True)  # after the checks: bad input leaves no empty results folder
+    control.write_control_image(config, job, out)
+    runs = _backend_runs(config, p)
     quality_plan = None
     with tempfile.TemporaryDirectory(prefix="sdopt-bench-") as tmp:
         try:
             _load_all(p.backends, runs, artifact, job, out, faults or {}, log)
-            _measure(runs, config, log)
+            _measure(runs, config, control.stage_names(job), log)
             if config.quality:
                 from sdopt.bench import quality_run
 
@@ -83,6 +84,7 @@ def run_benchmark(
     if quality_plan is not None:
         from sdopt.bench import quality_run
 
+        quality_run.server_scenario(quality_plan, runs, config, artifact, job, log)
         quality_run.add_metrics(results, runs, quality_plan, config, out, log)
     from sdopt.bench import report
 
@@ -91,12 +93,29 @@ def run_benchmark(
     return results
 
 
-def _prepare(p: Plan, config: BenchConfig, manifest: Manifest, artifact: Path, log: Log) -> tuple[Job, dict]:
-    """The job (checked against the exported manifest) and the machine facts, matmul peak included."""
+def _backend_runs(config: BenchConfig, p: Plan) -> dict[str, BackendRun]:
+    """One record per requested backend, in table order; those this machine cannot run already skipped."""
+    runs = {b: BackendRun(b) for b in config.backend_list()}
+    for b, reason in p.skipped.items():
+        runs[b].status, runs[b].error = "skipped", reason
+    return runs
+
+
+def _prepare(
+    p: Plan, config: BenchConfig, manifest: Manifest, artifact: Path, out: Path, log: Log
+) -> tuple[Job, dict]:
+    """The job (checked against the exported manifest; a ControlNet job's control image written to `out`)
+    and the machine facts, matmul peak included."""
     if p.artifact is None:  # checks that needed the exported manifest (non-synthetic models)
         check_image(config, manifest.image, f"the export of {p.model}'s")
     job = make_job(config, manifest, artifact, p.threads)
     job.build_engines = p.artifact is None  # TensorRT engines: built on demand into the harness's cached export
+    if config.controlnet:  # its control image is checked here, written once the results folder exists
+        control.prepare_job(job, config, manifest, out, f"the artifact {artifact.name}")
+    if config.quality and config.server_url:  # before any worker starts: a server that is not there fails fast
+        from sdopt.bench.server_scenario import check_server_url
+
+        check_server_url(config.server_url, config.server_api_key_env)
     if config.quality and config.latents:
         from sdopt.bench.quality_run import check_latents
 
@@ -166,7 +185,7 @@ def request(r: BackendRun, **msg: Any) -> dict[str, Any]:
         return {"ok": False, "error": str(e)}
 
 
-def _measure(runs: dict[str, BackendRun], config: BenchConfig, log: Log) -> None:
+def _measure(runs: dict[str, BackendRun], config: BenchConfig, stage_names: tuple[str, ...], log: Log) -> None:
     order = [b for b, r in runs.items() if r.status == "ok"]
     total = config.warmup + config.runs
     for i in range(total):
@@ -182,7 +201,7 @@ def _measure(runs: dict[str, BackendRun], config: BenchConfig, log: Log) -> None
                 log(f"{b}: FAILED in {label}: {r.error}")
                 close_worker(r)
                 continue
-            entry = run_entry(reply)
+            entry = run_entry(reply, stage_names)
             r.absorb_memory(reply)
             if r.first_image_s is None:
                 r.first_image_s = entry["e2e_s"]

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sdopt.bench.records import Job
-from sdopt.bench.worker_support import COMPONENT_STAGE, Timers, describe, initial_latents
+from sdopt.bench.worker_support import Timers, describe, initial_latents, stage_of
 
 
 class RuntimeWorker:
@@ -23,6 +23,7 @@ class RuntimeWorker:
         from sdopt.runtime.pipeline import Pipeline
 
         provider, options, engine = self._provider(job)
+        options["controlnet"] = bool(job.controlnet)  # a plain job on a ControlNet artifact: the plain U-Net
         import_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         # Hash verification (Pipeline.load's default, ~1 s/GB) is left out of the cold start.
@@ -37,11 +38,10 @@ class RuntimeWorker:
             self.pipe = Pipeline.load(artifact, provider=provider, verify_hashes=False, **options)
         self.timers = Timers()
         for name, session in list(self.pipe.sessions.items()):
-            self.pipe.sessions[name] = _TimedSession(
-                session, self.timers.wrap(COMPONENT_STAGE.get(name, name), session.run)
-            )
+            self.pipe.sessions[name] = _TimedSession(session, self.timers.wrap(stage_of(name), session.run))
         self.latents = initial_latents(job)
         self.job = job
+        self.control = _control_kwargs(job)
         self.provider = provider
         if provider == "tensorrt":
             try:
@@ -93,6 +93,7 @@ class RuntimeWorker:
             latents=latents,
             output_type="np",
             deepcache=job.deepcache if self.backend == "onnxruntime-fast" else 1,
+            **self.control,
         )
         return out.images, dict(self.timers.seconds), dict(self.timers.calls)
 
@@ -105,6 +106,19 @@ class RuntimeWorker:
 
     def unet_flops(self) -> int | None:
         return None
+
+
+def _control_kwargs(job: Job) -> dict[str, Any]:
+    """The pipeline's ControlNet arguments for a ControlNet job (sdopt.bench.control), else none."""
+    if not job.controlnet:
+        return {}
+    from sdopt.bench.control import control_images
+
+    return {
+        "control_image": control_images(job),
+        "controlnet_conditioning_scale": job.control_scale,
+        "controlnet": list(job.controlnet),
+    }
 
 
 class EngineBuildFailed(RuntimeError):
@@ -123,8 +137,13 @@ def _build_engines(artifact: str, job: Job) -> float:
     t0 = time.perf_counter()
     try:
         from sdopt.export.tensorrt_build import BuildOptions, build_engines
+        from sdopt.manifest import load_manifest
 
-        build_engines(artifact, BuildOptions(batch=job.batch, height=job.height, width=job.width))
+        m, components = load_manifest(artifact), None
+        if m.controlnet is not None and not job.controlnet:  # a plain job on a ControlNet artifact: plain U-Net
+            components = m.controlnet.components_to_load(m.runtime_components(), controlnet=False)
+        options = BuildOptions(batch=job.batch, height=job.height, width=job.width, components=components)
+        build_engines(artifact, options)
     except Exception as e:  # noqa: BLE001
         raise EngineBuildFailed(f"building TensorRT engines failed: {describe(e)}") from e
     return time.perf_counter() - t0

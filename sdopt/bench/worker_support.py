@@ -24,7 +24,13 @@ COMPONENT_STAGE = {
     "unet_shallow": "unet",
     "vae_decoder": "vae_decoder",
     "vae_encoder": "vae_encoder",
+    "unet_control": "unet",  # ControlNet artifacts: the residual-taking U-Net
 }
+
+
+def stage_of(component: str) -> str:
+    """The stage a runtime component's calls count towards ("controlnet.<name>": the ControlNet stage)."""
+    return "controlnet" if component.startswith("controlnet.") else COMPONENT_STAGE.get(component, component)
 
 
 class Timers:

@@ -34,7 +34,7 @@ class TorchWorker:
         self.device = "cuda" if cuda else "cpu"
         manifest = load_manifest(artifact)
         model = load_model(manifest.source["id"], seed=int(manifest.source.get("seed", 0)))
-        pipe = model.pipe
+        pipe = model.pipe if not job.controlnet else _controlnet_pipeline(model.pipe, manifest.family, job)
         # fp16 artifacts are compared with fp16 torch on the GPU; the CPU has no fast fp16, so fp32 there.
         self.dtype = torch.float16 if cuda and manifest.precision == "fp16" else torch.float32
         pipe.to(self.device, self.dtype)
@@ -47,6 +47,10 @@ class TorchWorker:
         self.pipe = pipe
         self.latents = initial_latents(job)
         self.job = job
+        if job.controlnet:
+            from sdopt.bench.control import control_images
+
+            self.control_image = control_images(job)
         return {
             "import_s": import_s,
             "load_s": time.perf_counter() - t0,
@@ -70,6 +74,9 @@ class TorchWorker:
             if module is not None:
                 object.__setattr__(pipe, attr, _TimedModule(module, self.timers.wrap("text_encoder", module)))
         object.__setattr__(pipe, "unet", _TimedModule(pipe.unet, self.timers.wrap("unet", self._record_unet(unet))))
+        net = getattr(pipe, "controlnet", None)
+        if net is not None:  # ControlNet job: its own stage. diffusers checks the ControlNet's class, so the
+            net.forward = self.timers.wrap("controlnet", net.forward)  # module stays and its forward is timed
         pipe.vae.decode = self.timers.wrap("vae_decoder", decode)
 
     def _record_unet(self, unet: Callable) -> Callable:
@@ -90,6 +97,9 @@ class TorchWorker:
         job = self.job
         self.timers.reset()
         tensor = self.torch.from_numpy(latents).to(self.device, self.dtype)
+        control = {}
+        if job.controlnet:
+            control = {"image": self.control_image, "controlnet_conditioning_scale": job.control_scale}
         out = self.pipe(
             prompt,
             negative_prompt=negative_prompt,
@@ -100,6 +110,7 @@ class TorchWorker:
             num_images_per_prompt=latents.shape[0],
             latents=tensor,
             output_type="np",
+            **control,
         )
         return out.images, dict(self.timers.seconds), dict(self.timers.calls)
 
@@ -121,6 +132,27 @@ class TorchWorker:
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             self.unet_module(*args, **kwargs)
         return int(counter.get_total_flops())
+
+
+def _controlnet_pipeline(base: Any, family: str, job: Job) -> Any:
+    """diffusers' StableDiffusion(XL)ControlNetPipeline over `base`'s components, with the job's ControlNets
+    loaded by the export's own loader (`synthetic:SEED` rebuilds the exported seeded weights)."""
+    import diffusers
+
+    from sdopt.export.controlnet import load_controlnet, parse_sources
+
+    nets = [load_controlnet(src, base, family, 0).model for src in parse_sources(job.control_sources)]
+    net = nets[0] if len(nets) == 1 else diffusers.MultiControlNetModel(nets)
+    xl = family == "sdxl"
+    cls = diffusers.StableDiffusionXLControlNetPipeline if xl else diffusers.StableDiffusionControlNetPipeline
+    skip = ("safety_checker", "feature_extractor", "image_encoder")
+    parts = {k: v for k, v in base.components.items() if k not in skip}
+    extra = (
+        {"add_watermarker": False}
+        if xl
+        else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    )
+    return cls(**parts, controlnet=net, **extra)
 
 
 class _TimedModule:

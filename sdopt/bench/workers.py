@@ -17,8 +17,9 @@ not available on this machine). One process per backend keeps peak RSS per backe
 crash (segfault, OOM kill) ends one row of the table, not the benchmark.
 
 Both sides time the same work: per stage, the time inside the component calls (text
-encoder(s), every U-Net call, VAE decode); end to end, the whole pipeline call from prompt to
-[0, 1] pixels. Both get the same initial latents, so their images are comparable.
+encoder(s), every ControlNet call in a ControlNet job, every U-Net call, VAE decode); end to
+end, the whole pipeline call from prompt to [0, 1] pixels. Both get the same initial latents,
+so their images are comparable.
 
 The backends live in worker_torch.py (diffusers) and worker_runtime.py (sdopt's runtime).
 """

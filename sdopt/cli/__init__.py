@@ -1,4 +1,4 @@
-"""The `sdopt` command line: export, build, inspect, generate, bench.
+"""The `sdopt` command line: export, build, inspect, generate, bench, eval, serve, bench-serve.
 
 One module per group of commands; each registers itself on the shared typer `app`. Heavy
 libraries are imported inside the commands that need them, so `sdopt --help` and
@@ -7,6 +7,7 @@ libraries are imported inside the commands that need them, so `sdopt --help` and
 
 from __future__ import annotations
 
+import sdopt.cli.eval  # noqa: F401  (registers eval; a module name that would shadow the builtin if imported bare)
 import sdopt.cli.serve  # noqa: F401  (registers serve, bench-serve)
 from sdopt.cli import export, generate  # noqa: F401  (registers the commands)
 from sdopt.cli.common import app, friendly_errors

@@ -38,6 +38,11 @@ _API_KEY_ENV_HELP = (
 )
 _REQUEST_TIMEOUT_HELP = "Seconds a request may take; then 504 and its steps stop."
 _MAX_SIZE_HELP = "Largest image side in pixels (the artifact's own range applies too)."
+_LORA_HELP = (
+    "A LoRA requests may use, as NAME=PATH[:SCALE] (a .safetensors file, diffusers/PEFT or kohya; scale default 1). "
+    "Repeat for more. Requests name it ('lora': NAME, or a list to stack); paths never come from requests. "
+    "Every file is read and matched against the artifact at start."
+)
 
 
 @app.command()
@@ -64,9 +69,10 @@ def serve(
     max_size: int = typer.Option(1024, help=_MAX_SIZE_HELP),
     max_images: int = typer.Option(4, help="Largest n (images per request)."),
     max_body_bytes: int = typer.Option(16 * 1024 * 1024, help="Largest request body in bytes; beyond: 413."),
+    lora: Optional[list[str]] = typer.Option(None, "--lora", metavar="NAME=PATH[:SCALE]", help=_LORA_HELP),
 ) -> None:
     """Serve an artifact over HTTP (OpenAI Images API shape) on Ray Serve, with step-level batching."""
-    from sdopt.serve.config import ServeConfig, ServeLimits
+    from sdopt.serve.config import ServeConfig, ServeLimits, ServeLora
 
     limits = ServeLimits(max_steps=max_steps, max_size=max_size, max_images=max_images, max_body_bytes=max_body_bytes)
     config = ServeConfig(
@@ -84,8 +90,13 @@ def serve(
         api_key_env=api_key_env,
         request_timeout_s=request_timeout,
         limits=limits,
+        loras=tuple(ServeLora.parse(text) for text in lora or []),
     )
     config.check()
+    if config.loras and not write_config and (artifact / "sdopt.json").is_file():
+        from sdopt.serve.lora_groups import LoraCatalog
+
+        LoraCatalog(config.loras).check_files(artifact)  # before Ray starts: one clear error
     _serve_or_deploy(config, artifact, address, write_config, api_key_env)
 
 

@@ -8,6 +8,8 @@ its CI hosts). The version rule and the refit checks before TensorRT is called a
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -74,7 +76,48 @@ def version_compatible_loads(built: str, host: str) -> bool:
     return (h[0] == b[0] and h >= b) or NEXT_MAJOR.get(b[0]) == h[0]
 
 
-def refit_engine(trt: ModuleType, engine: Any, weights: dict[str, np.ndarray]) -> None:
+# Weights one partner round can bring in more partners (a fused GEMM's bias, then what that was fused with);
+# a few rounds settle every combination TensorRT reports, and bound the loop where none settles.
+PARTNER_ROUNDS = 4
+PartnerSource = Callable[[list[str]], dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class PartnerPlan:
+    """What to do about the weights `Refitter.get_missing_weights` still names after the new ones were set.
+
+    TensorRT reports as missing every weight it combined at build time with a weight that was
+    set (a GEMM's weights with its bias, a convolution's kernel with a scale folded into it);
+    they must be set too, with their current values, before `refit_cuda_engine`.
+    """
+
+    supply: list[str]  # named refittable weights not given yet: read their current values and set them
+    unnamed: int  # missing weights TensorRT names "" (they cannot be supplied by name)
+    unknown: list[str]  # named, but not refittable (not in get_all_weights): nothing can set them
+
+
+def partners_to_supply(missing: list[str], given: set[str], refittable: set[str]) -> PartnerPlan:
+    """Sort the refitter's missing weights into those to supply and those that cannot be.
+
+    Args:
+        missing: `Refitter.get_missing_weights()` ("" for an unnamed weight).
+        given: the names already set on this refitter.
+        refittable: `Refitter.get_all_weights()`.
+    Returns:
+        The plan; `supply` in the refitter's order, without repeats or names already given.
+    """
+    supply: list[str] = []
+    unknown: list[str] = []
+    for name in missing:
+        if not name or name in given or name in supply or name in unknown:
+            continue
+        (supply if name in refittable else unknown).append(name)
+    return PartnerPlan(supply, sum(1 for n in missing if not n), unknown)
+
+
+def refit_engine(
+    trt: ModuleType, engine: Any, weights: dict[str, np.ndarray], partners: PartnerSource | None = None
+) -> list[str]:
     """Replace named weights of a refittable engine in place (`trt.Refitter` + `set_named_weights`).
 
     The engine must have been built with `sdopt build --refittable` (BuilderFlag.REFIT). Names are
@@ -82,13 +125,19 @@ def refit_engine(trt: ModuleType, engine: Any, weights: dict[str, np.ndarray]) -
     the prototype's element count and type (fp16 engines take float16 arrays). Refit between
     inferences: no execution context of `engine` may be running. The arrays are kept alive by the
     refitter until `refit_cuda_engine` returns, and TensorRT copies them into the engine.
+    Weights TensorRT fused with the given ones (`get_missing_weights`) are asked of `partners`
+    (their current values) and set as well, for a few rounds, before the engine is refitted.
 
     Args:
         trt: the tensorrt module the engine came from.
         engine: the deserialized ICudaEngine.
         weights: ONNX initializer name -> new values.
+        partners: names -> current values of those it knows (None: nothing beyond `weights` is set).
+    Returns:
+        The partner weights that were set besides `weights`.
     Raises:
-        SdoptError: the engine is not refittable, a name or shape does not fit, or TensorRT refuses.
+        SdoptError: the engine is not refittable, a name or shape does not fit, fused partner
+            weights that cannot be supplied, or TensorRT refuses.
     """
     if not getattr(engine, "refittable", False):
         raise SdoptError(
@@ -103,25 +152,65 @@ def refit_engine(trt: ModuleType, engine: Any, weights: dict[str, np.ndarray]) -
             f"the engine has no refittable weights named {', '.join(unknown[:5])}",
             f"use ONNX initializer names; the engine has {len(known)} refittable weights",
         )
-    for name, array in weights.items():
-        proto = refitter.get_weights_prototype(name)
-        want = check_refit_array(name, array, int(proto.size), proto.dtype)
-        if not refitter.set_named_weights(name, want):
-            raise SdoptError(
-                f"TensorRT rejected the new weights of {name} (see its log above)",
-                "pass an array of the original weights' shape and type",
-            )
+    keep = _set_named(refitter, weights)  # the arrays must outlive refit_cuda_engine
+    supplied: list[str] = []
     missing = list(refitter.get_missing_weights())
+    for _ in range(PARTNER_ROUNDS):
+        plan = partners_to_supply(missing, set(weights) | set(supplied), known)
+        if partners is None or not plan.supply:
+            break
+        found = {n: v for n, v in partners(plan.supply).items() if n in plan.supply}
+        if not found:
+            break
+        keep += _set_named(refitter, found)
+        supplied += list(found)
+        missing = list(refitter.get_missing_weights())
     if missing:
-        raise SdoptError(
-            f"refitting also needs the weights {', '.join(missing[:5])} (TensorRT fused them with the ones given)",
-            "pass those weights too, with their current or new values",
-        )
+        raise missing_partners_error(missing, supplied)
     if not refitter.refit_cuda_engine():
         raise SdoptError(
             "TensorRT could not refit the engine (see its log above)",
             "check that no inference is running on it, then retry",
         )
+    del keep
+    return supplied
+
+
+def _set_named(refitter: Any, weights: dict[str, np.ndarray]) -> list[np.ndarray]:
+    arrays = []
+    for name, array in weights.items():
+        proto = refitter.get_weights_prototype(name)
+        arrays.append(check_refit_array(name, array, int(proto.size), proto.dtype))
+        if not refitter.set_named_weights(name, arrays[-1]):
+            raise SdoptError(
+                f"TensorRT rejected the new weights of {name} (see its log above)",
+                "pass an array of the original weights' shape and type",
+            )
+    return arrays
+
+
+def missing_partners_error(missing: list[str], supplied: list[str]) -> SdoptError:
+    """The error for weights the refitter still misses after the partner rounds.
+
+    Args:
+        missing: `Refitter.get_missing_weights()` ("" for an unnamed weight).
+        supplied: the partner weights that were set.
+    Returns:
+        One SdoptError naming them (up to 8, then a count) and the way out.
+    """
+    named = [n for n in dict.fromkeys(missing) if n]
+    unnamed = sum(1 for n in missing if not n)
+    parts = [", ".join(named[:8]) + (f" and {len(named) - 8} more" if len(named) > 8 else "")] if named else []
+    if unnamed:
+        parts.append(f"{unnamed} unnamed weight(s)")
+    after = f", after {len(supplied)} fused partner weight(s) were supplied," if supplied else ""
+    return SdoptError(
+        f"refitting also needs the weights {' and '.join(parts)}{after} (TensorRT fused them with the ones "
+        "given, and their current values are not known here)",
+        "pass their current values too (refit_engine's `partners`); where they are no initializers of the "
+        "graph the engine was built from, rebuild the engine (sdopt build ARTIFACT --force --refittable) "
+        "or merge the LoRA at export instead: sdopt export --lora FILE",
+    )
 
 
 _REFIT_DTYPES = {
@@ -167,8 +256,13 @@ def check_refit_array(name: str, array: np.ndarray, count: int, trt_dtype: Any) 
 
 __all__ = [
     "NEXT_MAJOR",
+    "PARTNER_ROUNDS",
+    "PartnerPlan",
+    "PartnerSource",
     "check_refit_array",
     "import_tensorrt",
+    "missing_partners_error",
+    "partners_to_supply",
     "refit_engine",
     "trt_logger",
     "version_compatible_loads",

@@ -50,6 +50,14 @@ def prepare_controlnets(specs: list[str], model: Any, names: list[str], opts: An
         raise SdoptError("ControlNets need the U-Net in the export", "drop --components, or include unet in it")
     if opts.exporter != "torchscript":
         raise SdoptError("ControlNet export supports the torchscript exporter only", "drop --exporter dynamo")
+    channels, latent = model.pipe.unet.config.in_channels, model.pipe.vae.config.latent_channels
+    if channels != latent:  # the ControlNet graph takes the U-Net's `sample`: latents only, not mask + masked image
+        raise SdoptError(
+            f"ControlNet with a {channels}-channel (inpainting) U-Net is not supported: sdopt exports "
+            f"ControlNets only for U-Nets that take the {latent} latent channels",
+            "export the base (non-inpainting) model with --controlnet: it inpaints with ControlNet through its "
+            "own U-Net (image= + mask_image= + control_image=)",
+        )
     return [load_controlnet(src, model.pipe, model.family, opts.seed) for src in parse_sources(specs)]
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from sdopt.errors import SdoptError
+from sdopt.lora.blas import one_blas_thread
 from sdopt.lora.keys import KeyRef, KeyResolver, unsupported_variant
 
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
@@ -158,8 +159,88 @@ class _Module:
     keys: dict[str, str] = field(default_factory=dict)  # role -> file key
 
 
+@dataclass(frozen=True)
+class _Term:
+    """One file's share of one weight's delta: up @ down, `up` already times scale * alpha / r."""
+
+    up: np.ndarray  # (out, rank) float32
+    down: np.ndarray  # (rank, fan_in) float32
+
+
+@dataclass
+class DeltaPlan:
+    """Every file checked against the model; each weight's delta computed only when asked.
+
+    `delta` computes one weight's delta at a time, into a buffer the caller may reuse, so a
+    swap never holds all deltas at once (a rank-16 sd15 LoRA's deltas are 1.4 GB of float32).
+    The export merge (`compute_deltas`) goes through the same calls: the same bits.
+    """
+
+    shapes: dict[str, dict[str, tuple[int, ...]]] = field(default_factory=dict)  # component -> param -> shape
+    terms: dict[str, dict[str, list[_Term]]] = field(default_factory=dict)
+
+    def params(self, component: str) -> list[str]:
+        """The "<module>.weight" names a delta exists for in `component`."""
+        return list(self.terms.get(component, {}))
+
+    def delta(self, component: str, param: str, out: np.ndarray | None = None) -> np.ndarray:
+        """float32 sum over the files of scale * (alpha / r) * B @ A, in the weight's shape.
+
+        Args:
+            component: e.g. "unet".
+            param: "<module>.weight".
+            out: a float32 C-contiguous buffer of at least the weight's size to write into (else a new array).
+        Returns:
+            The delta (a view of `out` where given).
+        """
+        shape = self.shapes[component][param]
+        size = int(np.prod(shape))
+        acc = np.empty(size, np.float32) if out is None else out.reshape(-1)[:size]
+        terms = self.terms[component][param]
+        product = acc.reshape(terms[0].up.shape[0], terms[0].down.shape[1])
+        with one_blas_thread():
+            np.matmul(terms[0].up, terms[0].down, out=product)  # one sgemm, written in place
+            if len(terms) > 1:  # stacked files
+                extra = np.empty_like(product)
+                for term in terms[1:]:
+                    np.matmul(term.up, term.down, out=extra)
+                    product += extra
+        return acc.reshape(shape)
+
+
+def plan_deltas(loras: list[LoraSpec], targets: Targets, ignore_unmatched: bool = False) -> DeltaPlan:
+    """Read and check every file; the deltas themselves come later from `DeltaPlan.delta`.
+
+    Args:
+        loras: the files and their scales, applied together (stacked).
+        targets: the model's LoRA-able modules and their weight shapes, per component.
+        ignore_unmatched: skip keys that name no module of this model instead of failing.
+    Returns:
+        The plan; empty for no LoRAs.
+    Raises:
+        SdoptError: any file that does not fit this model (nothing is applied then).
+    """
+    resolver = KeyResolver({c: list(m) for c, m in targets.items()})
+    plan = DeltaPlan()
+    for spec in loras:
+        lora = read_lora_file(spec.path)
+        modules = _group(lora, resolver, ignore_unmatched)
+        config = _peft_config(lora)
+        for (component, module), parts in modules.items():
+            shape = targets[component][module]
+            up, down, factor = _checked(lora.path, component, module, parts, shape, config.get(component))
+            name = module + ".weight"
+            plan.shapes.setdefault(component, {})[name] = tuple(shape)
+            scaled = (up * factor) * np.float32(spec.scale)  # (out, rank): cheaper than scaling B @ A
+            plan.terms.setdefault(component, {}).setdefault(name, []).append(_Term(scaled, down))
+    return plan
+
+
 def compute_deltas(loras: list[LoraSpec], targets: Targets, ignore_unmatched: bool = False) -> Deltas:
-    """Sum of every file's scale * (alpha / r) * B @ A per LoRA'd weight.
+    """Sum of every file's scale * (alpha / r) * B @ A per LoRA'd weight, all at once.
+
+    The same numbers as `plan_deltas(...).delta` (it is computed by it), for callers that
+    want every delta in memory (the export merge).
 
     Args:
         loras: the files and their scales, applied together (stacked).
@@ -170,19 +251,8 @@ def compute_deltas(loras: list[LoraSpec], targets: Targets, ignore_unmatched: bo
     Raises:
         SdoptError: any file that does not fit this model (nothing is applied then).
     """
-    resolver = KeyResolver({c: list(m) for c, m in targets.items()})
-    deltas: Deltas = {}
-    for spec in loras:
-        lora = read_lora_file(spec.path)
-        modules = _group(lora, resolver, ignore_unmatched)
-        config = _peft_config(lora)
-        for (component, module), parts in modules.items():
-            delta = _delta(lora.path, component, module, parts, targets[component][module], config.get(component))
-            name = module + ".weight"
-            acc = deltas.setdefault(component, {})
-            delta *= np.float32(spec.scale)
-            acc[name] = acc[name] + delta if name in acc else delta
-    return deltas
+    plan = plan_deltas(loras, targets, ignore_unmatched)
+    return {c: {p: plan.delta(c, p) for p in plan.params(c)} for c in plan.terms}
 
 
 def _group(lora: LoraFile, resolver: KeyResolver, ignore_unmatched: bool) -> dict[tuple[str, str], _Module]:
@@ -220,10 +290,10 @@ def _group(lora: LoraFile, resolver: KeyResolver, ignore_unmatched: bool) -> dic
     return modules
 
 
-def _delta(
+def _checked(
     path: Path, component: str, module: str, parts: _Module, shape: tuple[int, ...], config: dict | None
-) -> np.ndarray:
-    """scale-free delta (alpha / r) * B @ A of one module, in the weight's shape."""
+) -> tuple[np.ndarray, np.ndarray, np.float32]:
+    """(B as (out, rank), A as (rank, fan_in), alpha / r) of one module, checked against the weight's shape."""
     for role, other in (("down", "up"), ("up", "down")):
         if getattr(parts, role) is None:
             raise SdoptError(
@@ -245,8 +315,9 @@ def _delta(
             )
     alpha, scaling_rank = _alpha_rank(module, parts.alpha, rank, config)
     divisor = math.sqrt(scaling_rank) if config and config.get("use_rslora") else scaling_rank
-    product = up.reshape(shape[0], rank) @ down.reshape(rank, fan_in)
-    return (product * np.float32(alpha / divisor)).reshape(shape).astype(np.float32, copy=False)
+    b = np.ascontiguousarray(up.reshape(shape[0], rank), dtype=np.float32)
+    a = np.ascontiguousarray(down.reshape(rank, fan_in), dtype=np.float32)
+    return b, a, np.float32(alpha / divisor)
 
 
 def _alpha_rank(module: str, file_alpha: float | None, rank: int, config: dict | None) -> tuple[float, int]:

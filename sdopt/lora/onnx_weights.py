@@ -3,8 +3,8 @@
 The runtime needs the base value of each weight a LoRA changes (W + delta). An ONNX file is
 a protobuf ModelProto; this walks its wire format just far enough to find each
 initializer's name, type, dims and where its bytes are (inline `raw_data`, or the external
-data file the tensor points to), without copying the weights it skips. Reads are then one
-`np.fromfile` per tensor.
+data file the tensor points to), without copying the weights it skips. A tensor is then read
+with one `np.fromfile` (a new array) or memory-mapped (`mapped`: no copy, for a value read once).
 
 Wire format (protobuf encoding; onnx.proto field numbers): ModelProto.graph = 7;
 GraphProto.initializer = 5; TensorProto: dims = 1, data_type = 2, float_data = 4,
@@ -36,10 +36,21 @@ class TensorLocation:
     shape: tuple[int, ...]
 
     def read(self) -> np.ndarray:
+        """A new array with the tensor's values."""
         count = int(np.prod(self.shape)) if self.shape else 1
         return np.fromfile(
             self.file, dtype=np.dtype(self.dtype).newbyteorder("<"), count=count, offset=self.offset
         ).reshape(self.shape)
+
+    def mapped(self) -> np.ndarray:
+        """A read-only memory map of the tensor's bytes (no copy; the file stays mapped while it lives).
+
+        For a value used once (base + delta), this skips copying the file's page-cached bytes into
+        new memory first.
+        """
+        return np.memmap(
+            self.file, dtype=np.dtype(self.dtype).newbyteorder("<"), mode="r", offset=self.offset, shape=self.shape
+        )
 
 
 def initializer_locations(path: Path, names: set[str] | None = None) -> dict[str, TensorLocation]:

@@ -11,12 +11,22 @@ from, so refitting back to base gives the base engine's weights bit for bit.
 Mode: engines are built with `BuilderFlag.REFIT` (sdopt build --refittable), which lets every
 weight be refitted with any value. `REFIT_IDENTICAL` is meant for refitting the same weights
 the engine was built with (weight-stripped engines) and lets TensorRT fold them, so it is
-wrong for LoRA; see TensorRT's "Refitting an Engine" docs. The TensorRT 11.3 kREFIT bias
-issue concerns biases: LoRA changes weights (never biases), and sdopt refits only those.
+wrong for LoRA; see TensorRT's "Refitting an Engine" docs.
+
+Fused weights: where TensorRT combined a changed weight with others at build time (a GEMM's
+weights with its bias, a convolution's kernel with a folded scale), the refitter names those
+partners in `get_missing_weights` and refuses to refit without them. They are then set with
+their current values (`partner_values`: the value being refitted where there is one, else the
+base value from `model.onnx`, which is what the engine holds for every weight no LoRA changes),
+and a partner that is no initializer of that graph fails with one error naming it. The TensorRT
+11.3 kREFIT known issue (a REFIT engine may drop a GEMM bias, even without a refit) is a build
+problem: re-supplying the bias as a partner does not fix such an engine (README, `--refittable`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +64,12 @@ def refit_values(
 
 
 def refit_sessions(
-    root: Path, manifest: Manifest, sessions: dict[str, Any], overrides: dict[str, Any], refitted: dict[str, set[str]]
+    root: Path,
+    manifest: Manifest,
+    sessions: dict[str, Any],
+    overrides: dict[str, Any],
+    refitted: dict[str, set[str]],
+    partners_set: dict[str, list[str]] | None = None,
 ) -> dict[str, set[str]]:
     """Refit each affected engine in place; the caller holds the pipeline's write lock.
 
@@ -64,6 +79,7 @@ def refit_sessions(
         sessions: component -> TensorRT session (with `refit`).
         overrides: component -> lora_swap.Overrides of the new LoRAs.
         refitted: component -> initializers currently refitted away from the base.
+        partners_set: filled with component -> the fused partner weights set besides the changed ones.
     Returns:
         The new `refitted` state.
     Raises:
@@ -77,5 +93,42 @@ def refit_sessions(
                 f"the {name} engine cannot change its weights",
                 "use --provider cpu/cuda, or merge the LoRA at export: sdopt export --lora FILE",
             )
-        session.refit(weights)
+        graph = root / manifest.components[name].path
+        supplied = session.refit(weights, partial(partner_values, current=weights, base=partial(base_values, graph)))
+        if partners_set is not None:
+            partners_set[name] = list(supplied or [])
     return {name: set(o.initializers) for name, o in overrides.items()}
+
+
+def base_values(graph: Path, names: set[str]) -> dict[str, np.ndarray]:
+    """The named initializers of `graph` as stored (names it lacks are left out).
+
+    Args:
+        graph: the model.onnx an engine was built from.
+        names: initializer names.
+    Returns:
+        name -> value.
+    """
+    return {n: loc.read() for n, loc in initializer_locations(graph, names).items()}
+
+
+def partner_values(
+    names: list[str],
+    current: dict[str, np.ndarray],
+    base: Callable[[set[str]], dict[str, np.ndarray]],
+) -> dict[str, np.ndarray]:
+    """Current values of the weights TensorRT fused with the ones being refitted.
+
+    Args:
+        names: the partner weights the refitter misses.
+        current: the values this refit sets (merged LoRA values, or base values going back).
+        base: names -> base values (the graph the engine was built from) of those it has.
+    Returns:
+        name -> value for every name found; a name in neither is left out (the refit then
+        fails naming it).
+    """
+    out = {n: current[n] for n in names if n in current}
+    rest = {n for n in names if n not in out}
+    if rest:
+        out.update({n: v for n, v in base(rest).items() if n in rest})
+    return out

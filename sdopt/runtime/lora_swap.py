@@ -22,6 +22,7 @@ wait. A call holds the read side for its whole length, so no call sees a mix of 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from sdopt.errors import SdoptError
-from sdopt.lora.files import Deltas, LoraSpec, Targets, as_specs, compute_deltas
+from sdopt.lora.files import DeltaPlan, LoraSpec, Targets, as_specs, plan_deltas
 from sdopt.lora.layout import to_layout
 from sdopt.lora.onnx_weights import initializer_locations
 from sdopt.manifest import Manifest
@@ -77,16 +78,21 @@ def check_swappable(manifest: Manifest) -> None:
 def build_overrides(
     root: Path,
     manifest: Manifest,
-    deltas: Deltas,
+    deltas: DeltaPlan,
     optimised: Callable[[str], bool] = lambda name: False,
     names: list[str] | None = None,
 ) -> dict[str, Overrides]:
     """component -> its overridden initializers, for every graph a delta touches.
 
+    Memory: each merged value is the one new array a weight needs (its base read from the
+    graph's data file, the delta added in place); the deltas go through one reused buffer.
+    Fresh memory is what the first swap in a process pays for (page faults), so a swap
+    touches little more of it than the new sessions keep.
+
     Args:
         root: the artifact folder.
         manifest: its manifest.
-        deltas: from `compute_deltas`.
+        deltas: from `plan_deltas`.
         optimised: whether the backend loads a component from its saved ORT-optimised graph;
             where it does and the export found every changed weight there, the values are
             computed in that graph's names and layouts, from its own (page-cached) file.
@@ -95,10 +101,11 @@ def build_overrides(
         Only components with at least one changed weight.
     """
     out: dict[str, Overrides] = {}
+    scratch = _Scratch()
     for name in names if names is not None else manifest.runtime_components():
         comp = manifest.components[name]
-        source = deltas.get(SHARES_WEIGHTS.get(name, name), {})
-        refs = {param: comp.weights[param] for param in source if param in comp.weights}
+        source = SHARES_WEIGHTS.get(name, name)
+        refs = {param: comp.weights[param] for param in deltas.params(source) if param in comp.weights}
         if not refs:
             continue
         folded = [param for param, ref in refs.items() if not ref.initializer]
@@ -115,19 +122,42 @@ def build_overrides(
         values = {}
         for init, param in by_init.items():
             ref = refs[param]
-            delta = source[param].T if ref.transposed else source[param]
-            if fast and ref.ort_cpu_layout:
-                delta = to_layout(delta, ref.ort_cpu_layout)
-            values[init] = _merged(locations[init].read(), delta)
+            delta = deltas.delta(source, param, scratch.get(int(np.prod(ref.shape))))
+            layout = ref.ort_cpu_layout if fast else ""
+            values[init] = merged(locations[init].mapped(), to_layout(delta.T if ref.transposed else delta, layout))
         out[name] = Overrides(values, fast)
     return out
 
 
-def _merged(base: np.ndarray, delta: np.ndarray) -> np.ndarray:
-    merged = base.astype(np.float32) + delta
+class _Scratch:
+    """One float32 buffer, grown to the largest delta, reused for every weight of a swap."""
+
+    def __init__(self) -> None:
+        self.buffer = np.empty(0, np.float32)
+
+    def get(self, size: int) -> np.ndarray:
+        if self.buffer.size < size:
+            self.buffer = np.empty(size, np.float32)
+        return self.buffer
+
+
+def merged(base: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """base + delta in the base's dtype: float32(base) + delta, rounded back (fp16: clipped to its range).
+
+    Args:
+        base: a weight as stored (e.g. memory-mapped from the graph's data file; only read).
+        delta: float32, the base's shape (any strides).
+    Returns:
+        A new C-contiguous array: the merged weight, the only new memory a weight needs.
+    """
+    if base.dtype == np.float32:
+        out = np.empty(base.shape, np.float32)
+        np.add(base, delta, out=out)  # the same float32 additions as below, straight into the result
+        return out
+    result = np.asarray(base).astype(np.float32) + delta
     if base.dtype == np.float16:
-        merged = np.clip(merged, -65504.0, 65504.0)
-    return np.ascontiguousarray(merged.astype(base.dtype, copy=False))
+        result = np.clip(result, -65504.0, 65504.0)
+    return np.ascontiguousarray(result.astype(base.dtype, copy=False))
 
 
 def ort_model_with(
@@ -243,6 +273,10 @@ class LoraSwapper:
         self.loras: list[LoraSpec] = []
         self._applied: set[str] = set()  # components whose sessions carry LoRA weights
         self._refitted: dict[str, set[str]] = {}  # TensorRT: initializers refitted away from the base
+        self.refit_partners: dict[str, list[str]] = {}  # TensorRT, last refit: fused partner weights set too
+        # Last swap's seconds: "weights" (read the files, B @ A, read the base weights, merge),
+        # "engines" (new sessions, or the refit), "swap_in" (waiting for calls in flight, then the swap).
+        self.timings: dict[str, float] = {}
         self._swap = threading.Lock()  # one swap at a time
 
     def overrides(self, specs: list[LoraSpec], ignore_unmatched: bool = False) -> dict[str, Overrides]:
@@ -254,7 +288,7 @@ class LoraSwapper:
         if not specs:
             return {}
         check_swappable(self.manifest)
-        deltas = compute_deltas(specs, manifest_targets(self.manifest), ignore_unmatched)
+        deltas = plan_deltas(specs, manifest_targets(self.manifest), ignore_unmatched)
         optimised = getattr(self.backend, "optimised_graph", lambda name: False)
         return build_overrides(self.root, self.manifest, deltas, optimised, self.names)
 
@@ -280,7 +314,10 @@ class LoraSwapper:
         from sdopt.runtime.lora_refit import refit_sessions
 
         by_name = {name: sessions[self.role(name)] for name in set(overrides) | set(self._refitted)}
-        self._refitted = refit_sessions(self.root, self.manifest, by_name, overrides, self._refitted)
+        self.refit_partners = {}
+        self._refitted = refit_sessions(
+            self.root, self.manifest, by_name, overrides, self._refitted, self.refit_partners
+        )
 
     def start(
         self,
@@ -322,13 +359,18 @@ class LoraSwapper:
         """
         specs = as_specs(specs)
         with self._swap:
+            t0 = time.perf_counter()
             overrides = self.overrides(specs, ignore_unmatched)
+            t1 = time.perf_counter()
             if self.refits:
                 with self.lock.writing():  # refitting changes engines in place: no call may run
                     self._refit(sessions, overrides)
                     self.loras, self._applied = specs, set(overrides)
+                self.timings = {"weights": t1 - t0, "engines": time.perf_counter() - t1}
                 return
             new = self.new_sessions(overrides)
+            t2 = time.perf_counter()
             with self.lock.writing():
                 sessions.update(new)
                 self.loras, self._applied = specs, set(overrides)
+            self.timings = {"weights": t1 - t0, "engines": t2 - t1, "swap_in": time.perf_counter() - t2}

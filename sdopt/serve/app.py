@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from sdopt.errors import SdoptError
 from sdopt.serve.config import ServeConfig
 from sdopt.serve.engine import Job, JobResult, QueueFull, StepBatcher
+from sdopt.serve.lora_groups import LoraCatalog, LoraSet
 from sdopt.serve.metrics import ServeMetrics
 from sdopt.serve.schema import ErrorBody, ImagesRequest, ImagesResponse, encode_png, error_body, pipeline_calls
 
@@ -64,7 +65,8 @@ class ReplicaState:
             The replica's state, ready to serve.
 
         Raises:
-            SdoptError: the API key variable is unset, or the artifact cannot be loaded.
+            SdoptError: the API key variable is unset, the artifact cannot be loaded, or a configured
+                LoRA file does not fit it.
         """
         from sdopt.runtime import Pipeline
 
@@ -77,17 +79,24 @@ class ReplicaState:
                     f"export {config.api_key_env}=<key> before `sdopt serve` (on a cluster: in the "
                     "workers' environment)",
                 )
-        options = {"threads": config.threads} if config.threads and config.provider == "cpu" else {}
+        options: dict[str, Any] = {"threads": config.threads} if config.threads and config.provider == "cpu" else {}
+        loras = LoraCatalog(config.loras)
+        loras.check_files(config.artifact)  # a bad file fails the replica at start, not the first request
         pipe = Pipeline.load(config.artifact, provider=config.provider, **options)
-        if config.provider == "tensorrt" and config.max_batch > pipe.manifest.image.max_batch:
+        engine_max = pipe.manifest.image.max_batch
+        if config.provider == "tensorrt" and engine_max is not None and config.max_batch > engine_max:
             # TensorRT engines are built for a batch range; ONNX Runtime graphs take any batch.
             raise SdoptError(
-                f"--max-batch {config.max_batch} exceeds the engines' maximum batch {pipe.manifest.image.max_batch}",
-                f"use --max-batch {pipe.manifest.image.max_batch} or re-export and rebuild with a larger --max-batch",
+                f"--max-batch {config.max_batch} exceeds the engines' maximum batch {engine_max}",
+                f"use --max-batch {engine_max} or re-export and rebuild with a larger --max-batch",
             )
         metrics = ServeMetrics()
         engine = StepBatcher(
-            pipe, config.max_batch, max_waiting=2 * config.max_batch * config.limits.max_images, observer=metrics
+            pipe,
+            config.max_batch,
+            max_waiting=2 * config.max_batch * config.limits.max_images,
+            observer=metrics,
+            loras=loras,
         )
         return cls(config, pipe, engine, metrics, api_key)
 
@@ -140,6 +149,8 @@ def create_app(state: ReplicaState) -> FastAPI:
             "family": m.family,
             "source": m.source,
             "max_batch": state.config.max_batch,
+            "loras": state.engine.loras.names,  # what requests may name in "lora"
+            "lora_applied": list(state.engine.applied_loras),
             "waiting": waiting,
             "active": active,
         }
@@ -181,7 +192,7 @@ async def _generate(state: ReplicaState, request: Request, t0: float) -> Respons
             "send smaller images (or fewer)",
         )
     try:  # image decoding and resizing run off the event loop
-        requests = await asyncio.to_thread(_validate, state, body)
+        lora, requests = await asyncio.to_thread(_validate, state, body)
     except ValidationError as e:
         return _error(400, _validation_message(e), "see the request schema at /docs")
     except SdoptError as e:
@@ -189,7 +200,7 @@ async def _generate(state: ReplicaState, request: Request, t0: float) -> Respons
     jobs: list[Job] = []
     try:
         for r in requests:
-            jobs.append(state.engine.submit(r))
+            jobs.append(state.engine.submit(r, lora))
     except QueueFull as e:
         _cancel(state, jobs)
         return _error(503, e.problem, e.fix, {"Retry-After": str(config.retry_after_s)})
@@ -199,10 +210,12 @@ async def _generate(state: ReplicaState, request: Request, t0: float) -> Respons
     return await _await_jobs(state, request, jobs, t0)
 
 
-def _validate(state: ReplicaState, body: bytes) -> list[Any]:
-    """The body as validated single-image GenerationRequests (raises ValidationError or SdoptError)."""
+def _validate(state: ReplicaState, body: bytes) -> tuple[LoraSet, list[Any]]:
+    """The body's LoRA set and its validated single-image GenerationRequests (raises ValidationError or
+    SdoptError)."""
     limits = state.config.limits
     parsed = ImagesRequest.model_validate_json(body)
+    lora = state.engine.loras.lora_set(parsed.lora)
     requests = [state.pipe.make_request(**call) for call in pipeline_calls(parsed, limits)]
     for r in requests:
         if max(r.height, r.width) > limits.max_size:
@@ -210,7 +223,7 @@ def _validate(state: ReplicaState, body: bytes) -> list[Any]:
                 f"{r.width}x{r.height} is over the server's limit of {limits.max_size} per side",
                 "send a smaller image or size",
             )
-    return requests
+    return lora, requests
 
 
 async def _await_jobs(state: ReplicaState, request: Request, jobs: list[Job], t0: float) -> Response:

@@ -2,6 +2,9 @@
 
 Loopback targets only (it is a load generator), bounded in time. Reports throughput in
 images/s, latency percentiles of the successful requests, and counts by status.
+
+The client pieces (`check_loopback`, `auth_headers`, `post_generation`, `read_ready`, `read_metrics`) are also the
+HTTP side of `sdopt bench --quality`'s MLPerf Server scenario (sdopt.bench.server_scenario).
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
 
 from sdopt.errors import SdoptError
+
+GENERATIONS_PATH = "/v1/images/generations"
 
 
 @dataclass(frozen=True)
@@ -93,13 +99,8 @@ def run_bench_serve(options: BenchServeOptions) -> BenchServeResult:
     check_loopback(options.url)
     if options.requests < 1 or options.concurrency < 1 or options.time_limit_s <= 0:
         raise SdoptError("--requests, --concurrency and --time-limit must be positive", "pass e.g. -n 16 -c 4")
-    headers = {"Content-Type": "application/json"}
-    if options.api_key_env:
-        key = os.environ.get(options.api_key_env)
-        if not key:
-            raise SdoptError(f"{options.api_key_env} is not set", f"export {options.api_key_env}=<key>")
-        headers["Authorization"] = f"Bearer {key}"
-    endpoint = options.url.rstrip("/") + "/v1/images/generations"
+    headers = auth_headers(options.api_key_env)
+    endpoint = options.url.rstrip("/") + GENERATIONS_PATH
     deadline = time.monotonic() + options.time_limit_s
     lock = threading.Lock()
     outcomes: list[tuple[str, float, int, dict]] = []
@@ -128,23 +129,127 @@ def _body(options: BenchServeOptions, i: int) -> bytes:
     return json.dumps(body).encode()
 
 
-def _send(endpoint: str, headers: dict[str, str], body: bytes, deadline: float) -> tuple[str, float, int, dict]:
-    """(status, seconds, images, server timings) of one request."""
+def auth_headers(api_key_env: str | None) -> dict[str, str]:
+    """JSON headers, plus 'Authorization: Bearer <key>' read from the named variable.
+
+    Args:
+        api_key_env: name of the environment variable holding the server's API key, or None.
+
+    Returns:
+        The request headers.
+
+    Raises:
+        SdoptError: the variable is named but not set.
+    """
+    headers = {"Content-Type": "application/json"}
+    if api_key_env:
+        key = os.environ.get(api_key_env)
+        if not key:
+            raise SdoptError(f"{api_key_env} is not set", f"export {api_key_env}=<key>")
+        headers["Authorization"] = f"Bearer {key}"
+    return headers
+
+
+@dataclass
+class Reply:
+    """One generation request's outcome: status ("200", "503", "timeout", "error", "unsent"), seconds, body."""
+
+    status: str
+    seconds: float
+    payload: dict[str, Any] | None = None  # the JSON body of a 200
+    error: str | None = None  # the server's error message, or the client's exception
+
+
+def post_generation(endpoint: str, headers: dict[str, str], body: bytes, deadline: float) -> Reply:
+    """POST one request body and wait for the answer until `deadline` (time.monotonic()).
+
+    Args:
+        endpoint: the server's .../v1/images/generations URL.
+        headers: from `auth_headers`.
+        body: the JSON request (an ImagesRequest).
+        deadline: time.monotonic() after which the request is not sent, or given up ("timeout").
+
+    Returns:
+        The Reply (never raises for HTTP or network errors).
+    """
     remaining = deadline - time.monotonic()
     if remaining <= 0:
-        return "unsent", 0.0, 0, {}
+        return Reply("unsent", 0.0)
     t0 = time.monotonic()
     request = urllib.request.Request(endpoint, data=body, headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=remaining) as response:
-            payload = json.loads(response.read())
-            return str(response.status), time.monotonic() - t0, len(payload["data"]), payload.get("timings", {})
+            return Reply(str(response.status), time.monotonic() - t0, json.loads(response.read()))
     except urllib.error.HTTPError as e:
-        return str(e.code), time.monotonic() - t0, 0, {}
-    except TimeoutError:
-        return "timeout", time.monotonic() - t0, 0, {}
+        return Reply(str(e.code), time.monotonic() - t0, error=_error_message(e))
+    except TimeoutError as e:
+        return Reply("timeout", time.monotonic() - t0, error=str(e))
     except (urllib.error.URLError, ConnectionError, OSError) as e:
-        return ("timeout" if "timed out" in str(e) else "error"), time.monotonic() - t0, 0, {}
+        return Reply(("timeout" if "timed out" in str(e) else "error"), time.monotonic() - t0, error=str(e))
+
+
+def _error_message(error: urllib.error.HTTPError) -> str:
+    """The server's `error.message` (sdopt's error body), else the HTTP reason."""
+    try:
+        return str(json.loads(error.read())["error"]["message"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return f"HTTP {error.code} {error.reason}"
+
+
+def read_ready(url: str, timeout_s: float = 10.0) -> dict[str, Any]:
+    """GET URL/ready: what a running `sdopt serve` says about itself (ready, family, source, max_batch).
+
+    Args:
+        url: the server's base URL.
+        timeout_s: how long to wait for the answer.
+
+    Returns:
+        The /ready JSON body.
+
+    Raises:
+        SdoptError: nothing answers there, or it is not an sdopt server that is ready.
+    """
+    fix = "start one with `sdopt serve ARTIFACT --port PORT` and pass its URL, or check host and port"
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/ready", timeout=timeout_s) as response:
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        raise SdoptError(f"the server at {url} is not ready (HTTP {e.code} from /ready)", fix) from e
+    except (urllib.error.URLError, ConnectionError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise SdoptError(f"no sdopt server answers at {url} ({reason})", fix) from e
+    if not isinstance(body, dict) or body.get("ready") is not True:
+        raise SdoptError(f"{url}/ready did not answer like a ready sdopt server: {str(body)[:200]}", fix)
+    return body
+
+
+def read_metrics(url: str, names: tuple[str, ...], timeout_s: float = 10.0) -> dict[str, float] | None:
+    """Sums of the named samples in URL/metrics (Prometheus text, e.g. "sdopt_unet_batch_images_count").
+
+    Args:
+        url: the server's base URL.
+        names: sample names, each summed over its labels.
+        timeout_s: how long to wait for the answer.
+
+    Returns:
+        name -> value (0.0 when absent); None when /metrics cannot be read. One replica answers.
+    """
+    try:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=timeout_s) as response:
+            text = response.read().decode("utf-8")
+        samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    except (ImportError, urllib.error.URLError, ConnectionError, OSError, ValueError):
+        return None
+    return {name: float(sum(s.value for s in samples if s.name == name)) for name in names}
+
+
+def _send(endpoint: str, headers: dict[str, str], body: bytes, deadline: float) -> tuple[str, float, int, dict]:
+    """(status, seconds, images, server timings) of one request."""
+    reply = post_generation(endpoint, headers, body, deadline)
+    payload = reply.payload or {}
+    return reply.status, reply.seconds, len(payload.get("data", [])), payload.get("timings", {})
 
 
 def _result(options: BenchServeOptions, outcomes: list[tuple[str, float, int, dict]], wall: float) -> BenchServeResult:

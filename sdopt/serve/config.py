@@ -8,6 +8,8 @@ same values drive `sdopt serve`, `serve deploy` and a KubeRay `RayService`.
 from __future__ import annotations
 
 import ipaddress
+import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -16,6 +18,7 @@ from sdopt.errors import SdoptError
 APP_NAME = "sdopt"
 DEPLOYMENT_NAME = "SdoptServer"
 PROVIDERS = ("cpu", "cuda", "tensorrt")
+LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,50 @@ class ServeLimits:
         for f in fields(self):
             if getattr(self, f.name) < 1:
                 raise SdoptError(f"--{f.name.replace('_', '-')} must be at least 1", "pass a positive number")
+
+
+@dataclass(frozen=True)
+class ServeLora:
+    """A LoRA the server may apply: requests name it (`"lora": NAME`), never a path.
+
+    Args:
+        name: What requests call it (letters, digits, `_.-`; up to 64 characters).
+        path: The `.safetensors` file on every replica's machine (absolute).
+        scale: Its strength (diffusers' `lora_scale`).
+    """
+
+    name: str
+    path: str
+    scale: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> ServeLora:
+        """`NAME=PATH[:SCALE]` (the CLI's `--lora`) -> ServeLora with an absolute path.
+
+        Raises:
+            SdoptError: no `NAME=` in front.
+        """
+        from pathlib import Path
+
+        from sdopt.lora.files import parse_lora_arg
+
+        name, sep, rest = text.partition("=")
+        if not sep or not name or not rest:
+            raise SdoptError(
+                f"--lora {text!r} is not NAME=PATH[:SCALE]", "use e.g. --lora style=/loras/style.safetensors:0.8"
+            )
+        spec = parse_lora_arg(rest)
+        return cls(name, str(Path(spec.path).resolve()), spec.scale)
+
+    def check(self) -> None:
+        """Raises SdoptError for a name requests could not use or a scale that is no number."""
+        if not LORA_NAME.fullmatch(self.name):
+            raise SdoptError(
+                f"LoRA name {self.name!r} is not usable in requests",
+                "use letters, digits, '_', '.', '-' (up to 64 characters), starting with a letter or digit",
+            )
+        if not math.isfinite(self.scale):
+            raise SdoptError(f"LoRA {self.name}: scale {self.scale} is not a number", "use e.g. 0.8")
 
 
 @dataclass(frozen=True)
@@ -57,6 +104,7 @@ class ServeConfig:
     request_timeout_s: float = 600.0
     retry_after_s: int = 2
     limits: ServeLimits = field(default_factory=ServeLimits)
+    loras: tuple[ServeLora, ...] = ()  # the only LoRAs requests may name (files checked at start)
 
     def check(self) -> None:
         """Raises SdoptError for the first option that cannot work, with its fix."""
@@ -71,7 +119,11 @@ class ServeConfig:
             raise SdoptError("--request-timeout must be positive", "use e.g. 600 (seconds)")
         if (self.min_replicas is None) != (self.max_replicas is None):
             raise SdoptError("autoscaling needs both --min-replicas and --max-replicas", "pass both, or --replicas N")
-        if self.min_replicas is not None and not 0 <= self.min_replicas <= self.max_replicas >= 1:
+        if (
+            self.min_replicas is not None
+            and self.max_replicas is not None
+            and not (0 <= self.min_replicas <= self.max_replicas >= 1)
+        ):
             raise SdoptError(
                 f"bad autoscaling bounds {self.min_replicas}..{self.max_replicas}",
                 "use 0 <= --min-replicas <= --max-replicas, with --max-replicas >= 1",
@@ -83,10 +135,17 @@ class ServeConfig:
             )
         check_host(self.host)
         self.limits.check()
+        names = [lora.name for lora in self.loras]
+        for lora in self.loras:
+            lora.check()
+            if names.count(lora.name) > 1:
+                raise SdoptError(f"LoRA name {lora.name!r} is configured twice", "give each --lora its own NAME")
 
     def to_args(self) -> dict[str, Any]:
         """A JSON/YAML-safe dict: the deployment's constructor argument and a Serve config's `args`."""
-        return asdict(self)
+        args = asdict(self)
+        args["loras"] = [dict(lora) for lora in args["loras"]]  # YAML has lists, not tuples
+        return args
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> ServeConfig:
@@ -101,7 +160,7 @@ class ServeConfig:
             raise SdoptError(
                 f"unknown limit(s) {sorted(set(limits) - limit_names)}", f"use only: {', '.join(sorted(limit_names))}"
             )
-        return cls(**{**args, "limits": ServeLimits(**limits)})
+        return cls(**{**args, "limits": ServeLimits(**limits), "loras": _loras_from_args(args.get("loras") or [])})
 
     def deployment_options(self) -> dict[str, Any]:
         """Ray Serve deployment options (the keys of `@serve.deployment` and a config's `deployments:`).
@@ -132,6 +191,19 @@ class ServeConfig:
     def backpressure(self) -> dict[str, Any]:
         """Ray Serve's backpressure response: 503 with Retry-After."""
         return {"status_code": 503, "retry_after_s": float(self.retry_after_s)}
+
+
+def _loras_from_args(items: list[Any]) -> tuple[ServeLora, ...]:
+    """A config file's `loras:` list ({name, path, scale} each) -> ServeLoras."""
+    known = {f.name for f in fields(ServeLora)}
+    out = []
+    for item in items:
+        if not isinstance(item, dict) or not {"name", "path"} <= set(item) or set(item) - known:
+            raise SdoptError(
+                f"bad LoRA entry {item!r} in the serve config", "write each as {name: NAME, path: PATH, scale: 1.0}"
+            )
+        out.append(ServeLora(str(item["name"]), str(item["path"]), float(item.get("scale", 1.0))))
+    return tuple(out)
 
 
 def check_host(host: str) -> None:

@@ -4,7 +4,9 @@ One engine thread per replica. Every active job keeps its own `DenoiseState` (la
 scheduler, RNG, prompt embeddings) from `pipe.prepare(request)`. At each step boundary the
 engine
 
-1. admits waiting jobs (up to `max_batch` images in flight) and prepares them,
+1. admits waiting jobs (up to `max_batch` images in flight) and prepares them; with LoRAs
+   configured, only jobs of the LoRA set the weights hold now (`sdopt.serve.lora_groups`:
+   one LoRA set per turn, swapped only when no job is in flight),
 2. drops cancelled jobs (client gone, deadline passed),
 3. stacks the states whose U-Net call has the same component, feed names and feed shapes
    (the same image size; guided and unguided requests stack too) into one `pipe.unet` call, each item with
@@ -31,6 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from sdopt.errors import SdoptError
+from sdopt.serve.lora_groups import BASE, LoraCatalog, LoraSet, LoraTurns
 
 
 class StagedPipeline(Protocol):
@@ -39,6 +42,7 @@ class StagedPipeline(Protocol):
     def prepare(self, request: Any) -> Any: ...
     def unet(self, component: str, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]: ...
     def decode(self, latents: np.ndarray) -> np.ndarray: ...
+    def set_loras(self, loras: Any) -> None: ...
 
 
 class EngineObserver(Protocol):
@@ -47,6 +51,7 @@ class EngineObserver(Protocol):
     def unet_call(self, images: int, seconds: float) -> None: ...
     def images_done(self, count: int) -> None: ...
     def depth(self, waiting: int, active: int) -> None: ...
+    def lora_swap(self, seconds: float) -> None: ...
 
 
 class QueueFull(SdoptError):
@@ -67,12 +72,15 @@ class Job:
     """One single-image request travelling through the engine."""
 
     request: Any  # sdopt.runtime.request.GenerationRequest
+    lora: LoraSet = BASE  # the LoRAs its weights carry; () = base
+    seq: int = 0  # arrival number (the turn policy's order)
     future: Future = field(default_factory=Future)
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     state: Any = None  # DenoiseState once admitted
     admitted: float = 0.0
     unet_s: float = 0.0  # wall time of the U-Net calls this job was part of
+    lora_swap_s: float = 0.0  # the LoRA swap it waited for (part of its queue time)
 
     @property
     def images(self) -> int:
@@ -83,18 +91,27 @@ class StepBatcher:
     """The batching engine of one replica: `submit` jobs, await their futures, `close` at the end."""
 
     def __init__(
-        self, pipe: StagedPipeline, max_batch: int, max_waiting: int, observer: EngineObserver | None = None
+        self,
+        pipe: StagedPipeline,
+        max_batch: int,
+        max_waiting: int,
+        observer: EngineObserver | None = None,
+        loras: LoraCatalog | None = None,
     ) -> None:
         """Args:
-        pipe: A loaded Pipeline (staged API: prepare, unet, decode).
+        pipe: A loaded Pipeline (staged API: prepare, unet, decode; set_loras where LoRAs are configured).
         max_batch: Images in flight at once (stacked into one U-Net call); 1 = no batching.
         max_waiting: Jobs allowed to wait for a slot; `submit` raises QueueFull beyond.
         observer: Metrics hooks, or None.
+        loras: The LoRAs jobs may name (the pipeline must hold the base weights at start).
         """
         self.pipe = pipe
         self.max_batch = max_batch
         self.max_waiting = max_waiting
         self.observer = observer
+        self.loras = loras or LoraCatalog()
+        self._turns = LoraTurns()
+        self._seq = 0
         self._waiting: deque[Job] = deque()
         self._active: list[Job] = []
         self._cond = threading.Condition()
@@ -104,9 +121,14 @@ class StepBatcher:
         self._thread.start()
 
     # -- caller side ---------------------------------------------------------------------------
-    def submit(self, request: Any) -> Job:
-        """Queue one validated GenerationRequest; its job's future resolves to a list of JobResult."""
-        job = Job(request)
+    def submit(self, request: Any, lora: LoraSet = BASE) -> Job:
+        """Queue one validated GenerationRequest; its job's future resolves to a list of JobResult.
+
+        Args:
+            request: From `Pipeline.make_request`.
+            lora: Its LoRA set (`LoraCatalog.lora_set`); () for the base weights.
+        """
+        job = Job(request, lora)
         if job.images > self.max_batch:
             raise SdoptError(
                 f"{job.images} images in one job exceed the server's --max-batch {self.max_batch}",
@@ -117,6 +139,7 @@ class StepBatcher:
                 raise RuntimeError("the engine is shut down")
             if len(self._waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self._waiting)} requests already wait on this replica", "retry later")
+            job.seq, self._seq = self._seq, self._seq + 1
             self._waiting.append(job)
             self._cond.notify()
         return job
@@ -138,6 +161,11 @@ class StepBatcher:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
+    @property
+    def applied_loras(self) -> LoraSet:
+        """The LoRA set the weights hold now."""
+        return self._turns.current
+
     def load(self) -> tuple[int, int]:
         """(waiting jobs, active jobs)."""
         with self._cond:
@@ -155,20 +183,20 @@ class StepBatcher:
             self._fail_all(self.error or RuntimeError("the server is shutting down"))
 
     def _next_batch(self) -> bool:
-        """Wait for work, admit waiting jobs into free slots, drop cancelled ones. False: closed."""
+        """Wait for work, start a turn where none is in flight, admit its waiting jobs into free slots,
+        drop cancelled ones. False: closed."""
         with self._cond:
             while not self._closed and not self._waiting and not self._active:
                 self._cond.wait()
             if self._closed:
                 return False
             self._active = [j for j in self._active if not self._drop_if_cancelled(j)]
-            admitted: list[Job] = []
-            in_flight = sum(j.images for j in self._active)
-            while self._waiting and in_flight + self._waiting[0].images <= self.max_batch:
-                job = self._waiting.popleft()
-                if not self._drop_if_cancelled(job):
-                    admitted.append(job)
-                    in_flight += job.images
+            self._waiting = deque(j for j in self._waiting if not self._drop_if_cancelled(j))
+            turn = None if self._active else self._turns.next_set(self._waiting)
+        if turn is not None:
+            self._begin_turn(turn)
+        with self._cond:
+            admitted = self._admit()
         for job in admitted:  # prompt encoding and initial latents, outside the lock
             job.admitted = time.perf_counter()
             try:
@@ -180,6 +208,45 @@ class StepBatcher:
                 self._active.append(job)
         self._report()
         return True
+
+    def _begin_turn(self, lora_set: LoraSet) -> None:
+        """Nothing in flight: swap the weights to `lora_set` where they differ, and start its turn.
+
+        A swap that fails fails that set's waiting jobs; the weights stay as they were.
+        """
+        swap_s = 0.0
+        if lora_set != self._turns.current:
+            t0 = time.perf_counter()
+            try:
+                self.pipe.set_loras(self.loras.specs(lora_set))
+            except Exception as e:  # noqa: BLE001 - those jobs fail, the engine goes on with the old weights
+                with self._cond:
+                    failed = [j for j in self._waiting if j.lora == lora_set]
+                    self._waiting = deque(j for j in self._waiting if j.lora != lora_set)
+                for job in failed:
+                    _settle(job.future, error=e)
+                return
+            swap_s = time.perf_counter() - t0
+            if self.observer:
+                self.observer.lora_swap(swap_s)
+        with self._cond:
+            self._turns.begin(lora_set, self._seq)
+            for job in self._waiting:
+                if job.lora == lora_set and swap_s:
+                    job.lora_swap_s = swap_s
+
+    def _admit(self) -> list[Job]:
+        """The current turn's waiting jobs that fit the free slots, oldest first (call with the lock held)."""
+        in_flight = sum(j.images for j in self._active)
+        admitted: list[Job] = []
+        for job in self._turns.admissible(self._waiting):
+            if in_flight + job.images > self.max_batch:
+                break  # FIFO: a later, smaller job does not overtake
+            admitted.append(job)
+            in_flight += job.images
+        taken = {id(j) for j in admitted}
+        self._waiting = deque(j for j in self._waiting if id(j) not in taken)
+        return admitted
 
     @staticmethod
     def _drop_if_cancelled(job: Job) -> bool:
@@ -253,6 +320,7 @@ class StepBatcher:
         now = time.perf_counter()
         timings = {
             "queue": job.admitted - job.submitted,
+            **({"lora_swap": job.lora_swap_s} if job.lora_swap_s else {}),
             **job.state.timings,
             "unet": job.unet_s,
             "unet_per_step": job.unet_s / max(job.state.total, 1),

@@ -18,7 +18,7 @@ SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 
 
 class ServeMetrics:
-    """Requests by status, queue depth, U-Net batch sizes, step latency and images/s."""
+    """Requests by status, queue depth, U-Net batch sizes, step latency, images/s and LoRA swaps."""
 
     def __init__(self, window_s: float = 60.0) -> None:
         """Args:
@@ -48,6 +48,13 @@ class ServeMetrics:
             "sdopt_images_per_second", f"Images generated per second over the last {window_s:g} s", registry=r
         )
         self.images_per_s.set_function(self._rate)
+        self.lora_swaps = Counter("sdopt_lora_swaps", "LoRA weight swaps (between batches)", registry=r)
+        self.lora_swap_seconds = Histogram(
+            "sdopt_lora_swap_seconds",
+            "Time of one LoRA weight swap (the batch waits for it)",
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
         self._window_s = window_s
         self._done: deque[tuple[float, int]] = deque()
         self._lock = threading.Lock()
@@ -65,6 +72,10 @@ class ServeMetrics:
     def depth(self, waiting: int, active: int) -> None:
         self.waiting.set(waiting)
         self.active.set(active)
+
+    def lora_swap(self, seconds: float) -> None:
+        self.lora_swaps.inc()
+        self.lora_swap_seconds.observe(seconds)
 
     # -- app hooks -----------------------------------------------------------------------------
     def request_done(self, status: int, seconds: float | None = None) -> None:

@@ -51,6 +51,11 @@ class ImagesRequest(BaseModel):
     image: str | None = Field(None, description="Base64 PNG/JPEG: the init image (img2img), or the image to inpaint.")
     mask: str | None = Field(None, description="Base64 PNG: inpainting mask, white = repaint (needs image).")
     strength: float | None = Field(None, gt=0, le=1, description="img2img/inpaint strength in (0, 1].")
+    lora: str | list[str] | None = Field(
+        None,
+        description="A LoRA the server was started with (`sdopt serve --lora NAME=PATH`), by NAME, or a list "
+        "of names to stack (each at its configured scale). Absent or []: the base weights. GET /ready lists them.",
+    )
 
 
 class ImageData(BaseModel):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sdopt.engines.cuda import cuda_check, error_name
-from sdopt.engines.trt import refit_engine
+from sdopt.engines.trt import PartnerSource, refit_engine
 from sdopt.errors import SdoptError
 from sdopt.runtime.backends.tensorrt_checks import numpy_dtype, rebuild_fix
 
@@ -224,13 +224,21 @@ class TensorRTSession:
             cuda_check(cudart, cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
             return {n: b.host[n].copy() for n in self.output_names}  # the pinned buffers are reused
 
-    def refit(self, weights: dict[str, np.ndarray]) -> None:
-        """Replace named weights of this (refittable) engine between calls; see `sdopt.engines.trt.refit_engine`."""
+    def refit(self, weights: dict[str, np.ndarray], partners: PartnerSource | None = None) -> list[str]:
+        """Replace named weights of this (refittable) engine between calls; see `sdopt.engines.trt.refit_engine`.
+
+        Args:
+            weights: ONNX initializer name -> new values.
+            partners: names -> current values, for weights TensorRT fused with the given ones.
+        Returns:
+            The partner weights set besides `weights`.
+        """
         with self._lock:
             cuda_check(self.cudart, self.cudart.cudaSetDevice(self.backend.device), "cudaSetDevice")
             cuda_check(self.cudart, self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
-            refit_engine(self.backend.trt, self.engine, weights)
+            supplied = refit_engine(self.backend.trt, self.engine, weights, partners)
             self._release(strict=True)  # captured graphs predate the refit: capture afresh
+            return supplied
 
     def _bind(self, signature: Signature) -> Binding:
         if self._binding is not None and self._binding.signature == signature:
