@@ -228,3 +228,39 @@ def test_cli_tables_fit_80_columns(tmp_path, tiny_artifact):
     for name in load_manifest(tiny_artifact("tiny-sdxl")).components:
         assert f" {name} " in summary, f"{name} cut in:\n{summary}"
     assert "…" not in summary, summary
+
+
+def _resize_with_constant_scales() -> onnx.ModelProto:
+    """An upsampler as the unfolded sd15 U-Net graph has it: Resize whose scales come from a Constant node."""
+    from onnx import TensorProto, helper
+
+    scales = helper.make_node(
+        "Constant", [], ["scales"], value=helper.make_tensor("v", TensorProto.FLOAT, [4], [1, 1, 2, 2])
+    )
+    resize = helper.make_node("Resize", ["x", "", "scales"], ["y"], mode="nearest")
+    graph = helper.make_graph(
+        [scales, resize],
+        "up",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 4, 4])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_fp16_of_an_unfolded_graph_keeps_resize_scales_float():
+    """Graphs over 2 GB are not folded before fp16 conversion: a Constant feeding Resize's scales must stay
+    float32, else ONNX Runtime rejects the graph (it broke `--precision fp16` of the full-size sd15 U-Net)."""
+    import onnxruntime as ort
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from sdopt.export.onnx_graph import to_fp16
+
+    plain = convert_float_to_float16(_resize_with_constant_scales(), keep_io_types=False, disable_shape_infer=True)
+    with pytest.raises(Exception, match="float16"):  # what happened before the fix
+        ort.InferenceSession(plain.SerializeToString(), providers=["CPUExecutionProvider"])
+    model = to_fp16(_resize_with_constant_scales(), [], shape_inference=False)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.arange(4, dtype=np.float16).reshape(1, 1, 2, 2)
+    (y,) = session.run(None, {"x": x})
+    assert y.dtype == np.float16
+    np.testing.assert_array_equal(y, x.repeat(2, axis=2).repeat(2, axis=3))  # nearest: copies, exact in fp16

@@ -133,12 +133,46 @@ def _fold(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def to_fp16(model: onnx.ModelProto, fp32_ops: list[str], shape_inference: bool = True) -> onnx.ModelProto:
-    """fp16 weights and activations, `fp32_ops` op types kept fp32 behind Cast nodes."""
+    """fp16 weights and activations, `fp32_ops` op types kept fp32 behind Cast nodes.
+
+    Constant nodes become initializers first: the converter keeps the inputs that must stay float
+    (Resize's scales) fp32 only when they are initializers, and converts a Constant node's value.
+    Folding does this for graphs under 2 GB; a larger graph (the sd15 U-Net) is not folded, and
+    its upsamplers' Resize would get fp16 scales, which ONNX Runtime rejects as an invalid graph.
+    """
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    constants_to_initializers(model)
     return convert_float_to_float16(
         model, keep_io_types=False, op_block_list=fp32_ops, disable_shape_infer=not shape_inference
     )
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> int:
+    """Turn the main graph's tensor-valued Constant nodes into initializers of the same name, in place.
+
+    Args:
+        model: the model to change.
+
+    Returns:
+        How many Constant nodes were turned.
+    """
+    graph = model.graph
+    kept, turned = [], 0
+    for node in graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" else None
+        if value is None or node.domain not in ("", "ai.onnx"):
+            kept.append(node)
+            continue
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(value)
+        tensor.name = node.output[0]
+        graph.initializer.append(tensor)
+        turned += 1
+    if turned:
+        del graph.node[:]
+        graph.node.extend(kept)
+    return turned
 
 
 def graph_io(path: Path) -> dict[str, str]:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from sdopt.engines.ort import session_options
+from sdopt.errors import SdoptError
 from sdopt.export.components import ComponentPlan
 from sdopt.manifest import Verification
 
@@ -24,7 +25,13 @@ def verify_component(
     """Run the graph and the module on seeded inputs of each dim-value set in `shapes`."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(onnx_path), session_options(), providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(onnx_path), session_options(), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's own error types (InvalidGraph, Fail, ...) share no public base
+        raise SdoptError(
+            f"ONNX Runtime cannot load the exported graph {onnx_path.parent.name}/{onnx_path.name}: {e}",
+            "this is an export bug, not your input: please report it with the --debug output",
+        ) from e
     input_types = {i.name: _np_dtype(i.type) for i in session.get_inputs()}
     per_output: dict[str, dict[str, float]] = {}
     for k, values in enumerate(shapes):
