@@ -243,6 +243,9 @@ def _tensor(out: Any) -> Any:
     return out if hasattr(out, "norm") else out.pooler_output
 
 
+SSIM_CHUNK = 8  # image pairs per SSIM call (64 pairs at 256² at once took ~16 GB)
+
+
 def pair_scores(images: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
     """Mean PSNR (dB, over pairs that differ) and mean SSIM (torchmetrics, Gaussian 11x11, sigma 1.5) per pair."""
     import torch
@@ -256,16 +259,19 @@ def pair_scores(images: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
     b = reference.astype(np.float64) / 255.0
     values = [psnr(x, y) for x, y in zip(a, b, strict=True)]
     finite = [v for v in values if math.isfinite(v)]
-    ssim = structural_similarity_index_measure(
-        torch.from_numpy(a).permute(0, 3, 1, 2),
-        torch.from_numpy(b).permute(0, 3, 1, 2),
-        data_range=1.0,
-        reduction="none",
-    )
+    ssim = [  # SSIM_CHUNK pairs at a time: torchmetrics stacks 5 float64 copies of the batch and convolves them
+        structural_similarity_index_measure(
+            torch.from_numpy(a[i : i + SSIM_CHUNK]).permute(0, 3, 1, 2),
+            torch.from_numpy(b[i : i + SSIM_CHUNK]).permute(0, 3, 1, 2),
+            data_range=1.0,
+            reduction="none",
+        )
+        for i in range(0, len(a), SSIM_CHUNK)
+    ]
     return {
         "psnr_db_mean": sum(finite) / len(finite) if finite else None,
         "identical_pairs": len(values) - len(finite),
-        "ssim_mean": float(ssim.mean()),
+        "ssim_mean": float(torch.cat(ssim).mean()),
     }
 
 
