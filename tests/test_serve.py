@@ -8,6 +8,7 @@ timeout, so nothing here can hang.
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import os
@@ -17,6 +18,7 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -380,18 +382,36 @@ def test_ops_endpoints(server):
 
 
 def test_client_disconnect_cancels_remaining_steps(server):
+    """The client hangs up once its request is running: the replica stops its steps and counts a 499.
+
+    The hang-up waits until /ready shows the request active: a fixed client timeout raced Ray's proxy
+    on a loaded machine (the client left before the replica saw the request, so nothing was counted)."""
     images = server.metric("sdopt_images_total")
-    with pytest.raises(requests.exceptions.ReadTimeout):
-        server.post({"prompt": "gone", "num_inference_steps": 60, "n": 4}, timeout=0.5)
+    gone = server.metric('sdopt_requests_total{status="499"}')
+    url = urllib.parse.urlsplit(server.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=CLIENT_TIMEOUT)
+    body = json.dumps({"prompt": "gone", "num_inference_steps": 60, "n": 4})
+    conn.request("POST", "/v1/images/generations", body, {**server.headers, "Content-Type": "application/json"})
+
+    def ready() -> dict:
+        return requests.get(server.url + "/ready", timeout=10).json()
+
+    deadline = time.monotonic() + 30
+    while ready()["active"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready()["active"] >= 1, "the request never started"
+    conn.close()  # the client hangs up mid-request
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        ready = requests.get(server.url + "/ready", timeout=10).json()
-        if ready["active"] == 0 and ready["waiting"] == 0:
+        state = ready()
+        if (state["active"], state["waiting"]) == (0, 0) and server.metric(
+            'sdopt_requests_total{status="499"}'
+        ) > gone:
             break
         time.sleep(0.1)
-    assert (ready["active"], ready["waiting"]) == (0, 0)
+    assert (state["active"], state["waiting"]) == (0, 0)
     assert server.metric("sdopt_images_total") == images  # its 4 images were never finished
-    assert server.metric('sdopt_requests_total{status="499"}') >= 1
+    assert server.metric('sdopt_requests_total{status="499"}') == gone + 1
 
 
 def ray_driver(server: Server, code: str, **popen: Any) -> subprocess.Popen:
