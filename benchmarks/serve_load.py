@@ -20,10 +20,8 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,21 +55,6 @@ def artifact_for(model: str) -> Path:
     return out
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"sdopt serve exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/ready", timeout=5) as r:
-                if json.loads(r.read())["ready"]:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"{url} not ready after {timeout} s")
-
-
 def run_setting(artifact: Path, args: argparse.Namespace, replicas: int, max_batch: int, threads: int) -> dict:
     from sdopt.serve.bench import BenchServeOptions, run_bench_serve
 
@@ -97,7 +80,8 @@ def run_setting(artifact: Path, args: argparse.Namespace, replicas: int, max_bat
     log = Path(tempfile.gettempdir()) / f"sdopt-serve-load-{port}.log"
     proc = serve_process.start(artifact, port, serve_args, log, env={"PYTHONPATH": str(ROOT)})
     try:
-        wait_ready(url, proc, args.start_timeout)
+        if serve_process.wait_ready(url, proc, args.start_timeout) is None:
+            raise RuntimeError(f"sdopt serve at {url} not ready after {args.start_timeout} s (see {log})")
         start_s = time.monotonic() - t0
         size = f"{args.size}x{args.size}"
         warm = BenchServeOptions(url, requests=replicas, concurrency=replicas, steps=2, size=size, time_limit_s=600)

@@ -173,19 +173,16 @@ class LocalServer:
             *("--threads", str(job.threads), "--provider", provider, "--max-steps", str(max(100, job.steps))),
             *("--max-size", str(max(1024, job.height, job.width)), "--max-queue", str(max(16, queries))),
         ]
-        self.command = ["sdopt", "serve", str(artifact), "--port", str(self.port), *self.args]
+        self.command = serve_process.command(artifact, self.port, self.args)
         self.proc: subprocess.Popen | None = None
         self.ready: dict[str, Any] = {}  # what the server's /ready said once it answered
 
     def __enter__(self) -> LocalServer:
         self.proc = serve_process.start(self.artifact, self.port, self.args, self.log_path)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                self.ready = read_ready(self.url, timeout_s=5.0)
-                return self
-            except SdoptError:
-                time.sleep(0.5)
+        ready = serve_process.wait_ready(self.url, self.proc, START_TIMEOUT_S)
+        if ready is not None:
+            self.ready = ready
+            return self
         lines = [line for line in self.log_path.read_text(errors="replace").splitlines() if line.strip()]
         self.__exit__(None, None, None)
         raise SdoptError(
